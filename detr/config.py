@@ -1,0 +1,425 @@
+"""Typed configuration: dataclasses that are also the YAML schema and the CLI overrides.
+
+A run's configuration is one `Config` holding four sections (`data`, `model`, `train`,
+`decode`) plus `task` and `run_dir`. It is read from YAML, patched with dotted overrides
+(`--train.lr 3e-4`), type-checked field by field and validated; an unknown key is an
+error that suggests the nearest valid name. Defaults live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from detr.atomic import atomic_write_text
+from detr.errors import ConfigError
+
+Activation = Literal["relu", "gelu"]
+NormPosition = Literal["pre", "post"]
+Positional = Literal["sinusoidal", "learned"]
+
+
+@dataclass
+class ModelConfig:
+    """Sizes and switches of the encoder-decoder Transformer (paper names)."""
+
+    src_vocab_size: int = 8000
+    tgt_vocab_size: int = 8000
+    d_model: int = 512
+    n_heads: int = 8
+    n_layers: int = 6
+    n_decoder_layers: int | None = None  # None: same as n_layers
+    d_ff: int = 2048
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+    activation: Activation = "relu"
+    norm: NormPosition = "pre"
+    positional: Positional = "sinusoidal"
+    max_positions: int = 1024
+    share_embeddings: bool = False  # one matrix: source emb = target emb = output projection
+    tie_output: bool = True  # target embedding = output projection
+    layer_norm_eps: float = 1e-5
+
+    @property
+    def decoder_layers(self) -> int:
+        return self.n_layers if self.n_decoder_layers is None else self.n_decoder_layers
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        """A named size: "tiny" (tests, seconds on CPU), "small", or the paper's "base"/"big".
+
+        Args:
+            name: one of `PRESETS`.
+            **overrides: fields to change on top of the preset (e.g. vocabulary sizes).
+        """
+        if name not in PRESETS:
+            raise ConfigError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+    def validate(self) -> None:
+        _check_types(self, "model")
+        for name in ("src_vocab_size", "tgt_vocab_size", "d_model", "n_heads", "n_layers", "d_ff", "max_positions"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.n_decoder_layers is not None and self.n_decoder_layers <= 0:
+            raise ConfigError(f"model.n_decoder_layers must be positive, got {self.n_decoder_layers}")
+        if self.d_model % self.n_heads:
+            raise ConfigError(
+                f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}"
+            )
+        for name in ("dropout", "attention_dropout"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"model.{name} must be in [0, 1), got {value}")
+        if self.share_embeddings and self.src_vocab_size != self.tgt_vocab_size:
+            raise ConfigError(
+                "model.share_embeddings needs one joint vocabulary, but "
+                f"src_vocab_size={self.src_vocab_size} != tgt_vocab_size={self.tgt_vocab_size}"
+            )
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(d_model=32, n_heads=2, n_layers=2, d_ff=64, dropout=0.0, max_positions=256),
+    "small": ModelConfig(d_model=256, n_heads=4, n_layers=3, d_ff=1024, dropout=0.1),
+    # "Attention Is All You Need", Table 3.
+    "base": ModelConfig(d_model=512, n_heads=8, n_layers=6, d_ff=2048, dropout=0.1),
+    "big": ModelConfig(d_model=1024, n_heads=16, n_layers=6, d_ff=4096, dropout=0.3),
+}
+
+
+@dataclass
+class DataConfig:
+    """Where the text is and how it becomes token ids and batches.
+
+    Parallel text: `train: data/train` with `src_lang: en`, `tgt_lang: de` reads
+    `data/train.en` and `data/train.de`. A `.tsv` or `.jsonl` path is read by column or
+    field name (`src_field`, `tgt_field`).
+    """
+
+    train: str | None = None
+    valid: str | None = None
+    test: str | None = None
+    format: Literal["auto", "parallel", "tsv", "jsonl"] = "auto"
+    src_lang: str = "src"
+    tgt_lang: str = "tgt"
+    src_field: str = "src"
+    tgt_field: str = "tgt"
+    # subword tokenizer
+    tokenizer: str | None = None  # an existing tokenizer.json to reuse instead of training one
+    subword: Literal["bpe", "unigram"] = "bpe"
+    vocab_size: int = 8000
+    joint_vocab: bool = True
+    lowercase: bool = False
+    normalization: Literal["none", "nfc", "nfkc"] = "none"
+    tokenizer_max_lines: int = 1_000_000  # lines sampled from train to learn subwords
+    # examples and batches
+    max_len: int = 256  # subword tokens per side, </s> included
+    overlong: Literal["filter", "truncate"] = "filter"
+    pool_size: int = 100_000  # examples read, sorted and batched together (memory bound)
+
+    def validate(self) -> None:
+        _check_types(self, "data")
+        for name in ("vocab_size", "max_len", "pool_size", "tokenizer_max_lines"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"data.{name} must be positive, got {getattr(self, name)}")
+        if self.vocab_size < 300:
+            raise ConfigError(f"data.vocab_size must be at least 300 (256 bytes + specials), got {self.vocab_size}")
+
+
+@dataclass
+class TrainConfig:
+    """The learning loop: optimiser, schedule, batches, checkpoints, validation."""
+
+    max_steps: int = 0  # 0: no step limit (then max_epochs must be set)
+    max_epochs: int = 0  # 0: no epoch limit
+    save_every: int = 1000
+    eval_every: int = 1000
+    log_every: int = 100
+    seed: int = 1234
+    lr: float = 5e-4
+    warmup_steps: int = 4000
+    schedule: Literal["inverse_sqrt", "cosine", "constant"] = "inverse_sqrt"
+    min_lr: float = 0.0
+    optimizer: Literal["adam", "adamw"] = "adamw"
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-9
+    weight_decay: float = 0.0
+    max_tokens: int = 4096  # target tokens per batch (padding included)
+    accumulate: int = 1  # batches per optimiser step
+    clip_norm: float = 1.0  # 0: no clipping
+    label_smoothing: float = 0.1
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16: CUDA only
+    device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
+    threads: int = 0  # CPU threads; 0: leave PyTorch's default
+    keep_last: int = 5  # checkpoints kept in run_dir/checkpoints
+    early_stopping_metric: Literal["loss", "ppl", "bleu"] = "bleu"
+    patience: int = 0  # validations without improvement before stopping; 0: never stop early
+    max_nonfinite: int = 10  # consecutive non-finite losses before giving up
+    eval_max_sentences: int = 0  # cap on validation sentences decoded for BLEU; 0: all
+    grad_stats_every: int = 0  # per-layer gradient norms to the logs every N steps; 0: off
+
+    def validate(self) -> None:
+        _check_types(self, "train")
+        if self.max_steps <= 0 and self.max_epochs <= 0:
+            raise ConfigError("set train.max_steps or train.max_epochs (both are 0: training would never end)")
+        for name in ("save_every", "eval_every", "log_every", "max_tokens", "accumulate", "keep_last", "max_nonfinite"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")
+        for name in ("max_steps", "max_epochs", "warmup_steps", "patience", "threads", "eval_max_sentences",
+                     "grad_stats_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must not be negative, got {getattr(self, name)}")
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise ConfigError(f"train.lr must be a positive number, got {self.lr}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"train.betas must be two numbers in [0, 1), got {self.betas}")
+        if self.clip_norm < 0:
+            raise ConfigError(f"train.clip_norm must not be negative, got {self.clip_norm}")
+
+
+@dataclass
+class DecodeConfig:
+    """Search settings used by `translate`, `generate` and validation."""
+
+    beam_size: int = 5
+    nbest: int = 1
+    length_penalty: float = 1.0  # GNMT alpha; 0: raw log-probability
+    max_len_a: float = 1.5  # maximum output length = a * source length + b
+    max_len_b: int = 10
+    min_len: int = 0
+    no_repeat_ngram: int = 0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    max_tokens: int = 4096  # source tokens per decoding batch
+    batch_size: int = 64  # sentences per decoding batch
+
+    def validate(self) -> None:
+        _check_types(self, "decode")
+        for name in ("beam_size", "nbest", "max_tokens", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"decode.{name} must be positive, got {getattr(self, name)}")
+        if self.nbest > self.beam_size:
+            raise ConfigError(f"decode.nbest={self.nbest} cannot exceed decode.beam_size={self.beam_size}")
+        if self.temperature <= 0:
+            raise ConfigError(f"decode.temperature must be positive, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"decode.top_p must be in (0, 1], got {self.top_p}")
+        for name in ("min_len", "no_repeat_ngram", "top_k", "max_len_b"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"decode.{name} must not be negative, got {getattr(self, name)}")
+
+
+@dataclass
+class Config:
+    """A whole run: what to learn, from which data, with which model and settings."""
+
+    task: Literal["translate"] = "translate"
+    run_dir: str = "runs/default"
+    model_preset: str | None = None  # start model from ModelConfig.preset(name); model keys override it
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+
+    def validate(self) -> None:
+        _check_types(self, "")
+        if self.model_preset is not None and self.model_preset not in PRESETS:
+            raise ConfigError(f"model_preset: unknown preset {self.model_preset!r}; choose one of {sorted(PRESETS)}")
+        for section in (self.data, self.model, self.train, self.decode):
+            section.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_text(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "decode": DecodeConfig}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    """Read a YAML config, apply dotted overrides, type-check and validate.
+
+    Args:
+        path: YAML file with `task`, `run_dir` and sections `data`, `model`, `train`, `decode`.
+            None starts from the defaults.
+        overrides: `["train.lr=3e-4", ...]` (values parsed as YAML scalars) or `{"train.lr": 3e-4}`.
+
+    Raises:
+        ConfigError: unreadable file, unknown key (with the nearest valid name), wrong type,
+            or an invalid value; the message names the key.
+    """
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path}: cannot read config: {err}") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}{where}: invalid YAML: {getattr(err, 'problem', err)}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    for key, value in _parse_overrides(overrides).items():
+        _set_dotted(raw, key, value)
+    return config_from_dict(raw, source)
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
+    """Build and validate a `Config` from nested plain data (as read from YAML)."""
+    raw = dict(raw)
+    preset = raw.get("model_preset")
+    model_raw = raw.get("model") or {}
+    if not isinstance(model_raw, dict):
+        raise ConfigError(f"{source}: 'model' must be a mapping, got {type(model_raw).__name__}")
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in SECTIONS:
+            if value is None:
+                value = {}
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: '{key}' must be a mapping, got {type(value).__name__}")
+            base = None
+            if key == "model" and isinstance(preset, str):
+                if preset not in PRESETS:
+                    raise ConfigError(f"{source}: model_preset: unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+                base = ModelConfig.preset(preset)
+            kwargs[key] = _section_from_dict(SECTIONS[key], value, key, source, base)
+        elif key in _field_names(Config):
+            kwargs[key] = value
+        else:
+            raise ConfigError(f"{source}: unknown key '{key}'{_suggest(key, _field_names(Config))}")
+    if "model" not in kwargs and isinstance(preset, str) and preset in PRESETS:
+        kwargs["model"] = ModelConfig.preset(preset)
+    config = Config(**kwargs)
+    try:
+        config.validate()
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    return config
+
+
+def _section_from_dict(cls: type, values: dict[str, Any], section: str, source: str, base: Any = None) -> Any:
+    names = _field_names(cls)
+    for key in values:
+        if key not in names:
+            raise ConfigError(f"{source}: unknown key '{section}.{key}'{_suggest(key, names, section + '.')}")
+    start = dataclasses.asdict(base) if base is not None else {}
+    start.update(values)
+    return cls(**start)
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _suggest(key: str, names: list[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+    return f"; did you mean '{prefix}{close[0]}'?" if close else ""
+
+
+def _parse_overrides(overrides: list[str] | dict[str, Any] | None) -> dict[str, Any]:
+    if not overrides:
+        return {}
+    if isinstance(overrides, dict):
+        return dict(overrides)
+    parsed: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        try:
+            parsed[key.lstrip("-")] = yaml.safe_load(text) if text != "" else ""
+        except yaml.YAMLError:
+            parsed[key.lstrip("-")] = text
+    return parsed
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{key}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _check_types(obj: Any, section: str) -> None:
+    """Check (and gently coerce: int -> float) every field against its annotation."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        if dataclasses.is_dataclass(hints[f.name]):
+            continue
+        value = getattr(obj, f.name)
+        key = f"{section}.{f.name}" if section else f.name
+        ok, coerced = _coerce(value, hints[f.name])
+        if not ok:
+            raise ConfigError(f"{key}: expected {_describe(hints[f.name])}, got {value!r}")
+        setattr(obj, f.name, coerced)
+
+
+def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return value in typing.get_args(hint), value
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            ok, coerced = _coerce(value, option)
+            if ok:
+                return True, coerced
+        return False, value
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        results = [_coerce(v, item) for v in value]
+        return all(ok for ok, _ in results), [c for _, c in results]
+    if hint is type(None):
+        return value is None, value
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        return False, value
+    if hint is str:
+        return isinstance(value, str), value
+    return isinstance(value, hint), value
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(hint))
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(hint)[0])}"
+    if hint is type(None):
+        return "null"
+    return getattr(hint, "__name__", str(hint))

@@ -1,0 +1,203 @@
+"""The encoder-decoder Transformer ("Attention Is All You Need"), read top to bottom.
+
+    src ids ─ embed·√D + positions ─ N × EncoderLayer ─ (norm) ─▶ memory
+    tgt ids ─ embed·√D + positions ─ N × DecoderLayer(memory) ─ (norm) ─ output projection ─▶ logits
+
+Training runs every target position at once under a causal mask (teacher forcing);
+decoding feeds one position at a time and keeps keys/values in a `KVCache`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from detr.config import ModelConfig
+from detr.layers import AttentionRecord, DecoderLayer, EncoderLayer, LayerCache, PositionalEncoding
+from detr.tokenizer import PAD
+
+
+def padding_mask(ids: Tensor) -> Tensor:
+    """(B, S) token ids → (B, 1, 1, S) mask, True where a key may be attended (not padding)."""
+    return (ids != PAD)[:, None, None, :]
+
+
+def causal_mask(T: int, offset: int, device: torch.device) -> Tensor:
+    """(1, 1, T, offset + T): query at position offset+i sees keys 0 .. offset+i."""
+    q = torch.arange(offset, offset + T, device=device)[:, None]
+    k = torch.arange(offset + T, device=device)[None, :]
+    return (k <= q)[None, None]
+
+
+class Embedding(nn.Module):
+    """Token embedding scaled by √d_model, plus positions, then dropout."""
+
+    def __init__(self, tokens: nn.Embedding, config: ModelConfig) -> None:
+        super().__init__()
+        self.tokens = tokens
+        self.scale = math.sqrt(config.d_model)
+        self.positions = PositionalEncoding(config.d_model, config.max_positions, config.positional == "learned")
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, ids: Tensor, offset: int = 0) -> Tensor:
+        return self.dropout(self.positions(self.tokens(ids) * self.scale, offset))  # (B, T, D)
+
+
+def _layer_args(config: ModelConfig) -> tuple:
+    return (config.d_model, config.n_heads, config.d_ff, config.dropout, config.attention_dropout,
+            config.activation, config.norm == "pre", config.layer_norm_eps)
+
+
+class Encoder(nn.Module):
+    """Embeds source ids and runs the stack of self-attention layers."""
+
+    def __init__(self, config: ModelConfig, tokens: nn.Embedding) -> None:
+        super().__init__()
+        self.embed = Embedding(tokens, config)
+        self.layers = nn.ModuleList(EncoderLayer(*_layer_args(config)) for _ in range(config.n_layers))
+        # Pre-norm leaves the residual stream un-normalised; the paper's post-norm does not.
+        self.norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.norm == "pre" else nn.Identity()
+
+    def forward(self, src: Tensor, src_mask: Tensor, attention: AttentionRecord | None = None) -> Tensor:
+        """src: (B, S) ids; src_mask: (B, 1, 1, S). Returns memory (B, S, D)."""
+        x = self.embed(src)
+        for layer in self.layers:
+            x, weights = layer(x, src_mask, need_weights=attention is not None)
+            if attention is not None:
+                attention.encoder.append(weights)
+        return self.norm(x)
+
+
+@dataclass
+class KVCache:
+    """Decoder state for incremental decoding: per layer keys/values, and positions done.
+
+    Self-attention keys/values grow by one step per call; cross-attention keys/values are
+    projected from the memory once. `select` reorders or shrinks the batch (beam search
+    follows its best hypotheses; finished sentences leave the batch).
+    """
+
+    layers: list[LayerCache] = field(default_factory=list)
+    length: int = 0
+
+    @classmethod
+    def empty(cls, n_layers: int) -> KVCache:
+        return cls([LayerCache() for _ in range(n_layers)])
+
+    def select(self, index: Tensor) -> None:
+        """Keep batch rows `index` (B',) in that order, in place."""
+        for lc in self.layers:
+            for name in ("self_k", "self_v", "cross_k", "cross_v"):
+                t = getattr(lc, name)
+                if t is not None:
+                    setattr(lc, name, t.index_select(0, index))
+
+
+class Decoder(nn.Module):
+    """Embeds target ids and runs masked self-attention + cross-attention layers."""
+
+    def __init__(self, config: ModelConfig, tokens: nn.Embedding) -> None:
+        super().__init__()
+        self.embed = Embedding(tokens, config)
+        self.layers = nn.ModuleList(DecoderLayer(*_layer_args(config)) for _ in range(config.decoder_layers))
+        self.norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.norm == "pre" else nn.Identity()
+
+    def forward(
+        self,
+        tgt_in: Tensor,
+        memory: Tensor,
+        src_mask: Tensor,
+        cache: KVCache | None = None,
+        attention: AttentionRecord | None = None,
+    ) -> Tensor:
+        """tgt_in: (B, T) ids (with a cache: only the new positions). Returns (B, T, D)."""
+        offset = cache.length if cache is not None else 0
+        T = tgt_in.size(1)
+        self_mask = causal_mask(T, offset, tgt_in.device)  # (1, 1, T, offset + T)
+        if cache is None:
+            self_mask = self_mask & padding_mask(tgt_in)  # (B, 1, T, T)
+        elif T == 1:
+            self_mask = None  # one new position sees every cached one: no mask needed
+        x = self.embed(tgt_in, offset)
+        for i, layer in enumerate(self.layers):
+            layer_cache = cache.layers[i] if cache is not None else None
+            x, self_w, cross_w = layer(x, memory, self_mask, src_mask, layer_cache, attention is not None)
+            if attention is not None:
+                attention.decoder_self.append(self_w)
+                attention.cross.append(cross_w)
+        if cache is not None:
+            cache.length += T
+        return self.norm(x)
+
+
+class Seq2Seq(nn.Module):
+    """Encoder, decoder and output projection, with optional weight sharing."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        D = config.d_model
+        src_tokens = nn.Embedding(config.src_vocab_size, D, padding_idx=PAD)
+        tgt_tokens = src_tokens if config.share_embeddings else nn.Embedding(config.tgt_vocab_size, D, padding_idx=PAD)
+        self.encoder = Encoder(config, src_tokens)
+        self.decoder = Decoder(config, tgt_tokens)
+        self.output = nn.Linear(D, config.tgt_vocab_size, bias=False)
+        self._init_weights()
+        if config.share_embeddings or config.tie_output:
+            self.output.weight = tgt_tokens.weight  # the paper's shared weight matrix
+
+    def _init_weights(self) -> None:
+        for name, p in self.named_parameters():
+            if p.dim() > 1 and "tokens" not in name:
+                nn.init.xavier_uniform_(p)
+        # Embeddings are multiplied by √D, so N(0, 1/D) puts inputs at unit scale.
+        for emb in {id(m): m for m in self.modules() if isinstance(m, nn.Embedding)}.values():
+            nn.init.normal_(emb.weight, std=self.config.d_model**-0.5)
+            with torch.no_grad():
+                emb.weight[PAD].zero_()
+
+    def encode(self, src: Tensor, src_mask: Tensor | None = None, attention: AttentionRecord | None = None) -> Tensor:
+        """src: (B, S) ids → memory (B, S, D). Pass `attention` to receive the weights."""
+        if src_mask is None:
+            src_mask = padding_mask(src)
+        return self.encoder(src, src_mask, attention)
+
+    def decode(
+        self,
+        tgt_in: Tensor,
+        memory: Tensor,
+        src_mask: Tensor,
+        cache: KVCache | None = None,
+        attention: AttentionRecord | None = None,
+    ) -> Tensor:
+        """Logits (B, T, V) for target positions `tgt_in` (B, T) given the memory.
+
+        Without a cache all positions run in parallel under the causal mask; with one,
+        `tgt_in` holds only the new positions and the cache supplies the past.
+        """
+        return self.output(self.decoder(tgt_in, memory, src_mask, cache, attention))
+
+    def new_cache(self) -> KVCache:
+        return KVCache.empty(len(self.decoder.layers))
+
+    def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
+        """Teacher forcing: logits (B, T, V) for every target position at once."""
+        src_mask = padding_mask(src)
+        return self.decode(tgt_in, self.encode(src, src_mask), src_mask)
+
+    def num_parameters(self) -> int:
+        """Trainable parameters, each shared tensor counted once."""
+        return sum(p.numel() for p in self.parameters())
+
+
+def build_model(config: ModelConfig) -> Seq2Seq:
+    """Validate `config` and build a freshly initialised `Seq2Seq`.
+
+    Raises:
+        ConfigError: an impossible configuration; the message names the field and value.
+    """
+    config.validate()
+    return Seq2Seq(config)

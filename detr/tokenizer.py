@@ -1,0 +1,166 @@
+"""Subword tokenizer: BPE or Unigram learned with the `tokenizers` library, saved as one file.
+
+Text is split on bytes (GPT-2 style byte-level pre-tokenization), so every string has an
+encoding with no `<unk>` and `decode(encode(text)) == text` for any text when no
+lowercasing or normalisation is configured. A single space is put in front of every
+text before encoding and taken off after decoding, so a sentence's first word is split
+like every other word.
+
+A `Tokenizer` has a `src` and a `tgt` side; with a joint vocabulary they are one object.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+
+from detr.atomic import atomic_write_text
+from detr.errors import CheckpointError
+
+PAD, BOS, EOS, UNK = 0, 1, 2, 3
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+FORMAT = "detr-tokenizer/1"
+
+
+class Subwords:
+    """One vocabulary: text ↔ ids."""
+
+    def __init__(self, hf: HFTokenizer) -> None:
+        self.hf = hf
+        for i, token in enumerate(SPECIALS):
+            if hf.token_to_id(token) != i:
+                raise CheckpointError(f"tokenizer: special token {token} must have id {i}")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        """Subword ids of `text`, without <s> or </s>."""
+        return self.hf.encode(" " + text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.hf.encode_batch([" " + t for t in texts], add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`; special tokens are dropped."""
+        text = self.hf.decode([i for i in ids if i >= len(SPECIALS)], skip_special_tokens=True)
+        return text[1:] if text.startswith(" ") else text
+
+    def decode_batch(self, batch: list[list[int]]) -> list[str]:
+        return [self.decode(ids) for ids in batch]
+
+    def token_strings(self, ids: Iterable[int]) -> list[str]:
+        """A readable string per id (for attention plots): specials by name, others decoded."""
+        return [SPECIALS[i] if i < len(SPECIALS) else self.hf.decode([i]) for i in ids]
+
+
+class Tokenizer:
+    """Source and target subword vocabularies (the same object when joint)."""
+
+    def __init__(self, src: Subwords, tgt: Subwords | None = None) -> None:
+        self.src = src
+        self.tgt = tgt if tgt is not None else src
+
+    @property
+    def joint(self) -> bool:
+        return self.src is self.tgt
+
+    def to_json(self) -> str:
+        data = {
+            "format": FORMAT,
+            "joint": self.joint,
+            "src": json.loads(self.src.hf.to_str()),
+            "tgt": None if self.joint else json.loads(self.tgt.hf.to_str()),
+        }
+        return json.dumps(data, ensure_ascii=False)
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_text(Path(path), self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        """Read a tokenizer saved by `save`.
+
+        Raises:
+            CheckpointError: missing, unreadable or not a detr tokenizer file.
+        """
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            if data.get("format") != FORMAT:
+                raise ValueError(f"format is {data.get('format')!r}, expected {FORMAT!r}")
+            src = Subwords(HFTokenizer.from_str(json.dumps(data["src"])))
+            tgt = None if data["joint"] else Subwords(HFTokenizer.from_str(json.dumps(data["tgt"])))
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: tokenizer file not found") from None
+        except CheckpointError as err:
+            raise CheckpointError(f"{path}: {err}") from None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, Exception) as err:
+            raise CheckpointError(f"{path}: not a valid detr tokenizer: {err}") from None
+        return cls(src, tgt)
+
+
+def _new_hf(model_type: str, lowercase: bool, normalization: str) -> tuple[HFTokenizer, object]:
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if model_type == "bpe":
+        hf = HFTokenizer(models.BPE(unk_token="<unk>"))
+        make_trainer = lambda size: trainers.BpeTrainer(  # noqa: E731
+            vocab_size=size, special_tokens=SPECIALS, initial_alphabet=alphabet, show_progress=False)
+    else:
+        hf = HFTokenizer(models.Unigram())
+        make_trainer = lambda size: trainers.UnigramTrainer(  # noqa: E731
+            vocab_size=size, special_tokens=SPECIALS, unk_token="<unk>", initial_alphabet=alphabet,
+            show_progress=False)
+    steps = []
+    if normalization != "none":
+        steps.append(normalizers.NFC() if normalization == "nfc" else normalizers.NFKC())
+    if lowercase:
+        steps.append(normalizers.Lowercase())
+    if steps:
+        hf.normalizer = normalizers.Sequence(steps)
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    hf.decoder = decoders.ByteLevel()
+    return hf, make_trainer
+
+
+def train_subwords(
+    texts: Iterable[str], vocab_size: int, model_type: str = "bpe", lowercase: bool = False,
+    normalization: str = "none",
+) -> Subwords:
+    """Learn one subword vocabulary of `vocab_size` entries from `texts`."""
+    hf, make_trainer = _new_hf(model_type, lowercase, normalization)
+    hf.train_from_iterator((" " + t for t in texts), trainer=make_trainer(vocab_size))
+    return Subwords(hf)
+
+
+def train_tokenizer(
+    src_texts: Iterable[str],
+    tgt_texts: Iterable[str] | None,
+    vocab_size: int,
+    model_type: str = "bpe",
+    joint: bool = True,
+    lowercase: bool = False,
+    normalization: str = "none",
+) -> Tokenizer:
+    """Learn a joint (one vocabulary, both sides) or separate source/target tokenizer.
+
+    Args:
+        src_texts, tgt_texts: training text of each side (tgt may be None: source only,
+            as for classification).
+        vocab_size: entries per vocabulary, specials and the 256 bytes included.
+    """
+    options = dict(vocab_size=vocab_size, model_type=model_type, lowercase=lowercase, normalization=normalization)
+    if tgt_texts is None:
+        return Tokenizer(train_subwords(src_texts, **options))
+    if joint:
+        return Tokenizer(train_subwords(_chain(src_texts, tgt_texts), **options))
+    return Tokenizer(train_subwords(src_texts, **options), train_subwords(tgt_texts, **options))
+
+
+def _chain(*iterables: Iterable[str]) -> Iterator[str]:
+    for it in iterables:
+        yield from it

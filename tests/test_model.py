@@ -1,0 +1,143 @@
+import dataclasses
+
+import pytest
+import torch
+
+from detr import ModelConfig, Seq2Seq, build_model
+from detr.errors import ConfigError
+from detr.layers import AttentionRecord
+from detr.model import padding_mask
+from detr.tokenizer import BOS, PAD
+
+
+def ids(*rows, pad_to=None):
+    width = pad_to or max(len(r) for r in rows)
+    return torch.tensor([list(r) + [PAD] * (width - len(r)) for r in rows])
+
+
+@pytest.mark.parametrize("norm", ["pre", "post"])
+@pytest.mark.parametrize("positional", ["sinusoidal", "learned"])
+def test_cached_step_by_step_decoding_equals_parallel_forward(tiny_config, norm, positional):
+    torch.manual_seed(0)
+    model = build_model(dataclasses.replace(tiny_config, norm=norm, positional=positional)).eval()
+    src = ids([5, 6, 7, 8, 2], [9, 10, 2], [11, 2])
+    tgt = torch.randint(4, 60, (3, 6))
+    tgt[:, 0] = BOS
+    parallel = model(src, tgt)
+    src_mask = padding_mask(src)
+    memory = model.encode(src, src_mask)
+    cache = model.new_cache()
+    steps = [model.decode(tgt[:, t : t + 1], memory, src_mask, cache) for t in range(tgt.size(1))]
+    torch.testing.assert_close(torch.cat(steps, dim=1), parallel, atol=1e-5, rtol=1e-5)
+    assert cache.length == 6
+
+
+def test_cache_select_reorders_and_shrinks_the_batch(tiny_config):
+    torch.manual_seed(0)
+    model = build_model(tiny_config).eval()
+    src = ids([5, 6, 7, 2], [9, 10, 2], [11, 12, 13, 14, 2])
+    tgt = torch.randint(4, 60, (3, 4))
+    src_mask = padding_mask(src)
+    memory = model.encode(src, src_mask)
+    cache = model.new_cache()
+    model.decode(tgt[:, :3], memory, src_mask, cache)
+    keep = torch.tensor([2, 0])
+    cache.select(keep)
+    last = model.decode(tgt[keep, 3:], memory[keep], src_mask[keep], cache)
+    torch.testing.assert_close(last, model(src[keep], tgt[keep])[:, 3:], atol=1e-5, rtol=1e-5)
+
+
+def test_outputs_do_not_depend_on_batch_neighbours_or_padding(tiny_config):
+    torch.manual_seed(0)
+    model = build_model(tiny_config).eval()
+    alone = model(ids([5, 6, 7, 2]), ids([BOS, 8, 9]))
+    in_batch = model(ids([5, 6, 7, 2], [9, 10, 11, 12, 13, 14, 2], pad_to=10), ids([BOS, 8, 9], [BOS, 4, 5, 6, 7, 8]))
+    torch.testing.assert_close(in_batch[0, :3], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_causal_mask_hides_the_future(tiny_config):
+    torch.manual_seed(0)
+    model = build_model(tiny_config).eval()
+    src = ids([5, 6, 7, 2])
+    a = torch.tensor([[BOS, 8, 9, 10, 11]])
+    b = a.clone()
+    b[0, 3:] = torch.tensor([40, 41])
+    la, lb = model(src, a), model(src, b)
+    torch.testing.assert_close(la[:, :3], lb[:, :3])
+    assert not torch.allclose(la[:, 3:], lb[:, 3:])
+
+
+def test_attention_record_returns_every_layer_and_head(tiny_config):
+    torch.manual_seed(0)
+    model = build_model(tiny_config).eval()
+    src, tgt = ids([5, 6, 7, 2], [8, 2]), ids([BOS, 9, 10], [BOS, 11])
+    record = AttentionRecord()
+    mask = padding_mask(src)
+    logits = model.decode(tgt, model.encode(src, mask, record), mask, attention=record)
+    torch.testing.assert_close(logits, model(src, tgt), atol=1e-5, rtol=1e-5)
+    n, h = tiny_config.n_layers, tiny_config.n_heads
+    assert len(record.encoder) == len(record.decoder_self) == len(record.cross) == n
+    assert record.encoder[0].shape == (2, h, 4, 4)
+    assert record.cross[0].shape == (2, h, 3, 4)
+    assert (record.cross[1][1, :, :, 2:] == 0).all()  # padded source keys
+    assert (record.decoder_self[0][0].triu(1) == 0).all()  # future target positions
+    for weights in record.encoder + record.decoder_self + record.cross:
+        torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:-1]))
+    assert not any(hasattr(m, "last_weights") for m in model.modules())
+
+
+@pytest.mark.parametrize("name,expected", [("base", 65e6), ("big", 213e6)])
+def test_paper_presets_match_table_3_parameter_counts(name, expected):
+    config = ModelConfig.preset(name, src_vocab_size=37000, tgt_vocab_size=37000, share_embeddings=True)
+    with torch.device("meta"):
+        model = Seq2Seq(config)
+    count = model.num_parameters()
+    assert abs(count - expected) / expected < 0.03, count
+
+
+def test_presets_have_the_paper_sizes():
+    base, big = ModelConfig.preset("base"), ModelConfig.preset("big")
+    assert (base.d_model, base.n_heads, base.d_ff, base.n_layers, base.dropout) == (512, 8, 2048, 6, 0.1)
+    assert (big.d_model, big.n_heads, big.d_ff, big.n_layers, big.dropout) == (1024, 16, 4096, 6, 0.3)
+
+
+def test_shared_weight_matrix_is_one_tensor_and_receives_every_gradient(tiny_config):
+    config = dataclasses.replace(tiny_config, tgt_vocab_size=50, share_embeddings=True)
+    model = build_model(config)
+    shared = model.encoder.embed.tokens.weight
+    assert shared is model.decoder.embed.tokens.weight is model.output.weight
+    assert sum(p is shared for p in model.parameters()) == 1
+    # Each use alone sends a gradient into the one tensor.
+    src, tgt = ids([5, 6, 2]), ids([BOS, 7])
+    for use in ("source embedding", "target embedding", "output projection"):
+        model.zero_grad()
+        if use == "source embedding":
+            model.encode(src).sum().backward()
+        elif use == "target embedding":
+            mem = torch.zeros(1, 3, config.d_model)
+            model.decoder(tgt, mem, padding_mask(src)).sum().backward()
+        else:
+            model.output(torch.ones(1, 1, config.d_model)).sum().backward()
+        assert shared.grad is not None and shared.grad.abs().sum() > 0, use
+
+
+def test_tie_output_ties_only_target_embedding_and_output(tiny_config):
+    model = build_model(tiny_config)
+    assert model.output.weight is model.decoder.embed.tokens.weight
+    assert model.encoder.embed.tokens.weight is not model.output.weight
+    untied = build_model(dataclasses.replace(tiny_config, tie_output=False))
+    assert untied.output.weight is not untied.decoder.embed.tokens.weight
+
+
+@pytest.mark.parametrize("change,field", [
+    (dict(d_model=30, n_heads=4), "n_heads"),
+    (dict(d_ff=0), "model.d_ff"),
+    (dict(n_layers=-1), "model.n_layers"),
+    (dict(dropout=1.0), "model.dropout"),
+    (dict(activation="swish"), "model.activation"),
+    (dict(norm="sandwich"), "model.norm"),
+    (dict(share_embeddings=True), "share_embeddings"),
+])
+def test_impossible_configs_raise_an_error_naming_the_field(tiny_config, change, field):
+    with pytest.raises(ConfigError, match=field):
+        build_model(dataclasses.replace(tiny_config, **change))
