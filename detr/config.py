@@ -152,7 +152,7 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-9
     weight_decay: float = 0.0
-    max_tokens: int = 4096  # target tokens per batch (padding included)
+    max_tokens: int = 4096  # padded tokens per batch: rows × longest side
     accumulate: int = 1  # batches per optimiser step
     clip_norm: float = 1.0  # 0: no clipping
     label_smoothing: float = 0.1
@@ -279,7 +279,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
             raise ConfigError(f"{path}{where}: invalid YAML: {getattr(err, 'problem', err)}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
-    for key, value in _parse_overrides(overrides).items():
+    for key, value in parse_overrides(overrides).items():
         _set_dotted(raw, key, value)
     return config_from_dict(raw, source)
 
@@ -301,9 +301,10 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
             base = None
             if key == "model" and isinstance(preset, str):
                 if preset not in PRESETS:
-                    raise ConfigError(f"{source}: model_preset: unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+                    raise ConfigError(
+                        f"{source}: model_preset: unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
                 base = ModelConfig.preset(preset)
-            kwargs[key] = _section_from_dict(SECTIONS[key], value, key, source, base)
+            kwargs[key] = section_from_dict(SECTIONS[key], value, key, source, base)
         elif key in _field_names(Config):
             kwargs[key] = value
         else:
@@ -318,7 +319,7 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
     return config
 
 
-def _section_from_dict(cls: type, values: dict[str, Any], section: str, source: str, base: Any = None) -> Any:
+def section_from_dict(cls: type, values: dict[str, Any], section: str, source: str, base: Any = None) -> Any:
     names = _field_names(cls)
     for key in values:
         if key not in names:
@@ -337,7 +338,7 @@ def _suggest(key: str, names: list[str], prefix: str = "") -> str:
     return f"; did you mean '{prefix}{close[0]}'?" if close else ""
 
 
-def _parse_overrides(overrides: list[str] | dict[str, Any] | None) -> dict[str, Any]:
+def parse_overrides(overrides: list[str] | dict[str, Any] | None) -> dict[str, Any]:
     if not overrides:
         return {}
     if isinstance(overrides, dict):
@@ -406,6 +407,11 @@ def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return True, float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
         return False, value
     if hint is str:
         return isinstance(value, str), value

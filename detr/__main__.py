@@ -1,0 +1,5 @@
+import sys
+
+from detr.cli import main
+
+sys.exit(main())

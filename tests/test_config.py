@@ -1,0 +1,50 @@
+import pytest
+
+from detr import ConfigError, ModelConfig, load_config
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_and_dotted_overrides_make_typed_sections(tmp_path):
+    path = write(tmp_path, "run_dir: runs/x\nmodel_preset: tiny\ntrain:\n  max_steps: 10\n  lr: 1\n")
+    config = load_config(path, ["train.lr=3e-4", "--model.d_ff=128", "decode.beam_size=4"])
+    assert config.train.lr == 3e-4 and isinstance(config.train.lr, float)
+    assert config.model.d_model == 32 and config.model.d_ff == 128  # preset, then override
+    assert config.decode.beam_size == 4
+
+
+@pytest.mark.parametrize("text,message", [
+    ("train:\n  max_stpes: 3\n", "unknown key 'train.max_stpes'; did you mean 'train.max_steps'?"),
+    ("trian:\n  max_steps: 3\n", "unknown key 'trian'; did you mean 'train'?"),
+    ("train:\n  max_steps: three\n", "train.max_steps: expected int, got 'three'"),
+    ("train:\n  max_steps: 3\n  label_smoothing: 1.5\n", "train.label_smoothing must be in [0, 1)"),
+    ("train:\n  max_steps: 3\nmodel:\n  norm: sandwich\n", "model.norm: expected one of 'pre', 'post'"),
+    ("train: [1, 2\n", "c.yaml:"),
+])
+def test_bad_configs_name_the_key(tmp_path, text, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text))
+    assert message in str(err.value)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_presets_are_independent_copies():
+    a = ModelConfig.preset("tiny", d_model=64)
+    assert ModelConfig.preset("tiny").d_model == 32 and a.d_model == 64
+    with pytest.raises(ConfigError, match="unknown model preset"):
+        ModelConfig.preset("huge")
+
+
+def test_effective_config_round_trips_through_yaml(tmp_path):
+    config = load_config(write(tmp_path, "model_preset: tiny\ntrain:\n  max_steps: 7\n"))
+    config.save(tmp_path / "saved.yaml")
+    again = load_config(tmp_path / "saved.yaml")
+    assert again == config
