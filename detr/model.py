@@ -51,6 +51,11 @@ def _layer_args(config: ModelConfig) -> tuple:
             config.activation, config.norm == "pre", config.layer_norm_eps)
 
 
+def _final_norm(config: ModelConfig) -> nn.Module:
+    # Pre-norm leaves the residual stream un-normalised at the top of the stack; post-norm does not.
+    return nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.norm == "pre" else nn.Identity()
+
+
 class Encoder(nn.Module):
     """Embeds source ids and runs the stack of self-attention layers."""
 
@@ -58,8 +63,7 @@ class Encoder(nn.Module):
         super().__init__()
         self.embed = Embedding(tokens, config)
         self.layers = nn.ModuleList(EncoderLayer(*_layer_args(config)) for _ in range(config.n_layers))
-        # Pre-norm leaves the residual stream un-normalised; the paper's post-norm does not.
-        self.norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.norm == "pre" else nn.Identity()
+        self.norm = _final_norm(config)
 
     def forward(self, src: Tensor, src_mask: Tensor, attention: AttentionRecord | None = None) -> Tensor:
         """src: (B, S) ids; src_mask: (B, 1, 1, S). Returns memory (B, S, D)."""
@@ -103,7 +107,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.embed = Embedding(tokens, config)
         self.layers = nn.ModuleList(DecoderLayer(*_layer_args(config)) for _ in range(config.decoder_layers))
-        self.norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.norm == "pre" else nn.Identity()
+        self.norm = _final_norm(config)
 
     def forward(
         self,
