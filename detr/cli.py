@@ -29,6 +29,18 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from detr.config import load_config
+    from detr.data import prepare
+
+    config = load_config(args.config, args.set or [])
+    report = prepare(config.data, config.train.max_tokens, args.out, config.train.seed)
+    print(f"tokenizer: {report.tokenizer_path} (vocabulary src={report.src_vocab_size} tgt={report.tgt_vocab_size})")
+    print(f"train: {report.examples} examples in {report.batches} batches of <= {config.train.max_tokens} tokens, "
+          f"padding efficiency {report.padding_efficiency:.3f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="detr", description="detr: train, decode and inspect encoder-decoder Transformers.")
@@ -50,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--url", help="base URL of a mirror (https://, file://)")
     fetch.add_argument("--langs", default="en,de,fr,cs", help="comma-separated languages (default: all)")
     fetch.set_defaults(func=cmd_data_fetch)
+    prep = data_sub.add_parser("prepare", help="check a config's data, learn its tokenizer, report batch statistics")
+    prep.add_argument("config", help="YAML config with a data section")
+    prep.add_argument("--out", required=True, help="where to write tokenizer.json")
+    prep.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config key")
+    prep.set_defaults(func=cmd_data_prepare)
     return parser
 
 

@@ -32,7 +32,7 @@ from torch import Tensor
 from detr.atomic import atomic_path
 from detr.config import DataConfig
 from detr.errors import DataError
-from detr.tokenizer import BOS, EOS, PAD, Tokenizer
+from detr.tokenizer import BOS, EOS, PAD, Tokenizer, train_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -373,7 +373,9 @@ class BatchStream:
         pool_size: int,
         seed: int,
         shuffle: bool = True,
+        name: str = "data",
     ) -> None:
+        self.name = name  # for messages: the file or prefix read
         self.examples = examples
         self.encode = encode
         self.max_tokens = max_tokens
@@ -406,19 +408,92 @@ class BatchStream:
 
     def __iter__(self) -> Iterator[Batch]:
         """Batches from the saved position to the end of the current epoch."""
-        count = 0
+        count = kept = 0
+        whole_epoch = self.pool == 0 and self.consumed == 0  # not resumed mid-epoch: `kept` covers it all
+        filtered, truncated = self.encode.filtered, self.encode.truncated
         pools = _chunks(iter(self.examples()), self.pool_size)
         for pool_index, pool in enumerate(pools):
             count += len(pool)
             if pool_index < self.pool:
                 continue
             batches = self.pool_batches(pool, pool_index)
+            kept += sum(len(b.index) for b in batches)
             while self.consumed < len(batches):
                 self.consumed += 1  # before yielding: a checkpoint taken now counts this batch done
                 yield batches[self.consumed - 1]
             self.pool, self.consumed = pool_index + 1, 0
+        filtered, truncated = self.encode.filtered - filtered, self.encode.truncated - truncated
+        if count and not kept and whole_epoch:
+            raise DataError(
+                f"{self.name}: no examples left after filtering: all {count} are longer than "
+                f"data.max_len={self.encode.max_len} subword tokens (raise it, or set data.overlong: truncate)"
+            )
+        if not count:
+            raise DataError(f"{self.name}: no examples (the files are empty or every line is)")
+        log.info("%s: epoch %d done: %d examples read, %d over-long filtered, %d truncated",
+                 self.name, self.epoch + 1, count, filtered, truncated)
         self.epoch, self.pool, self.consumed = self.epoch + 1, 0, 0
         self.epoch_examples = count
+
+
+def training_stream(config: DataConfig, tokenizer: Tokenizer, max_tokens: int, seed: int) -> BatchStream:
+    """The shuffled, resumable batch stream of `config.train`; empty pairs are counted in the log."""
+    stats: dict[str, int] = {}
+
+    def examples() -> Iterator[Example]:
+        stats.clear()
+        yield from read_examples(config, "train", stats)
+        if stats.get("empty"):
+            log.info("%s: skipped %d pairs with an empty side", config.train, stats["empty"])
+
+    encode = Encoded(tokenizer, config.max_len, config.overlong)
+    return BatchStream(examples, encode, max_tokens, config.pool_size, seed, name=str(config.train))
+
+
+def build_tokenizer(config: DataConfig) -> Tokenizer:
+    """Load `config.tokenizer` if set, else learn one on (up to `tokenizer_max_lines` of) the training data."""
+    if config.tokenizer is not None:
+        return Tokenizer.load(config.tokenizer)
+    check_split(config, "train")
+
+    def side(name: str) -> Iterator[str]:
+        for e in itertools.islice(read_examples(config, "train"), config.tokenizer_max_lines):
+            yield getattr(e, name)
+
+    return train_tokenizer(side("src"), side("tgt"), config.vocab_size, config.subword, config.joint_vocab,
+                           config.lowercase, config.normalization)
+
+
+@dataclass
+class DataReport:
+    """What `prepare` found: sizes of the training data in examples, batches and tokens."""
+
+    examples: int
+    batches: int
+    src_vocab_size: int
+    tgt_vocab_size: int
+    padding_efficiency: float
+    tokenizer_path: str
+
+
+def prepare(config: DataConfig, max_tokens: int, out: str | Path, seed: int = 1) -> DataReport:
+    """Check the splits, learn (or load) the tokenizer, save it to `out`, batch one epoch.
+
+    Raises:
+        DataError: any problem with the data files (file and line named).
+    """
+    for split in ("train", "valid", "test"):
+        if getattr(config, split) is not None:
+            check_split(config, split)
+    tokenizer = build_tokenizer(config)
+    stream = training_stream(config, tokenizer, max_tokens, seed)
+    batches = list(stream)
+    try:
+        tokenizer.save(out)
+    except OSError as err:
+        raise DataError(f"{out}: cannot write the tokenizer: {err.strerror}") from None
+    return DataReport(sum(len(b.index) for b in batches), len(batches), tokenizer.src.vocab_size,
+                      tokenizer.tgt.vocab_size, padding_efficiency(batches), str(out))
 
 
 def _chunks(it: Iterator[Example], size: int) -> Iterator[list[Example]]:

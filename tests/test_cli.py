@@ -32,3 +32,38 @@ def test_unknown_key_suggests_the_nearest_name():
     out = run("model", "configs/tiny.yaml", "--set", "model.d_modl=64")
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "did you mean 'model.d_model'" in out.stderr
+
+
+def write_parallel(folder, n=200):
+    src = [" ".join(str((i * 3 + j) % 10) for j in range(1 + i % 9)) for i in range(n)]
+    (folder / "train.src").write_text("\n".join(src) + "\n\n")
+    (folder / "train.tgt").write_text("\n".join(s[::-1] for s in src) + "\n\n")
+    (folder / "c.yaml").write_text(
+        f"model_preset: tiny\ndata:\n  train: {folder}/train\n  vocab_size: 300\ntrain:\n  max_steps: 1\n")
+    return folder / "c.yaml"
+
+
+def test_data_prepare_learns_the_tokenizer_and_reports_batches(tmp_path):
+    config = write_parallel(tmp_path)
+    out = run("data", "prepare", str(config), "--out", str(tmp_path / "tok.json"))
+    assert out.returncode == 0, out.stderr
+    assert "train: 200 examples" in out.stdout and "padding efficiency" in out.stdout
+    assert "skipped 1 pairs with an empty side" in out.stderr
+    from detr.tokenizer import Tokenizer
+
+    assert Tokenizer.load(tmp_path / "tok.json").src.vocab_size <= 300
+
+
+def test_data_prepare_errors_are_one_line_and_write_nothing(tmp_path):
+    config = write_parallel(tmp_path)
+    (tmp_path / "train.tgt").write_text("1\n2\n")
+    out = run("data", "prepare", str(config), "--out", str(tmp_path / "tok.json"))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().endswith(f"{tmp_path}/train.src has 201 lines, {tmp_path}/train.tgt has 2")
+    assert not (tmp_path / "tok.json").exists()
+
+
+def test_data_fetch_from_a_mirror_and_a_bad_mirror(tmp_path):
+    out = run("data", "fetch", "multi30k", "--to", str(tmp_path / "m"), "--url", (tmp_path / "none").as_uri())
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "download failed" in out.stderr and "train.en.gz" in out.stderr

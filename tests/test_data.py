@@ -104,7 +104,8 @@ def toy_stream(tmp_path, n=300, max_tokens=64, pool_size=1000, seed=3, max_len=2
     config = DataConfig(train=str(tmp_path / "t"))
     tok = train_tokenizer(src, None, vocab_size=300)
     encode = Encoded(tok, max_len, overlong)
-    return BatchStream(lambda: read_examples(config, "train"), encode, max_tokens, pool_size, seed), encode
+    stream = BatchStream(lambda: read_examples(config, "train"), encode, max_tokens, pool_size, seed, name=config.train)
+    return stream, encode
 
 
 def signature(batches):
@@ -189,3 +190,13 @@ def test_fetch_multi30k_from_a_local_mirror_verifies_checksums(tmp_path):
     assert not (tmp_path / "out" / "valid.en").exists()
     assert not list((tmp_path / "out").glob(".*tmp"))
 
+
+
+def test_empty_after_filtering_is_one_error_and_counts_are_logged(tmp_path, caplog):
+    stream, _ = toy_stream(tmp_path, max_len=1)
+    with pytest.raises(DataError, match=r"t: no examples left after filtering: all 300 are longer than data.max_len=1"):
+        list(stream)
+    stream, _ = toy_stream(tmp_path, max_len=8)
+    with caplog.at_level("INFO", logger="detr.data"):
+        list(stream)
+    assert "300 examples read" in caplog.text and "over-long filtered" in caplog.text
