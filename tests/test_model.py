@@ -15,11 +15,14 @@ def ids(*rows, pad_to=None):
     return torch.tensor([list(r) + [PAD] * (width - len(r)) for r in rows])
 
 
-@pytest.mark.parametrize("norm", ["pre", "post"])
-@pytest.mark.parametrize("positional", ["sinusoidal", "learned"])
-def test_cached_step_by_step_decoding_equals_parallel_forward(tiny_config, norm, positional):
+@pytest.mark.parametrize("norm,positional,activation", [
+    ("pre", "sinusoidal", "relu"), ("post", "sinusoidal", "gelu"),
+    ("pre", "learned", "gelu"), ("post", "learned", "relu"),
+])
+def test_cached_step_by_step_decoding_equals_parallel_forward(tiny_config, norm, positional, activation):
     torch.manual_seed(0)
-    model = build_model(dataclasses.replace(tiny_config, norm=norm, positional=positional)).eval()
+    config = dataclasses.replace(tiny_config, norm=norm, positional=positional, activation=activation)
+    model = build_model(config).eval()
     src = ids([5, 6, 7, 8, 2], [9, 10, 2], [11, 2])
     tgt = torch.randint(4, 60, (3, 6))
     tgt[:, 0] = BOS
