@@ -6,7 +6,8 @@ under a token budget, in a seeded order whose position can be saved and restored
 
 Memory: a `BatchStream` holds one pool of `pool_size` examples (their text and subword
 ids) and that pool's batches at a time, whatever the size of the corpus. With the default
-pool of 100,000 sentence pairs of ~30 tokens that is on the order of 100 MB.
+pool of 100,000 sentence pairs the process peaked at 1.2 GiB on a 1 GiB corpus
+(benchmarks/data_memory.py; numbers in benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
