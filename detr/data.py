@@ -384,7 +384,6 @@ class BatchStream:
         self.seed = seed
         self.shuffle = shuffle
         self.epoch, self.pool, self.consumed = 0, 0, 0
-        self.epoch_examples = 0  # examples kept in the last finished epoch (0 until one finishes)
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "pool": self.pool, "consumed": self.consumed}
@@ -434,7 +433,6 @@ class BatchStream:
         log.info("%s: epoch %d done: %d examples read, %d over-long filtered, %d truncated",
                  self.name, self.epoch + 1, count, filtered, truncated)
         self.epoch, self.pool, self.consumed = self.epoch + 1, 0, 0
-        self.epoch_examples = count
 
 
 def training_stream(config: DataConfig, tokenizer: Tokenizer, max_tokens: int, seed: int) -> BatchStream:
