@@ -485,14 +485,20 @@ def prepare(config: DataConfig, max_tokens: int, out: str | Path, seed: int = 1)
         if getattr(config, split) is not None:
             check_split(config, split)
     tokenizer = build_tokenizer(config)
-    stream = training_stream(config, tokenizer, max_tokens, seed)
-    batches = list(stream)
+    examples = batches = 0
+
+    def counted(stream: Iterable[Batch]) -> Iterator[Batch]:
+        nonlocal examples, batches
+        for b in stream:  # one batch at a time: memory stays at one pool
+            examples, batches = examples + len(b.index), batches + 1
+            yield b
+
+    efficiency = padding_efficiency(counted(training_stream(config, tokenizer, max_tokens, seed)))
     try:
         tokenizer.save(out)
     except OSError as err:
         raise DataError(f"{out}: cannot write the tokenizer: {err.strerror}") from None
-    return DataReport(sum(len(b.index) for b in batches), len(batches), tokenizer.src.vocab_size,
-                      tokenizer.tgt.vocab_size, padding_efficiency(batches), str(out))
+    return DataReport(examples, batches, tokenizer.src.vocab_size, tokenizer.tgt.vocab_size, efficiency, str(out))
 
 
 def _chunks(it: Iterator[Example], size: int) -> Iterator[list[Example]]:
