@@ -6,11 +6,16 @@ Errors a user can cause (`DetrError`) print as one line on stderr with a non-zer
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
+import shlex
 import sys
+from collections.abc import Iterator
+from typing import TextIO
 
 import detr
-from detr.errors import DetrError
+from detr.errors import ConfigError, DetrError
 
 
 def cmd_model(args: argparse.Namespace) -> int:
@@ -41,12 +46,200 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def dotted_options(rest: list[str]) -> list[str]:
+    """`--train.max_steps 200`, `--run_dir=runs/x` → `["train.max_steps=200", "run_dir=runs/x"]`."""
+    out, i = [], 0
+    while i < len(rest):
+        arg = rest[i]
+        if not arg.startswith("--") or len(arg) < 3:
+            raise ConfigError(f"unexpected argument {arg!r}; config keys are given as --section.key value")
+        key, sep, value = arg[2:].partition("=")
+        if not sep:
+            if i + 1 >= len(rest) or rest[i + 1].startswith("--"):
+                raise ConfigError(f"--{key} needs a value")
+            value, i = rest[i + 1], i + 1
+        out.append(f"{key}={value}")
+        i += 1
+    return out
+
+
+def cmd_data_toy(args: argparse.Namespace) -> int:
+    from detr.toy import make_toy_corpus
+
+    for path in make_toy_corpus(args.to, args.train, args.valid, args.test, args.seed):
+        print(path)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from detr.config import load_config
+    from detr.train import Interrupted, train
+
+    config = load_config(args.config, (args.set or []) + dotted_options(args.rest))
+    try:
+        with logging_redirect_tqdm():
+            result = train(config, resume=args.resume, progress=not args.no_progress)
+    except Interrupted as err:
+        again = args.command_line + ([] if args.resume else ["--resume"])
+        print(f"detr: {err}\nresume with: detr {shlex.join(again)}", file=sys.stderr)
+        return err.exit_code
+    best = (f"best valid {result.best['metric']} {result.best['value']:.4g} at step {result.best['step']}; "
+            if result.best else "")
+    print(f"finished: {result.steps} steps, {result.epochs} epochs ({result.stopped}) in {result.seconds:.0f}s; "
+          f"{best}model: {result.model_path}")
+    return 0
+
+
+def cmd_average(args: argparse.Namespace) -> int:
+    from detr.checkpoint import average_checkpoints
+
+    out, steps = average_checkpoints(args.run, args.last, args.out)
+    print(f"averaged steps {', '.join(map(str, steps))} into {out}")
+    return 0
+
+
+def _input_lines(path: str | None, invalid: str) -> Iterator[str]:
+    from detr.data import decode_lines, read_lines
+
+    source = read_lines(path, invalid) if path and path != "-" else decode_lines(sys.stdin.buffer, "<stdin>", invalid)
+    for _, text in source:
+        yield text
+
+
+@contextlib.contextmanager
+def _output(path: str | None) -> Iterator[TextIO]:
+    if not path or path == "-":
+        yield sys.stdout
+        return
+    try:
+        f = open(path, "w", encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot write: {err.strerror}") from None
+    with f:
+        yield f
+
+
+def _translator(args: argparse.Namespace):
+    import detr.translator
+
+    translator = detr.translator.load(args.run, device=args.device, weights=args.weights)
+    translator.on_overlong = "error" if args.strict_length else "truncate"
+    if args.input in (None, "-") and sys.stdin.isatty():
+        translator.read_ahead = 1  # interactive: answer each line as it is typed
+    return translator
+
+
+def _decode_options(args: argparse.Namespace) -> dict:
+    names = {"beam": "beam_size", "nbest": "nbest", "batch_size": "batch_size", "max_tokens": "max_tokens",
+             "temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "length_penalty": "length_penalty"}
+    return {key: getattr(args, arg) for arg, key in names.items() if getattr(args, arg, None) is not None}
+
+
+def cmd_translate(args: argparse.Namespace) -> int:
+    translator = _translator(args)
+    options = _decode_options(args)
+    config = translator.options(**options)
+    with _output(args.output) as out:
+        for nbest in translator.iter_nbest(_input_lines(args.input, args.invalid), config):
+            if config.nbest == 1:
+                out.write(nbest[0][0] + "\n")
+            else:
+                out.write("".join(f"{text}\t{score:.4f}\n" for text, score in nbest))
+            out.flush()  # an interrupted run keeps every line already translated
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    translator = _translator(args)
+    config = translator.options(**_decode_options(args))
+    generator = torch.Generator(device=translator.device).manual_seed(args.seed)
+    with _output(args.output) as out:
+        for samples in translator.iter_samples(_input_lines(args.input, args.invalid), config, args.num_samples,
+                                               generator):
+            out.write("".join(text + "\n" for text, _ in samples))
+            out.flush()
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from detr.evaluate import evaluate
+
+    translator = _translator(args)
+    report = evaluate(translator, args.src, args.ref, args.metrics.split(","), hypotheses_out=args.output,
+                      **_decode_options(args))
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        for line in report.lines():
+            print(line)
+    return 0
+
+
+def _add_decoding(p: argparse.ArgumentParser, sampling: bool = False) -> None:
+    p.add_argument("run", help="run directory written by detr train")
+    p.add_argument("-i", "--input", help="input file, one sentence per line (default: standard input)")
+    p.add_argument("-o", "--output", help="output file (default: standard output)")
+    p.add_argument("--batch-size", type=int, dest="batch_size", help="sentences per batch")
+    p.add_argument("--max-tokens", type=int, dest="max_tokens", help="source tokens per batch")
+    p.add_argument("--weights", help="a .safetensors file to use instead of RUN/model.safetensors")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default: cpu)")
+    p.add_argument("--strict-length", action="store_true",
+                   help="an input line longer than the model's maximum is an error (default: truncate, warn)")
+    p.add_argument("--invalid", choices=["error", "replace"], default="error",
+                   help="invalid UTF-8 in the input: stop with an error naming the line, or replace it")
+    if sampling:
+        p.add_argument("--temperature", type=float)
+        p.add_argument("--top-k", type=int, dest="top_k")
+        p.add_argument("--top-p", type=float, dest="top_p")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--num-samples", type=int, default=1, dest="num_samples")
+    else:
+        p.add_argument("--beam", type=int, help="beam size (1: greedy)")
+        p.add_argument("--nbest", type=int, help="outputs per input, as TEXT<tab>SCORE lines")
+        p.add_argument("--length-penalty", type=float, dest="length_penalty", help="GNMT alpha")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="detr", description="detr: train, decode and inspect encoder-decoder Transformers.")
     parser.add_argument("--version", action="version", version=f"detr {detr.__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    train = sub.add_parser("train", help="train a model; any config key can be given as --section.key value",
+                           usage="detr train CONFIG [--resume] [--section.key VALUE ...]")
+    train.add_argument("config", help="YAML config (task, run_dir, data, model, train, decode)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in run_dir exactly where its last checkpoint left it")
+    train.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config key")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    train.set_defaults(func=cmd_train)
+
+    average = sub.add_parser("average", help="average the weights of a run's last K checkpoints")
+    average.add_argument("run", help="run directory")
+    average.add_argument("--last", type=int, default=5, help="how many checkpoints (default 5)")
+    average.add_argument("--out", help="file to write (default RUN/average_lastK.safetensors)")
+    average.set_defaults(func=cmd_average)
+
+    translate = sub.add_parser("translate", help="translate lines with a trained run (greedy or beam search)")
+    _add_decoding(translate)
+    translate.set_defaults(func=cmd_translate)
+
+    generate = sub.add_parser("generate", help="sample outputs (temperature, top-k, top-p) from a trained run")
+    _add_decoding(generate, sampling=True)
+    generate.set_defaults(func=cmd_generate)
+
+    evaluate = sub.add_parser("evaluate", help="decode a test set and score it (BLEU, chrF, ROUGE)")
+    _add_decoding(evaluate)
+    evaluate.add_argument("--src", required=True, help="source file")
+    evaluate.add_argument("--ref", required=True, action="append", help="reference file (repeat for more)")
+    evaluate.add_argument("--metrics", default="bleu,chrf", help="comma-separated: bleu, chrf, rouge")
+    evaluate.add_argument("--json", action="store_true", help="print the scores as JSON")
+    evaluate.set_defaults(func=cmd_evaluate)
 
     model = sub.add_parser("model", help="build a model from a config or preset; print its size and a forward pass")
     model.add_argument("config", help="a YAML config file, or a preset name (tiny, small, base, big)")
@@ -62,6 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--url", help="base URL of a mirror (https://, file://)")
     fetch.add_argument("--langs", default="en,de,fr,cs", help="comma-separated languages (default: all)")
     fetch.set_defaults(func=cmd_data_fetch)
+    toy = data_sub.add_parser("toy", help="write the toy English-German corpus configs/tiny.yaml trains on")
+    toy.add_argument("--to", required=True, help="destination folder")
+    toy.add_argument("--train", type=int, default=20000, help="training pairs (default 20000)")
+    toy.add_argument("--valid", type=int, default=300)
+    toy.add_argument("--test", type=int, default=300)
+    toy.add_argument("--seed", type=int, default=1)
+    toy.set_defaults(func=cmd_data_toy)
     prep = data_sub.add_parser("prepare", help="check a config's data, learn its tokenizer, report batch statistics")
     prep.add_argument("config", help="YAML config with a data section")
     prep.add_argument("--out", required=True, help="where to write tokenizer.json")
@@ -72,7 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if rest and getattr(args, "func", None) is not cmd_train:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
+    args.command_line = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     if not getattr(args, "func", None):
         parser.print_help()

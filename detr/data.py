@@ -50,11 +50,11 @@ class Example:
     where: str
 
 
-def read_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+def read_lines(path: str | Path, invalid: str = "error") -> Iterator[tuple[int, str]]:
     """Yield (line number from 1, text without the newline) of a UTF-8 file.
 
     Raises:
-        DataError: missing file, or invalid UTF-8 (with line and byte offset).
+        DataError: missing file, or invalid UTF-8 (with line and byte offset) unless `invalid="replace"`.
     """
     path = Path(path)
     try:
@@ -64,17 +64,30 @@ def read_lines(path: str | Path) -> Iterator[tuple[int, str]]:
     except OSError as err:
         raise DataError(f"{path}: cannot read: {err.strerror}") from None
     with f:
-        offset = 0
-        for number, raw in enumerate(f, start=1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
+        yield from decode_lines(f, str(path), invalid)
+
+
+def decode_lines(stream: Iterable[bytes], name: str, invalid: str = "error") -> Iterator[tuple[int, str]]:
+    """(line number, text) of a binary stream read as UTF-8, one line at a time.
+
+    Args:
+        name: the file name for messages ("<stdin>" for standard input).
+        invalid: "error" raises `DataError` naming the line; "replace" substitutes U+FFFD and warns.
+    """
+    offset = 0
+    for number, raw in enumerate(stream, start=1):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            if invalid != "replace":
                 raise DataError(
-                    f"{path}:{number}: invalid UTF-8 at byte {offset + err.start} of the file "
+                    f"{name}:{number}: invalid UTF-8 at byte {offset + err.start} of the file "
                     f"(byte {err.start} of the line)"
                 ) from None
-            offset += len(raw)
-            yield number, text.rstrip("\r\n")
+            log.warning("%s:%d: invalid UTF-8 replaced by U+FFFD", name, number)
+            text = raw.decode("utf-8", errors="replace")
+        offset += len(raw)
+        yield number, text.rstrip("\r\n")
 
 
 def count_lines(path: str | Path) -> int:
@@ -430,8 +443,9 @@ class BatchStream:
             )
         if not count:
             raise DataError(f"{self.name}: no examples (the files are empty or every line is)")
-        log.info("%s: epoch %d done: %d examples read, %d over-long filtered, %d truncated",
-                 self.name, self.epoch + 1, count, filtered, truncated)
+        log.log(logging.INFO if self.shuffle else logging.DEBUG,
+                "%s: epoch %d done: %d examples read, %d over-long filtered, %d truncated", self.name,
+                self.epoch + 1, count, filtered, truncated)
         self.epoch, self.pool, self.consumed = self.epoch + 1, 0, 0
 
 

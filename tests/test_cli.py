@@ -18,8 +18,8 @@ def test_help_and_version():
 def test_model_command_prints_size_and_a_forward_pass():
     out = run("model", "configs/tiny.yaml")
     assert out.returncode == 0, out.stderr
-    assert "parameters: 74,880" in out.stdout
-    assert "logits (2, 5, 1000)" in out.stdout
+    assert "parameters: 55,680" in out.stdout
+    assert "logits (2, 5, 400)" in out.stdout
 
 
 def test_impossible_model_is_one_line_error_without_traceback():

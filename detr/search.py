@@ -1,0 +1,191 @@
+"""Autoregressive search over `Seq2Seq.encode` / `Seq2Seq.decode` with the key/value cache.
+
+Each function takes a batch of source ids and returns, per sentence, output ids (without
+<s> and </s>) with a score. The source is encoded once; each step feeds only the newest
+token; sentences that have finished leave the batch, so the cost follows the sentences
+still running. What a sentence gets does not depend on which other sentences share its
+batch: every choice is made per row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from detr.model import Seq2Seq, padding_mask
+from detr.tokenizer import BOS, EOS, PAD
+
+
+@dataclass
+class Hypothesis:
+    tokens: list[int]  # output ids, </s> excluded
+    score: float  # greedy/sampling: sum of log-probabilities; beam: that sum ÷ GNMT length penalty
+
+
+@dataclass
+class Limits:
+    """Constraints every search applies to the next-token log-probabilities."""
+
+    max_len_a: float = 1.5  # at most a · source length + b output tokens, then </s> is forced
+    max_len_b: int = 10
+    min_len: int = 0  # </s> is not allowed before this many tokens
+    no_repeat_ngram: int = 0  # no n-gram of this size occurs twice in an output; 0: off
+
+    def max_lengths(self, src: Tensor, cap: int) -> Tensor:
+        """(B,) output budgets for source ids `src` (B, S); its </s> is not counted."""
+        src_len = (src != PAD).sum(1) - 1
+        return (self.max_len_a * src_len.double() + self.max_len_b).floor().long().clamp(min=1, max=cap)
+
+    def apply(self, logp: Tensor, history: Tensor, at_limit: Tensor) -> None:
+        """Edit `logp` (N, V) in place for rows whose outputs so far are `history` (N, t)."""
+        t = history.size(1)
+        if t < self.min_len:
+            logp[:, EOS] = -torch.inf
+        n = self.no_repeat_ngram
+        if n and t >= n - 1:
+            for row, seq in enumerate(history.tolist()):
+                prefix = tuple(seq[t - n + 1:])
+                banned = [seq[i + n - 1] for i in range(t - n + 1) if tuple(seq[i:i + n - 1]) == prefix]
+                if banned:
+                    logp[row, banned] = -torch.inf
+        if bool(at_limit.any()):
+            eos_only = torch.full_like(logp[0], -torch.inf)
+            eos_only[EOS] = 0.0
+            logp[at_limit] = eos_only
+
+
+def _start(model: Seq2Seq, src: Tensor, limits: Limits) -> tuple[Tensor, Tensor, Tensor]:
+    src_mask = padding_mask(src)  # (B, 1, 1, S)
+    memory = model.encode(src, src_mask)  # (B, S, D)
+    return memory, src_mask, limits.max_lengths(src, model.config.max_positions - 1)
+
+
+def _next_logp(model: Seq2Seq, last: Tensor, memory: Tensor, src_mask: Tensor, cache) -> Tensor:
+    logits = model.decode(last, memory, src_mask, cache)[:, -1]  # (N, V)
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+@torch.no_grad()
+def _one_per_sentence(model: Seq2Seq, src: Tensor, limits: Limits,
+                      pick: Callable[[Tensor], Tensor]) -> list[Hypothesis]:
+    """Greedy and sampling: one running output per sentence; `pick` maps log-probs (N, V) to ids (N,)."""
+    B = src.size(0)
+    memory, src_mask, budget = _start(model, src, limits)
+    cache = model.new_cache()
+    alive = torch.arange(B, device=src.device)  # original row of each running sentence
+    history = torch.empty((B, 0), dtype=torch.long, device=src.device)  # (b, t)
+    last = torch.full((B, 1), BOS, dtype=torch.long, device=src.device)
+    out: list[list[int]] = [[] for _ in range(B)]
+    scores = [0.0] * B
+    for t in range(int(budget.max()) + 1):
+        logp = _next_logp(model, last, memory, src_mask, cache)  # (b, V)
+        limits.apply(logp, history, budget[alive] <= t)
+        token = pick(logp)  # (b,)
+        chosen = logp.gather(1, token.unsqueeze(1)).squeeze(1)
+        finished = token == EOS
+        for row, tok, s, done in zip(alive.tolist(), token.tolist(), chosen.tolist(), finished.tolist()):
+            scores[row] += s
+            if not done:
+                out[row].append(tok)
+        if bool(finished.all()):
+            break
+        history = torch.cat([history, token.unsqueeze(1)], dim=1)
+        if bool(finished.any()):
+            keep = (~finished).nonzero().squeeze(1)  # (b',)
+            alive, token, history = alive[keep], token[keep], history[keep]
+            memory, src_mask = memory.index_select(0, keep), src_mask.index_select(0, keep)
+            cache.select(keep)
+        last = token.unsqueeze(1)  # (b, 1)
+    return [Hypothesis(o, s) for o, s in zip(out, scores)]
+
+
+def greedy(model: Seq2Seq, src: Tensor, limits: Limits | None = None) -> list[Hypothesis]:
+    """The most probable token at each step. `src`: (B, S) ids ending in </s>, right-padded."""
+    return _one_per_sentence(model, src, limits or Limits(), lambda logp: logp.argmax(-1))
+
+
+def sample(model: Seq2Seq, src: Tensor, limits: Limits | None = None, temperature: float = 1.0, top_k: int = 0,
+           top_p: float = 1.0, generator: torch.Generator | None = None) -> list[Hypothesis]:
+    """Draw each token from the model's distribution, sharpened or flattened by `temperature`
+    and cut to the `top_k` most probable tokens and/or the smallest set holding `top_p` of the mass."""
+
+    def pick(logp: Tensor) -> Tensor:
+        scaled = logp / temperature  # (N, V)
+        if top_k > 0:
+            kth = scaled.topk(min(top_k, scaled.size(1)), dim=-1).values[:, -1:]
+            scaled = scaled.masked_fill(scaled < kth, -torch.inf)
+        if top_p < 1.0:
+            sorted_logp, order = scaled.sort(dim=-1, descending=True)
+            mass_before = sorted_logp.softmax(-1).cumsum(-1) - sorted_logp.softmax(-1)
+            drop = mass_before >= top_p  # keeps the most probable token always
+            scaled = scaled.scatter(1, order, sorted_logp.masked_fill(drop, -torch.inf))
+        probs = scaled.softmax(-1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+    return _one_per_sentence(model, src, limits or Limits(), pick)
+
+
+def length_penalty(length: int, alpha: float) -> float:
+    """GNMT (Wu et al., 2016): ((5 + |Y|) / 6) ** α; α = 0 ranks by raw log-probability."""
+    return ((5.0 + length) / 6.0) ** alpha
+
+
+@torch.no_grad()
+def beam_search(model: Seq2Seq, src: Tensor, beam_size: int = 5, nbest: int = 1, alpha: float = 1.0,
+                limits: Limits | None = None) -> list[list[Hypothesis]]:
+    """Keep the `beam_size` best partial outputs per sentence; return each sentence's `nbest`
+    finished ones, best first, scored by log-probability ÷ length_penalty(length + 1, alpha).
+
+    A sentence stops once `beam_size` outputs have finished (or its length budget is spent);
+    its rows then leave the batch.
+    """
+    limits = limits or Limits()
+    K, B = beam_size, src.size(0)
+    memory, src_mask, budget = _start(model, src, limits)
+    rows = torch.arange(B, device=src.device).repeat_interleave(K)
+    memory, src_mask = memory.index_select(0, rows), src_mask.index_select(0, rows)  # (B·K, ...)
+    cache = model.new_cache()
+    alive = torch.arange(B, device=src.device)  # original sentence of each running group of K rows
+    scores = torch.full((B, K), -torch.inf, device=src.device)
+    scores[:, 0] = 0.0  # one live beam at the start: the others would duplicate it
+    history = torch.empty((B * K, 0), dtype=torch.long, device=src.device)  # (b·K, t)
+    last = torch.full((B * K, 1), BOS, dtype=torch.long, device=src.device)
+    finished: list[list[Hypothesis]] = [[] for _ in range(B)]
+    for t in range(int(budget.max()) + 1):
+        b = alive.numel()
+        logp = _next_logp(model, last, memory, src_mask, cache)  # (b·K, V)
+        at_limit = budget[alive] <= t  # (b,)
+        limits.apply(logp, history, at_limit.repeat_interleave(K))
+        V = logp.size(1)
+        candidates = (scores.view(-1, 1) + logp).view(b, K * V)
+        top_scores, top_index = candidates.topk(2 * K, dim=1)  # (b, 2K): at most K of them end in </s>
+        top_beam, top_token = top_index // V, top_index % V
+        is_eos = top_token == EOS
+        # Outputs ending here, if ranked among the K best candidates.
+        for i, r in (is_eos[:, :K] & top_scores[:, :K].isfinite()).nonzero().tolist():
+            sentence, row = int(alive[i]), i * K + int(top_beam[i, r])
+            tokens = history[row].tolist()
+            finished[sentence].append(
+                Hypothesis(tokens, float(top_scores[i, r]) / length_penalty(len(tokens) + 1, alpha)))
+        # The K best candidates that go on.
+        go_on = torch.sort(is_eos.to(torch.int8), dim=1, stable=True).indices[:, :K]  # (b, K)
+        scores = top_scores.gather(1, go_on)
+        parent = (torch.arange(b, device=src.device).unsqueeze(1) * K + top_beam.gather(1, go_on)).view(-1)
+        token = top_token.gather(1, go_on).view(-1)  # (b·K,)
+        done = torch.tensor([len(finished[int(s)]) >= K for s in alive], device=src.device) | at_limit
+        if bool(done.all()):
+            break
+        history = torch.cat([history.index_select(0, parent), token.unsqueeze(1)], dim=1)
+        keep_sentences = (~done).nonzero().squeeze(1)  # (b',)
+        keep_rows = (keep_sentences.unsqueeze(1) * K + torch.arange(K, device=src.device)).view(-1)
+        rows = parent.index_select(0, keep_rows)  # cache rows to carry, in the new beam order
+        cache.select(rows)
+        if keep_sentences.numel() < b:
+            memory, src_mask = memory.index_select(0, keep_rows), src_mask.index_select(0, keep_rows)
+        alive, scores = alive[keep_sentences], scores[keep_sentences]
+        history, token = history.index_select(0, keep_rows), token.index_select(0, keep_rows)
+        last = token.unsqueeze(1)
+    return [sorted(f, key=lambda h: -h.score)[:nbest] for f in finished]

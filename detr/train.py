@@ -1,0 +1,563 @@
+"""The learning loop: teacher-forced cross-entropy, backpropagation, Adam, checkpoints.
+
+    trainer = Trainer(config)          # checks data and run directory, learns the tokenizer
+    result = trainer.run()             # steps until max_steps / max_epochs / early stopping
+
+One optimiser step consumes `train.accumulate` batches of at most `train.max_tokens`
+padded tokens; the loss is the label-smoothed cross-entropy summed over their target
+tokens (padding ignored) divided by that token count, so accumulation is exact.
+
+Resume is exact: `trainer_state.pt` holds the optimizer, every RNG state, the data
+stream's position and all counters, saved together with the weights at each checkpoint.
+Replaying from it takes the same batches in the same order through the same random
+numbers, so on a CPU with fixed threads an interrupted-and-resumed run ends bitwise equal
+to an uninterrupted one (tests/test_train.py checks this with SIGKILL).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import random
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from detr.atomic import atomic_write_text
+from detr.checkpoint import (
+    CONFIG,
+    METRICS,
+    MODEL,
+    TOKENIZER,
+    TRAINER_STATE,
+    checkpoint_path,
+    list_checkpoints,
+    load_trainer_state,
+    load_weights,
+    save_trainer_state,
+    save_weights,
+)
+from detr.config import Config, TrainConfig, load_config
+from detr.data import (
+    Batch,
+    BatchStream,
+    Encoded,
+    Example,
+    build_tokenizer,
+    check_split,
+    read_examples,
+    training_stream,
+)
+from detr.errors import CheckpointError, ConfigError, DataError, TrainingError
+from detr.metrics import bleu
+from detr.model import build_model
+from detr.tokenizer import PAD, Tokenizer
+from detr.translator import Translator
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = 1
+LOWER_IS_BETTER = {"loss": True, "ppl": True, "bleu": False}
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or already finished) run reports."""
+
+    run_dir: Path
+    steps: int
+    epochs: int  # epochs completed
+    seconds: float  # training time over all sessions of this run
+    stopped: str  # "max_steps", "max_epochs", "early_stopping"
+    best: dict[str, Any] | None  # {"metric", "value", "step"} of the best validation
+    model_path: Path
+    nonfinite_skipped: int
+
+
+class Interrupted(TrainingError):
+    """SIGINT/SIGTERM arrived; a checkpoint was saved and the run can be resumed."""
+
+    def __init__(self, signum: int, step: int, run_dir: Path) -> None:
+        self.signum, self.step, self.run_dir = signum, step, run_dir
+        self.exit_code = 128 + signum
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint saved in {run_dir}")
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """Learning rate for optimiser step `step` (1-based).
+
+    inverse_sqrt (the paper's): linear warm-up to `lr`, then `lr · sqrt(warmup / step)`;
+    cosine: warm-up, then half a cosine down to `min_lr` at `max_steps`; constant: warm-up, then `lr`.
+    """
+    warm = config.warmup_steps
+    if warm and step < warm:
+        return config.lr * step / warm
+    if config.schedule == "inverse_sqrt":
+        rate = config.lr * math.sqrt(max(warm, 1) / max(step, 1))
+    elif config.schedule == "cosine":
+        span = max(config.max_steps - warm, 1)
+        progress = min(max(step - warm, 0) / span, 1.0)
+        rate = config.min_lr + (config.lr - config.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+    else:
+        rate = config.lr
+    return max(rate, config.min_lr)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device: unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name} but no CUDA device is available")
+    return device
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random number generator training touches, in a form `weights_only` loading accepts."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Owns the model, optimizer, data stream and run directory of one training run.
+
+    Construction does every check that can fail on user input — config, data files, run
+    directory, tokenizer — so that a mistake costs seconds, not a training run.
+    """
+
+    def __init__(self, config: Config, resume: bool = False, progress: bool = False) -> None:
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model))  # vocab sizes get set below
+        config.validate()
+        self.config, self.progress = config, progress
+        self.tc = config.train
+        self.run_dir = Path(config.run_dir)
+        self.device = resolve_device(self.tc.device)
+        if self.tc.precision != "fp32" and self.device.type != "cuda":
+            raise ConfigError(f"train.precision={self.tc.precision} needs a CUDA device; use fp32 on {self.device}")
+        if self.tc.schedule == "cosine" and not self.tc.max_steps:
+            raise ConfigError("train.schedule=cosine needs train.max_steps (it decays to min_lr there)")
+        if self.tc.threads:
+            torch.set_num_threads(self.tc.threads)
+        for split in ("train", "valid"):
+            if split == "train" or getattr(config.data, split) is not None:
+                if split == "train" and config.data.train is None:
+                    raise ConfigError("data.train is not set: nothing to train on")
+                check_split(config.data, split)
+        state = self._prepare_run_dir(resume)
+        self.tokenizer = self._tokenizer(state)
+        self._set_vocabulary(state)
+
+        seed_everything(self.tc.seed)
+        self.model = build_model(config.model).to(self.device)
+        self.optimizer = self._optimizer()
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.tc.precision == "fp16")
+        self.stream = training_stream(config.data, self.tokenizer, self.tc.max_tokens, self.tc.seed)
+        self.valid = self._validation_examples()
+
+        self.step = 0
+        self.seconds = 0.0
+        self.best: dict[str, Any] | None = None
+        self.bad_evals = 0
+        self.nonfinite_in_row = self.nonfinite_total = 0
+        self.stopped: str | None = None
+        self.saved_step = self.evaluated_step = -1
+        self.signal_received: int | None = None
+        self._batches = None  # the running epoch's iterator
+        self._grad_stats: dict[str, float] | None = None
+        if state is not None:
+            self._load_state(state)
+        self.resumed_from = self.step if state is not None else None
+
+    # ------------------------------------------------------------------ set-up
+
+    def _prepare_run_dir(self, resume: bool) -> dict[str, Any] | None:
+        """Create/check the run directory; return the saved trainer state when resuming."""
+        run_dir = self.run_dir
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            probe = run_dir / ".detr-write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as err:
+            raise ConfigError(f"run_dir: cannot write to {run_dir}: {err.strerror or err}") from None
+        has_run = (run_dir / TRAINER_STATE).is_file() or (run_dir / MODEL).is_file() or list_checkpoints(run_dir)
+        if not resume:
+            if has_run:
+                raise ConfigError(f"run_dir: {run_dir} already holds a run; continue it with --resume "
+                                  f"or choose another directory (--run_dir)")
+            return None
+        if not (run_dir / TRAINER_STATE).is_file():
+            if has_run:
+                raise CheckpointError(f"{run_dir / TRAINER_STATE}: missing, so {run_dir} cannot be resumed")
+            log.info("%s holds no checkpoint yet: starting a new run", run_dir)
+            return None
+        state = load_trainer_state(run_dir / TRAINER_STATE)
+        if state.get("format") != STATE_FORMAT:
+            raise CheckpointError(f"{run_dir / TRAINER_STATE}: unknown trainer state format {state.get('format')}")
+        return state
+
+    def _tokenizer(self, state: dict[str, Any] | None) -> Tokenizer:
+        path = self.run_dir / TOKENIZER
+        if state is not None:
+            return Tokenizer.load(path)
+        if self.config.data.tokenizer is None:
+            log.info("learning a %s vocabulary of %d from %s", self.config.data.subword, self.config.data.vocab_size,
+                     self.config.data.train)
+        tokenizer = build_tokenizer(self.config.data)
+        tokenizer.save(path)
+        return tokenizer
+
+    def _set_vocabulary(self, state: dict[str, Any] | None) -> None:
+        """The model's vocabulary sizes come from the tokenizer; resuming needs the saved model and data."""
+        m = self.config.model
+        m.src_vocab_size, m.tgt_vocab_size = self.tokenizer.src.vocab_size, self.tokenizer.tgt.vocab_size
+        if m.share_embeddings and not self.tokenizer.joint:
+            raise ConfigError("model.share_embeddings needs a joint vocabulary: set data.joint_vocab: true")
+        if state is not None:
+            saved = load_config(self.run_dir / CONFIG)
+            for section in ("model", "data"):
+                old = dataclasses.asdict(getattr(saved, section))
+                new = dataclasses.asdict(getattr(self.config, section))
+                for key in old:
+                    if old[key] != new[key]:
+                        raise ConfigError(f"{section}.{key}: {new[key]!r} differs from {old[key]!r} in the run being "
+                                          f"resumed ({self.run_dir / CONFIG}); the model and data cannot change")
+        self.config.save(self.run_dir / CONFIG)
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        # Weight decay on matrices only: biases, LayerNorm gains and embeddings' scale stay free.
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        rest = [p for p in self.model.parameters() if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": self.tc.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+        cls = torch.optim.AdamW if self.tc.optimizer == "adamw" else torch.optim.Adam
+        return cls(groups, lr=self.tc.lr, betas=tuple(self.tc.betas), eps=self.tc.eps)
+
+    def _validation_examples(self) -> list[Example]:
+        if self.config.data.valid is None:
+            return []
+        examples = list(read_examples(self.config.data, "valid"))
+        if not examples:
+            raise DataError(f"{self.config.data.valid}: the validation set is empty")
+        return examples
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self, checkpoint: Path) -> dict[str, Any]:
+        return {
+            "format": STATE_FORMAT,
+            "step": self.step,
+            "checkpoint": str(checkpoint.relative_to(self.run_dir)),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "data": self.stream.state_dict(),
+            "rng": rng_state(),
+            "best": self.best,
+            "bad_evals": self.bad_evals,
+            "nonfinite": [self.nonfinite_in_row, self.nonfinite_total],
+            "stopped": self.stopped,
+            "seconds": self.seconds,
+        }
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        load_weights(self.model, self.run_dir / state["checkpoint"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.stream.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+        self.step, self.best, self.bad_evals = state["step"], state["best"], state["bad_evals"]
+        self.nonfinite_in_row, self.nonfinite_total = state["nonfinite"]
+        self.stopped, self.seconds = state["stopped"], state["seconds"]
+        self.saved_step = self.step
+        self._truncate_metrics()
+        log.info("resumed %s at step %d (epoch %d)", self.run_dir, self.step, self.stream.epoch + 1)
+
+    def _truncate_metrics(self) -> None:
+        """Drop log lines written after the checkpoint: they are about to be written again."""
+        path = self.run_dir / METRICS
+        if not path.is_file():
+            return
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= self.step]
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+    def save(self) -> Path:
+        """Checkpoint: weights first, then the state that points at them, then old weights go."""
+        path = checkpoint_path(self.run_dir, self.step)
+        path.parent.mkdir(exist_ok=True)
+        save_weights(self.model, path)
+        if not self.valid:
+            save_weights(self.model, self.run_dir / MODEL)  # no validation: the last weights are the ones to use
+        save_trainer_state(self.state_dict(path), self.run_dir / TRAINER_STATE)
+        for _, old in list_checkpoints(self.run_dir)[: -self.tc.keep_last]:
+            old.unlink()
+        self.saved_step = self.step
+        return path
+
+    # ------------------------------------------------------------------ learning
+
+    def stop_reason(self) -> str | None:
+        if self.stopped:
+            return self.stopped
+        if self.tc.max_steps and self.step >= self.tc.max_steps:
+            return "max_steps"
+        if self.tc.max_epochs and self.stream.epoch >= self.tc.max_epochs:
+            return "max_epochs"
+        return None
+
+    def next_batches(self) -> list[Batch]:
+        """The next `accumulate` batches, crossing epoch boundaries; fewer at the last epoch's end."""
+        out: list[Batch] = []
+        while len(out) < self.tc.accumulate:
+            if self.tc.max_epochs and self.stream.epoch >= self.tc.max_epochs:
+                break
+            if self._batches is None:
+                self._batches = iter(self.stream)
+            try:
+                out.append(next(self._batches))
+            except StopIteration:
+                self._batches = None
+        return out
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.tc.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.tc.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def token_loss(self, batch: Batch, label_smoothing: float) -> torch.Tensor:
+        """Summed cross-entropy over the batch's target tokens (padding ignored)."""
+        with self.autocast():
+            logits = self.model(batch.src, batch.tgt_in)  # (B, T, V)
+        return F.cross_entropy(logits.float().flatten(0, 1), batch.tgt_out.flatten(), ignore_index=PAD,
+                               label_smoothing=label_smoothing, reduction="sum")
+
+    def train_step(self, batches: list[Batch]) -> dict[str, float] | None:
+        """One optimiser update over `batches`; None when the loss was not finite (step skipped)."""
+        self.model.train()
+        tokens = sum(b.num_tgt_tokens for b in batches)
+        total = torch.zeros((), device=self.device)
+        for batch in batches:
+            loss = self.token_loss(batch.to(self.device), self.tc.label_smoothing)
+            self.scaler.scale(loss / tokens).backward()
+            total += loss.detach()
+        loss_value = float(total) / tokens
+        if not math.isfinite(loss_value):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_in_row += 1
+            self.nonfinite_total += 1
+            log.warning("step %d: loss is %s; step skipped (%d in a row)", self.step + 1, loss_value,
+                        self.nonfinite_in_row)
+            if self.nonfinite_in_row >= self.tc.max_nonfinite:
+                last = f"the last good checkpoint is step {self.saved_step} in {self.run_dir}" \
+                    if self.saved_step >= 0 else "no checkpoint was saved yet"
+                raise TrainingError(f"the loss was not finite for {self.nonfinite_in_row} steps in a row (up to step "
+                                    f"{self.step + 1}); stopping: {last}. Try a lower train.lr or train.clip_norm")
+            return None
+        self.nonfinite_in_row = 0
+        lr = learning_rate(self.tc, self.step + 1)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.scaler.unscale_(self.optimizer)
+        clip = self.tc.clip_norm if self.tc.clip_norm > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        if self.tc.grad_stats_every and (self.step + 1) % self.tc.grad_stats_every == 0:
+            self._grad_stats = gradient_norms(self.model)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
+
+    # ------------------------------------------------------------------ validation
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss and perplexity (teacher forcing, no smoothing) and BLEU of greedy decoding."""
+        self.model.eval()
+        encode = Encoded(self.tokenizer, self.config.data.max_len, "truncate")  # score every sentence
+        stream = BatchStream(lambda: self.valid, encode, self.tc.max_tokens, self.config.data.pool_size,
+                             self.tc.seed, shuffle=False, name=str(self.config.data.valid))
+        nll = tokens = 0.0
+        for batch in stream:
+            nll += float(self.token_loss(batch.to(self.device), 0.0))
+            tokens += batch.num_tgt_tokens
+        loss = nll / tokens
+        scored = self.valid[: self.tc.eval_max_sentences or None]
+        decode = dataclasses.replace(self.config.decode, beam_size=1, nbest=1)
+        hyps = Translator(self.model, self.tokenizer, decode, self.config.data.max_len).translate(
+            [e.src for e in scored])
+        score = bleu(hyps, [[e.tgt for e in scored]]).score
+        self.model.train()
+        return {"loss": loss, "ppl": math.exp(min(loss, 100.0)), "bleu": score}
+
+    def _after_eval(self, metrics: dict[str, float]) -> None:
+        name = self.tc.early_stopping_metric
+        value = metrics[name]
+        better = self.best is None or (
+            value < self.best["value"] if LOWER_IS_BETTER[name] else value > self.best["value"])
+        if better:
+            self.best = {"metric": name, "value": value, "step": self.step}
+            self.bad_evals = 0
+            save_weights(self.model, self.run_dir / MODEL)
+        else:
+            self.bad_evals += 1
+            if self.tc.patience and self.bad_evals >= self.tc.patience:
+                self.stopped = "early_stopping"
+                log.info("early stopping: valid %s has not improved for %d validations (best %.4g at step %d)",
+                         name, self.bad_evals, self.best["value"], self.best["step"])
+        self.evaluated_step = self.step
+
+    # ------------------------------------------------------------------ the loop
+
+    def result(self) -> TrainResult:
+        return TrainResult(self.run_dir, self.step, self.stream.epoch, self.seconds, self.stop_reason() or "",
+                           self.best, self.run_dir / MODEL, self.nonfinite_total)
+
+    def run(self) -> TrainResult:
+        """Train until a stopping condition; save; return the summary.
+
+        Raises:
+            Interrupted: SIGINT or SIGTERM arrived (a checkpoint was saved first).
+            TrainingError: the loss stayed non-finite for `train.max_nonfinite` steps.
+            DataError: the training data ran dry (e.g. every example filtered).
+        """
+        if self.stop_reason():
+            log.info("%s already finished (%s at step %d)", self.run_dir, self.stop_reason(), self.step)
+            return self.result()
+        from torch.utils.tensorboard import SummaryWriter  # slow import: only when training
+
+        writer = SummaryWriter(str(self.run_dir), purge_step=self.step + 1 if self.resumed_from else None)
+        metrics_file = open(self.run_dir / METRICS, "a", encoding="utf-8")
+        bar = tqdm(total=self.tc.max_steps or None, initial=self.step, disable=not self.progress, unit="step",
+                   dynamic_ncols=True, desc="train")
+        previous_handlers = self._catch_signals()
+        window_tokens, window_start, session_start = 0, time.perf_counter(), time.perf_counter()
+        seconds_before = self.seconds
+
+        def record(split: str, values: dict[str, float]) -> None:
+            metrics_file.write(json.dumps({"step": self.step, "split": split, **values}) + "\n")
+            metrics_file.flush()
+            for key, value in values.items():
+                writer.add_scalar(f"{split}/{key}", value, self.step)
+
+        try:
+            while not self.stop_reason():
+                batches = self.next_batches()
+                if not batches:
+                    continue  # the epoch limit was reached: stop_reason says so
+                out = self.train_step(batches)
+                if out is None:
+                    continue
+                self.step += 1
+                self.seconds = seconds_before + time.perf_counter() - session_start
+                window_tokens += int(out["tokens"])
+                elapsed = time.perf_counter() - window_start
+                speed = window_tokens / max(elapsed, 1e-9)
+                bar.update(1)
+                bar.set_postfix(loss=f"{out['loss']:.3f}", lr=f"{out['lr']:.2e}", tok_s=f"{speed:,.0f}", refresh=False)
+                if self.step % self.tc.log_every == 0:
+                    record("train", {"loss": out["loss"], "lr": out["lr"], "grad_norm": out["grad_norm"],
+                                     "tokens_per_s": speed, "epoch": self.stream.epoch + 1})
+                    log.info("step %d%s | epoch %d | loss %.4f | lr %.3g | grad %.3g | %s tok/s", self.step,
+                             f"/{self.tc.max_steps}" if self.tc.max_steps else "", self.stream.epoch + 1,
+                             out["loss"], out["lr"], out["grad_norm"], f"{speed:,.0f}")
+                    window_tokens, window_start = 0, time.perf_counter()
+                if self._grad_stats:
+                    record("grad_norm", self._grad_stats)
+                    self._grad_stats = None
+                if self.valid and self.step % self.tc.eval_every == 0:
+                    self._validate(record)
+                if self.step % self.tc.save_every == 0:
+                    self.save()
+                if self.signal_received is not None:
+                    self.save()
+                    raise Interrupted(self.signal_received, self.step, self.run_dir)
+            if self.valid and self.evaluated_step != self.step and self.stopped is None:
+                self._validate(record)  # the final weights get their say in choosing the best
+            if self.saved_step != self.step or self.stopped:
+                self.save()
+        finally:
+            self._restore_signals(previous_handlers)
+            bar.close()
+            metrics_file.close()
+            writer.close()
+        result = self.result()
+        log.info("done: %d steps (%s) in %.0fs%s; model: %s", result.steps, result.stopped, result.seconds,
+                 f"; best valid {self.best['metric']} {self.best['value']:.4g} at step {self.best['step']}"
+                 if self.best else "", result.model_path)
+        return result
+
+    def _validate(self, record) -> None:
+        metrics = self.evaluate()
+        record("valid", metrics)
+        log.info("step %d | valid loss %.4f | ppl %.2f | BLEU %.2f", self.step, metrics["loss"], metrics["ppl"],
+                 metrics["bleu"])
+        self._after_eval(metrics)
+
+    def _catch_signals(self) -> dict[int, Any]:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        return {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def _restore_signals(self, previous: dict[int, Any]) -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.signal_received is not None:
+            raise KeyboardInterrupt  # a second signal: stop now, without saving
+        self.signal_received = signum
+        log.warning("%s received: saving a checkpoint after this step (send it again to stop at once)",
+                    signal.Signals(signum).name)
+
+
+def gradient_norms(model: torch.nn.Module) -> dict[str, float]:
+    """L2 norm of the gradient per block: embeddings, each encoder/decoder layer, final norms."""
+    squares: dict[str, float] = {}
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        parts = name.split(".")
+        block = ".".join(parts[:3]) if parts[1] == "layers" else ".".join(parts[:2])
+        squares[block] = squares.get(block, 0.0) + float(p.grad.float().pow(2).sum())
+    return {block: math.sqrt(s) for block, s in squares.items()}
+
+
+def train(config: Config, resume: bool = False, progress: bool = False) -> TrainResult:
+    """Train a model as `config` describes; see `Trainer`. `progress` shows a tqdm bar."""
+    return Trainer(config, resume, progress).run()
