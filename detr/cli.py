@@ -75,12 +75,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from detr.config import load_config
-    from detr.train import Interrupted, train
+    from detr.trainer import Interrupted, train
 
     config = load_config(args.config, (args.set or []) + dotted_options(args.rest))
     try:
         with logging_redirect_tqdm():
-            result = train(config, resume=args.resume, progress=not args.no_progress)
+            result = train(config, resume=args.resume, progress=not args.no_progress and sys.stderr.isatty())
     except Interrupted as err:
         again = args.command_line + ([] if args.resume else ["--resume"])
         print(f"detr: {err}\nresume with: detr {shlex.join(again)}", file=sys.stderr)

@@ -18,7 +18,7 @@ import torch
 from detr.checkpoint import Run, load_run
 from detr.config import DecodeConfig
 from detr.data import pad
-from detr.errors import ConfigError, DataError
+from detr.errors import ConfigError, DataError, DetrError
 from detr.model import Seq2Seq
 from detr.search import Hypothesis, Limits, beam_search, greedy, sample
 from detr.tokenizer import EOS, Tokenizer
@@ -78,6 +78,9 @@ class Translator:
     # ------------------------------------------------------------------ streaming core
 
     def encode_line(self, number: int, line: str) -> list[int]:
+        """Source ids + </s> of input line `number`; a blank line gives just </s> (and an empty output)."""
+        if not line.strip():
+            return [EOS]
         ids = self.tokenizer.src.encode(line)
         if len(ids) > self.max_src_len - 1:
             if self.on_overlong == "error":
@@ -126,8 +129,22 @@ class Translator:
                      search) -> Iterator[list[tuple[str, float]]]:
         numbered = enumerate(lines, start=1)
         size = self.read_ahead or CHUNK_BATCHES * config.batch_size
-        while chunk := list(itertools.islice(numbered, size)):
-            ids = [self.encode_line(n, line.rstrip("\n")) for n, line in chunk]
+        failure: DetrError | None = None
+        while not failure:
+            chunk = []
+            try:
+                chunk.extend(itertools.islice(numbered, size))
+            except DetrError as err:  # unreadable input: finish the lines read before it, then report
+                failure = err
+            ids = []
+            for n, line in chunk:
+                try:
+                    ids.append(self.encode_line(n, line.rstrip("\n")))
+                except DetrError as err:  # an over-long line under on_overlong="error"
+                    failure = err
+                    break
+            if not ids:
+                break
             results: list[list[tuple[str, float]]] = [[("", 0.0)] for _ in ids]  # empty input → empty output
             for batch in self.batches(ids, config, rows_per_sentence):
                 src = pad([ids[i] for i in batch]).to(self.device)
@@ -135,6 +152,8 @@ class Translator:
                     texts = self.tokenizer.tgt.decode_batch([h.tokens for h in hyps])
                     results[i] = [(text, h.score) for text, h in zip(texts, hyps)]
             yield from results
+        if failure:
+            raise failure
 
 
 def load(run_dir: str | Path, device: str = "cpu", weights: str | Path | None = None) -> Translator:

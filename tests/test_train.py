@@ -12,7 +12,7 @@ import torch
 from detr import ConfigError, DataError, TrainingError, load_config
 from detr.checkpoint import MODEL, TRAINER_STATE, average_checkpoints, list_checkpoints, load_trainer_state
 from detr.toy import make_toy_corpus
-from detr.train import Trainer, learning_rate, train
+from detr.trainer import Trainer, learning_rate, train
 from tests.conftest import ROOT
 
 
@@ -254,3 +254,38 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
     assert state["step"] >= 2
     assert f"stopped by SIGTERM at step {state['step']}; checkpoint saved in {run_dir}" in err
     assert "resume with: detr train" in err and "--resume" in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- it learns
+
+
+@pytest.mark.parametrize("task,steps", [("copy", 400), ("reverse", 600)])
+def test_a_small_model_learns_to_copy_and_to_reverse_exactly(tmp_path, task, steps):
+    import random
+
+    import detr.translator
+
+    rng = random.Random(0)
+    letters = "a b c d e f g h".split()
+
+    def write(split, n):
+        seqs = [[rng.choice(letters) for _ in range(rng.randint(1, 5))] for _ in range(n)]
+        (tmp_path / f"{split}.src").write_text("".join(" ".join(s) + "\n" for s in seqs))
+        (tmp_path / f"{split}.tgt").write_text("".join(" ".join(s if task == "copy" else s[::-1]) + "\n"
+                                                       for s in seqs))
+
+    write("train", 3000)
+    write("test", 200)
+    config = load_config(None, {
+        "run_dir": str(tmp_path / "run"), "model_preset": "tiny", "data.train": str(tmp_path / "train"),
+        "data.vocab_size": 300, "model.share_embeddings": True, "model.d_model": 64, "model.d_ff": 128,
+        "train.max_steps": steps, "train.schedule": "cosine", "train.lr": 5e-3, "train.warmup_steps": 50,
+        "train.max_tokens": 512, "train.label_smoothing": 0.0, "train.save_every": 10000, "train.threads": 1})
+    train(config)
+    out = detr.translator.load(tmp_path / "run").translate((tmp_path / "test.src").read_text().splitlines(),
+                                                           beam_size=1)
+    expected = (tmp_path / "test.tgt").read_text().splitlines()
+    correct = sum(o == e for hyp, ref in zip(out, expected) for o, e in zip(hyp.split(), ref.split()))
+    total = sum(len(ref.split()) for ref in expected)
+    assert [len(h.split()) for h in out] == [len(r.split()) for r in expected]
+    assert correct == total, f"token accuracy {correct / total:.3f}"

@@ -1,4 +1,5 @@
-"""The learning loop: teacher-forced cross-entropy, backpropagation, Adam, checkpoints.
+"""The learning loop (module `trainer`, so that it does not shadow the function `detr.train`):
+teacher-forced cross-entropy, backpropagation, Adam, checkpoints.
 
     trainer = Trainer(config)          # checks data and run directory, learns the tokenizer
     result = trainer.run()             # steps until max_steps / max_epochs / early stopping
