@@ -67,3 +67,12 @@ def test_data_fetch_from_a_mirror_and_a_bad_mirror(tmp_path):
     out = run("data", "fetch", "multi30k", "--to", str(tmp_path / "m"), "--url", (tmp_path / "none").as_uri())
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "download failed" in out.stderr and "train.en.gz" in out.stderr
+
+
+def test_data_toy_writes_a_seeded_corpus(tmp_path):
+    out = run("data", "toy", "--to", str(tmp_path), "--train", "50", "--valid", "5", "--test", "5")
+    assert out.returncode == 0, out.stderr
+    en, de = (tmp_path / "train.en").read_text().splitlines(), (tmp_path / "train.de").read_text().splitlines()
+    assert len(en) == len(de) == 50 and len(set(en)) == 50
+    run("data", "toy", "--to", str(tmp_path / "again"), "--train", "50", "--valid", "5", "--test", "5")
+    assert (tmp_path / "again" / "train.de").read_text() == (tmp_path / "train.de").read_text()

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from detr import ConfigError, ModelConfig, load_config
@@ -48,3 +50,27 @@ def test_effective_config_round_trips_through_yaml(tmp_path):
     config.save(tmp_path / "saved.yaml")
     again = load_config(tmp_path / "saved.yaml")
     assert again == config
+
+
+@pytest.mark.parametrize("name", ["tiny", "multi30k_en_de", "base"])
+def test_every_recipe_in_configs_is_valid(name):
+    from tests.conftest import ROOT
+
+    config = load_config(ROOT / "configs" / f"{name}.yaml")
+    assert config.data.train is not None and config.train.max_steps > 0
+    assert config.model.src_vocab_size == config.data.vocab_size  # what `detr model` shows = what training builds
+
+
+def test_the_multi30k_recipe_points_at_the_shared_data():
+    from detr.data import check_split
+    from tests.conftest import ROOT, shared_data
+
+    shared_data("translation/multi30k/train.en")
+    config = load_config(ROOT / "configs" / "multi30k_en_de.yaml")
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # recipes use paths relative to the repository root
+    try:
+        for split in ("train", "valid", "test"):
+            check_split(config.data, split)
+    finally:
+        os.chdir(cwd)

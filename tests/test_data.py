@@ -200,3 +200,18 @@ def test_empty_after_filtering_is_one_error_and_counts_are_logged(tmp_path, capl
     with caplog.at_level("INFO", logger="detr.data"):
         list(stream)
     assert "300 examples read" in caplog.text and "over-long filtered" in caplog.text
+
+
+def test_toy_numbers_and_agreement():
+    import random
+
+    from detr.toy import english_number, german_number, noun_phrase, toy_pair
+
+    assert (english_number(342), german_number(342)) == ("three hundred forty-two", "dreihundertzweiundvierzig")
+    assert german_number(21) == "einundzwanzig" and german_number(101) == "einhunderteins"
+    assert german_number(100) == "einhundert" and german_number(17) == "siebzehn"
+    assert noun_phrase(1, 0, 0) == ("one red dog", "einen roten Hund")  # masculine accusative
+    assert noun_phrase(1, 1, 0) == ("one red cat", "eine rote Katze")
+    assert noun_phrase(3, 2, 3) == ("three small houses", "drei kleine Häuser")
+    en, de = toy_pair(random.Random(0))
+    assert en.endswith(".") and de.endswith(".")
