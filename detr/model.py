@@ -91,13 +91,24 @@ class KVCache:
     def empty(cls, n_layers: int) -> KVCache:
         return cls([LayerCache() for _ in range(n_layers)])
 
-    def select(self, index: Tensor) -> None:
-        """Keep batch rows `index` (B',) in that order, in place."""
+    def select(self, index: Tensor, cross_index: Tensor | None = None) -> None:
+        """Keep batch rows `index` (B',) in that order, in place.
+
+        `cross_index` selects the cross-attention keys/values separately: beam search reorders
+        hypotheses within a sentence, which share one memory, and only drops whole sentences.
+        By default they follow `index`; an identity selection copies nothing.
+        """
+        cross_index = index if cross_index is None else cross_index
         for lc in self.layers:
-            for name in ("self_k", "self_v", "cross_k", "cross_v"):
-                t = getattr(lc, name)
-                if t is not None:
-                    setattr(lc, name, t.index_select(0, index))
+            if lc.self_k is not None:
+                lc.self_k, lc.self_v = lc.self_k.index_select(0, index), lc.self_v.index_select(0, index)
+            if lc.cross_k is not None and not _is_identity(cross_index, lc.cross_k.size(0)):
+                lc.cross_k = lc.cross_k.index_select(0, cross_index)
+                lc.cross_v = lc.cross_v.index_select(0, cross_index)
+
+
+def _is_identity(index: Tensor, size: int) -> bool:
+    return index.numel() == size and bool((index == torch.arange(size, device=index.device)).all())
 
 
 class Decoder(nn.Module):

@@ -9,6 +9,7 @@ batch: every choice is made per row.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -64,8 +65,10 @@ def _start(model: Seq2Seq, src: Tensor, limits: Limits) -> tuple[Tensor, Tensor,
 
 
 def _next_logp(model: Seq2Seq, last: Tensor, memory: Tensor, src_mask: Tensor, cache) -> Tensor:
-    logits = model.decode(last, memory, src_mask, cache)[:, -1]  # (N, V)
-    return torch.log_softmax(logits.float(), dim=-1)
+    """Log-probabilities (N, V) of the next token, normalised in place: at a large vocabulary
+    and batch a fresh (N, V) tensor per step costs more than the softmax itself."""
+    logits = model.decode(last, memory, src_mask, cache)[:, -1].float()  # (N, V)
+    return logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
 
 
 @torch.no_grad()
@@ -85,10 +88,12 @@ def _one_per_sentence(model: Seq2Seq, src: Tensor, limits: Limits,
         limits.apply(logp, history, budget[alive] <= t)
         token = pick(logp)  # (b,)
         chosen = logp.gather(1, token.unsqueeze(1)).squeeze(1)
-        finished = token == EOS
-        for row, tok, s, done in zip(alive.tolist(), token.tolist(), chosen.tolist(), finished.tolist()):
+        ended = token == EOS
+        # A spent budget ends the sentence now: the next step could only force </s> (probability 1).
+        finished = ended | (budget[alive] <= t + 1)
+        for row, tok, s, eos in zip(alive.tolist(), token.tolist(), chosen.tolist(), ended.tolist()):
             scores[row] += s
-            if not done:
+            if not eos:
                 out[row].append(tok)
         if bool(finished.all()):
             break
@@ -159,10 +164,13 @@ def beam_search(model: Seq2Seq, src: Tensor, beam_size: int = 5, nbest: int = 1,
         logp = _next_logp(model, last, memory, src_mask, cache)  # (b·K, V)
         at_limit = budget[alive] <= t  # (b,)
         limits.apply(logp, history, at_limit.repeat_interleave(K))
-        V = logp.size(1)
-        candidates = (scores.view(-1, 1) + logp).view(b, K * V)
-        top_scores, top_index = candidates.topk(2 * K, dim=1)  # (b, 2K): at most K of them end in </s>
-        top_beam, top_token = top_index // V, top_index % V
+        # The 2K best continuations of each hypothesis hold the 2K best of the sentence: rank those only.
+        row_scores, row_tokens = logp.topk(min(2 * K, logp.size(1)), dim=1)  # (b·K, 2K)
+        row_scores += scores.view(-1, 1)
+        W = row_scores.size(1)
+        top_scores, top_index = row_scores.view(b, K * W).topk(2 * K, dim=1)  # (b, 2K): at most K end in </s>
+        top_beam = top_index // W
+        top_token = row_tokens.view(b, K * W).gather(1, top_index)
         is_eos = top_token == EOS
         # Outputs ending here, if ranked among the K best candidates.
         for i, r in (is_eos[:, :K] & top_scores[:, :K].isfinite()).nonzero().tolist():
@@ -175,14 +183,21 @@ def beam_search(model: Seq2Seq, src: Tensor, beam_size: int = 5, nbest: int = 1,
         scores = top_scores.gather(1, go_on)
         parent = (torch.arange(b, device=src.device).unsqueeze(1) * K + top_beam.gather(1, go_on)).view(-1)
         token = top_token.gather(1, go_on).view(-1)  # (b·K,)
-        done = torch.tensor([len(finished[int(s)]) >= K for s in alive], device=src.device) | at_limit
+        history = torch.cat([history.index_select(0, parent), token.unsqueeze(1)], dim=1)
+        # A spent budget ends the sentence now: the next step could only force </s> (probability 1).
+        spent = budget[alive] <= t + 1  # (b,)
+        for i in spent.nonzero().squeeze(1).tolist():
+            for k in range(K):
+                if math.isfinite(score := float(scores[i, k])):
+                    tokens = history[i * K + k].tolist()
+                    finished[int(alive[i])].append(Hypothesis(tokens, score / length_penalty(len(tokens) + 1, alpha)))
+        done = torch.tensor([len(finished[int(s)]) >= K for s in alive], device=src.device) | at_limit | spent
         if bool(done.all()):
             break
-        history = torch.cat([history.index_select(0, parent), token.unsqueeze(1)], dim=1)
         keep_sentences = (~done).nonzero().squeeze(1)  # (b',)
         keep_rows = (keep_sentences.unsqueeze(1) * K + torch.arange(K, device=src.device)).view(-1)
         rows = parent.index_select(0, keep_rows)  # cache rows to carry, in the new beam order
-        cache.select(rows)
+        cache.select(rows, cross_index=keep_rows)  # hypotheses of a sentence share its memory
         if keep_sentences.numel() < b:
             memory, src_mask = memory.index_select(0, keep_rows), src_mask.index_select(0, keep_rows)
         alive, scores = alive[keep_sentences], scores[keep_sentences]

@@ -1,0 +1,169 @@
+"""Looking inside a trained model: attention of every layer and head, saliency, alignments.
+
+    maps = attention_maps(translator, "we have two red dogs.")    # one per n-best output
+    maps[0].cross.shape                                           # (layers, heads, T, S)
+    saliency(translator.model, src, tgt_in, position=3)          # (S,) importance of each source token
+    word_alignment(maps[0])                                       # "0-0 1-1 2-2 ..."
+
+Attention is read by teacher-forcing the output (the decoder is causal, so each row is
+exactly what the decoder saw when it produced that token). Saliency is gradient ×
+input: the gradient of the chosen output token's log-probability with respect to each
+source token's embedding, multiplied by that embedding, L2 norm over the embedding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from detr.layers import AttentionRecord
+from detr.model import Seq2Seq, padding_mask
+from detr.tokenizer import BOS, EOS, Subwords
+from detr.translator import Translator
+
+
+@dataclass
+class AttentionMaps:
+    """Attention of one (source, output) pair; token lists label the axes (</s> included)."""
+
+    src_tokens: list[str]
+    tgt_tokens: list[str]  # the output tokens, then </s>; decoder inputs are <s> + all but the last
+    output: str
+    score: float | None
+    encoder: Tensor  # (L_enc, H, S, S)
+    decoder_self: Tensor  # (L_dec, H, T, T)
+    cross: Tensor  # (L_dec, H, T, S)
+    saliency: Tensor  # (T, S): importance of each source token for each output token
+
+    def to_dict(self) -> dict:
+        def rounded(t: Tensor) -> list:
+            return torch.round(t * 10_000).div(10_000).tolist()
+
+        return {"src_tokens": self.src_tokens, "tgt_tokens": self.tgt_tokens, "output": self.output,
+                "score": self.score, "encoder": rounded(self.encoder), "decoder_self": rounded(self.decoder_self),
+                "cross": rounded(self.cross), "saliency": rounded(self.saliency)}
+
+
+def token_labels(subwords: Subwords, ids: list[int]) -> list[str]:
+    """Readable subword strings: the byte-level marks become text, a word start shows as "▁"."""
+    labels = []
+    for i in ids:
+        if i == EOS:
+            labels.append("</s>")
+            continue
+        piece = subwords.decode([i]) if i > 3 else subwords.token_strings([i])[0]
+        starts_word = subwords.token_strings([i])[0].startswith("Ġ")
+        labels.append(("▁" if starts_word else "") + piece.strip())
+    return labels
+
+
+@torch.no_grad()
+def record_attention(model: Seq2Seq, src: Tensor, tgt_out: Tensor) -> AttentionRecord:
+    """All attention weights for source ids `src` (1, S) and output ids `tgt_out` (1, T) ending in </s>."""
+    tgt_in = torch.cat([torch.full_like(tgt_out[:, :1], BOS), tgt_out[:, :-1]], dim=1)  # (1, T)
+    record = AttentionRecord()
+    src_mask = padding_mask(src)
+    memory = model.encode(src, src_mask, attention=record)
+    model.decode(tgt_in, memory, src_mask, attention=record)
+    return record
+
+
+def saliency(model: Seq2Seq, src: Tensor, tgt_out: Tensor) -> Tensor:
+    """Gradient × input for every output position: (T, S) importance of source token s for
+    the log-probability of output token t. Padding and masked positions get exactly 0.
+
+    Args:
+        src: (1, S) source ids; tgt_out: (1, T) output ids ending in </s>.
+    """
+    was_training = model.training
+    model.eval()
+    captured: list[Tensor] = []
+
+    def keep_first(module, inputs, output):  # the encoder embeds first; a shared table is called again later
+        if not captured:
+            output.retain_grad()
+            captured.append(output)
+
+    handle = model.encoder.embed.tokens.register_forward_hook(keep_first)
+    try:
+        tgt_in = torch.cat([torch.full_like(tgt_out[:, :1], BOS), tgt_out[:, :-1]], dim=1)
+        with torch.enable_grad():
+            logp = torch.log_softmax(model(src, tgt_in).float(), dim=-1)[0]  # (T, V)
+            rows = []
+            for t in range(tgt_out.size(1)):
+                model.zero_grad(set_to_none=True)
+                captured[0].grad = None
+                logp[t, tgt_out[0, t]].backward(retain_graph=t + 1 < tgt_out.size(1))
+                rows.append((captured[0].grad[0] * captured[0][0]).norm(dim=-1).detach())  # (S,)
+    finally:
+        handle.remove()
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return torch.stack(rows)  # (T, S)
+
+
+def attention_maps(translator: Translator, src_text: str, ref_text: str | None = None,
+                   **options: object) -> list[AttentionMaps]:
+    """Attention and saliency for `src_text`: of the reference `ref_text` if given, else of
+    each n-best output of the search that `options` describe (`beam_size`, `nbest`, ...)."""
+    src_ids = translator.encode_line(1, src_text)
+    src = torch.tensor([src_ids], device=translator.device)
+    if ref_text is not None:
+        outputs = [(ref_text, None)]
+    else:
+        outputs = translator.translate_nbest([src_text], **options)[0]
+    maps = []
+    tok = translator.tokenizer
+    for text, score in outputs:
+        tgt_ids = (tok.tgt.encode(text) if text.strip() else [])[: translator.model.config.max_positions - 1]
+        tgt_out = torch.tensor([tgt_ids + [EOS]], device=translator.device)
+        record = record_attention(translator.model, src, tgt_out)
+        maps.append(AttentionMaps(
+            src_tokens=token_labels(tok.src, src_ids), tgt_tokens=token_labels(tok.tgt, tgt_ids + [EOS]),
+            output=text, score=score,
+            encoder=torch.cat(record.encoder).cpu(),  # each (1, H, S, S) → (L, H, S, S)
+            decoder_self=torch.cat(record.decoder_self).cpu(), cross=torch.cat(record.cross).cpu(),
+            saliency=saliency(translator.model, src, tgt_out).cpu(),
+        ))
+    return maps
+
+
+def _words(tokens: list[str]) -> list[int]:
+    """Word index of each subword label (a "▁" starts a new word; </s> belongs to none: -1)."""
+    index, out = -1, []
+    for t in tokens:
+        if t == "</s>":
+            out.append(-1)
+            continue
+        if t.startswith("▁") or index < 0:
+            index += 1
+        out.append(index)
+    return out
+
+
+def word_alignment(maps: AttentionMaps, layer: int = -1) -> list[tuple[int, int]]:
+    """Source–target word pairs (i, j) from cross-attention: the head-averaged attention of
+    `layer`, summed over a source word's subwords and averaged over a target word's, each
+    target word aligned to its most-attended source word (as fairseq prints: "i-j")."""
+    weights = maps.cross[layer].mean(0)  # (T, S)
+    src_words, tgt_words = _words(maps.src_tokens), _words(maps.tgt_tokens)
+    n_src, n_tgt = max(src_words) + 1, max(tgt_words) + 1
+    if n_src <= 0 or n_tgt <= 0:
+        return []
+    by_word = torch.zeros(n_tgt, n_src)
+    counts = torch.zeros(n_tgt, 1)
+    for t, tw in enumerate(tgt_words):
+        if tw < 0:
+            continue
+        counts[tw] += 1
+        for s, sw in enumerate(src_words):
+            if sw >= 0:
+                by_word[tw, sw] += weights[t, s]
+    by_word /= counts.clamp(min=1)
+    return [(int(by_word[j].argmax()), j) for j in range(n_tgt)]
+
+
+def format_alignment(pairs: list[tuple[int, int]]) -> str:
+    return " ".join(f"{i}-{j}" for i, j in sorted(pairs))
