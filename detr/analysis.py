@@ -47,16 +47,8 @@ class AttentionMaps:
 
 
 def token_labels(subwords: Subwords, ids: list[int]) -> list[str]:
-    """Readable subword strings: the byte-level marks become text, a word start shows as "▁"."""
-    labels = []
-    for i in ids:
-        if i == EOS:
-            labels.append("</s>")
-            continue
-        piece = subwords.decode([i]) if i > 3 else subwords.token_strings([i])[0]
-        starts_word = subwords.token_strings([i])[0].startswith("Ġ")
-        labels.append(("▁" if starts_word else "") + piece.strip())
-    return labels
+    """Readable subword strings; a subword that starts a word is marked "▁" (as SentencePiece shows it)."""
+    return ["▁" + s[1:] if s.startswith(" ") else s for s in subwords.token_strings(ids)]
 
 
 @torch.no_grad()
@@ -104,9 +96,9 @@ def saliency(model: Seq2Seq, src: Tensor, tgt_out: Tensor) -> Tensor:
     return torch.stack(rows)  # (T, S)
 
 
-def attention_maps(translator: Translator, src_text: str, ref_text: str | None = None,
+def attention_maps(translator: Translator, src_text: str, ref_text: str | None = None, with_saliency: bool = True,
                    **options: object) -> list[AttentionMaps]:
-    """Attention and saliency for `src_text`: of the reference `ref_text` if given, else of
+    """Attention (and saliency) for `src_text`: of the reference `ref_text` if given, else of
     each n-best output of the search that `options` describe (`beam_size`, `nbest`, ...)."""
     src_ids = translator.encode_line(1, src_text)
     src = torch.tensor([src_ids], device=translator.device)
@@ -125,7 +117,7 @@ def attention_maps(translator: Translator, src_text: str, ref_text: str | None =
             output=text, score=score,
             encoder=torch.cat(record.encoder).cpu(),  # each (1, H, S, S) → (L, H, S, S)
             decoder_self=torch.cat(record.decoder_self).cpu(), cross=torch.cat(record.cross).cpu(),
-            saliency=saliency(translator.model, src, tgt_out).cpu(),
+            saliency=saliency(translator.model, src, tgt_out).cpu() if with_saliency else torch.zeros(0),
         ))
     return maps
 
@@ -167,3 +159,11 @@ def word_alignment(maps: AttentionMaps, layer: int = -1) -> list[tuple[int, int]
 
 def format_alignment(pairs: list[tuple[int, int]]) -> str:
     return " ".join(f"{i}-{j}" for i, j in sorted(pairs))
+
+
+def alignment_of(translator: Translator, src_text: str, output: str) -> str:
+    """"i-j" word alignments of `output` to `src_text` from the last layer's cross-attention."""
+    if not src_text.strip() or not output.strip():
+        return ""
+    maps = attention_maps(translator, src_text, output, with_saliency=False)[0]
+    return format_alignment(word_alignment(maps))

@@ -6,6 +6,7 @@ Errors a user can cause (`DetrError`) print as one line on stderr with a non-zer
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
 import logging
@@ -141,13 +142,36 @@ def cmd_translate(args: argparse.Namespace) -> int:
     translator = _translator(args)
     options = _decode_options(args)
     config = translator.options(**options)
+    sources: collections.deque[str] = collections.deque()  # inputs not yet answered, for --alignment
+
+    def remembered(lines: Iterator[str]) -> Iterator[str]:
+        for line in lines:
+            sources.append(line)
+            yield line
+
     with _output(args.output) as out:
-        for nbest in translator.iter_nbest(_input_lines(args.input, args.invalid), config):
+        for nbest in translator.iter_nbest(remembered(_input_lines(args.input, args.invalid)), config):
+            src = sources.popleft()
+            if args.alignment:
+                from detr.analysis import alignment_of
+
+                nbest = [(f"{text}\t{alignment_of(translator, src, text)}", score) for text, score in nbest]
             if config.nbest == 1:
                 out.write(nbest[0][0] + "\n")
             else:
                 out.write("".join(f"{text}\t{score:.4f}\n" for text, score in nbest))
             out.flush()  # an interrupted run keeps every line already translated
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import detr.translator
+    from detr.visualize import inspect
+
+    translator = detr.translator.load(args.run, device=args.device, weights=args.weights)
+    options = {"beam_size": args.beam, "nbest": args.nbest} if args.ref is None else {}
+    for path in inspect(translator, args.src, args.out, args.ref, **options):
+        print(path)
     return 0
 
 
@@ -201,6 +225,8 @@ def _add_decoding(p: argparse.ArgumentParser, sampling: bool = False) -> None:
         p.add_argument("--beam", type=int, help="beam size (1: greedy)")
         p.add_argument("--nbest", type=int, help="outputs per input, as TEXT<tab>SCORE lines")
         p.add_argument("--length-penalty", type=float, dest="length_penalty", help="GNMT alpha")
+        p.add_argument("--alignment", action="store_true",
+                       help="append a tab and source-target word alignments from cross-attention (0-0 1-2 ...)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -240,6 +266,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--metrics", default="bleu,chrf", help="comma-separated: bleu, chrf, rouge")
     evaluate.add_argument("--json", action="store_true", help="print the scores as JSON")
     evaluate.set_defaults(func=cmd_evaluate)
+
+    inspect = sub.add_parser("inspect", help="attention maps of every layer and head, saliency, an HTML page")
+    inspect.add_argument("run", help="run directory")
+    inspect.add_argument("--src", required=True, help="the source sentence")
+    inspect.add_argument("--ref", help="a reference output to inspect instead of the model's own")
+    inspect.add_argument("--out", required=True, help="folder for the PNGs, index.html and attention.json")
+    inspect.add_argument("--beam", type=int, default=1, help="beam size of the search (default 1: greedy)")
+    inspect.add_argument("--nbest", type=int, default=1, help="inspect this many outputs")
+    inspect.add_argument("--weights", help="a .safetensors file to use instead of RUN/model.safetensors")
+    inspect.add_argument("--device", default="cpu")
+    inspect.set_defaults(func=cmd_inspect)
 
     model = sub.add_parser("model", help="build a model from a config or preset; print its size and a forward pass")
     model.add_argument("config", help="a YAML config file, or a preset name (tiny, small, base, big)")

@@ -164,7 +164,7 @@ class TrainConfig:
     patience: int = 0  # validations without improvement before stopping; 0: never stop early
     max_nonfinite: int = 10  # consecutive non-finite losses before giving up
     eval_max_sentences: int = 0  # cap on validation sentences decoded for BLEU; 0: all
-    grad_stats_every: int = 0  # per-layer gradient norms to the logs every N steps; 0: off
+    grad_stats_every: int = 0  # per-layer gradient norms and update/weight ratios every N steps; 0: off
 
     def validate(self) -> None:
         _check_types(self, "train")

@@ -397,10 +397,15 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         clip = self.tc.clip_norm if self.tc.clip_norm > 0 else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
-        if self.tc.grad_stats_every and (self.step + 1) % self.tc.grad_stats_every == 0:
-            self._grad_stats = gradient_norms(self.model)
+        inspect_grads = self.tc.grad_stats_every and (self.step + 1) % self.tc.grad_stats_every == 0
+        if inspect_grads:
+            norms = gradient_norms(self.model)
+            before = {name: p.detach().clone() for name, p in self.model.named_parameters()}
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if inspect_grads:
+            self._grad_stats = {f"norm/{b}": v for b, v in norms.items()}
+            self._grad_stats.update({f"update_ratio/{b}": v for b, v in update_ratios(self.model, before).items()})
         self.optimizer.zero_grad(set_to_none=True)
         return {"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
 
@@ -499,7 +504,7 @@ class Trainer:
                              out["loss"], out["lr"], out["grad_norm"], f"{speed:,.0f}")
                     window_tokens, window_start = 0, time.perf_counter()
                 if self._grad_stats:
-                    record("grad_norm", self._grad_stats)
+                    record("grads", self._grad_stats)
                     self._grad_stats = None
                 if self.valid and self.step % self.tc.eval_every == 0:
                     self._validate(record)
@@ -547,16 +552,31 @@ class Trainer:
                     signal.Signals(signum).name)
 
 
+def _block(name: str) -> str:
+    """The block a parameter belongs to: an encoder/decoder layer, an embedding, a final norm."""
+    parts = name.split(".")
+    return ".".join(parts[:3]) if len(parts) > 2 and parts[1] == "layers" else ".".join(parts[:2])
+
+
 def gradient_norms(model: torch.nn.Module) -> dict[str, float]:
-    """L2 norm of the gradient per block: embeddings, each encoder/decoder layer, final norms."""
+    """L2 norm of the gradient per block (see `_block`)."""
     squares: dict[str, float] = {}
     for name, p in model.named_parameters():
-        if p.grad is None:
-            continue
-        parts = name.split(".")
-        block = ".".join(parts[:3]) if parts[1] == "layers" else ".".join(parts[:2])
-        squares[block] = squares.get(block, 0.0) + float(p.grad.float().pow(2).sum())
+        if p.grad is not None:
+            squares[_block(name)] = squares.get(_block(name), 0.0) + float(p.grad.float().pow(2).sum())
     return {block: math.sqrt(s) for block, s in squares.items()}
+
+
+def update_ratios(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> dict[str, float]:
+    """‖Δw‖ / ‖w‖ per block for one optimiser step: about 1e-3 is healthy; far above, the
+    learning rate is too high for that block; far below, it barely learns."""
+    change: dict[str, float] = {}
+    size: dict[str, float] = {}
+    for name, p in model.named_parameters():
+        block = _block(name)
+        change[block] = change.get(block, 0.0) + float((p.detach() - before[name]).float().pow(2).sum())
+        size[block] = size.get(block, 0.0) + float(before[name].float().pow(2).sum())
+    return {block: math.sqrt(change[block] / size[block]) if size[block] else 0.0 for block in change}
 
 
 def train(config: Config, resume: bool = False, progress: bool = False) -> TrainResult:
