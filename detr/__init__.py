@@ -22,7 +22,16 @@ def train(config: Config, resume: bool = False, progress: bool = False):
 
 
 def load(run_dir, device: str = "cpu", weights=None):
-    """A `detr.translator.Translator` for a run directory written by `detr train`."""
+    """What a run directory written by `detr train` predicts with: a `detr.translator.Translator`
+    (task translate) or a `detr.labeller.Labeller` (classify, tag)."""
+    from pathlib import Path
+
+    from detr.tasks import LABELS
+
+    if (Path(run_dir) / LABELS).is_file():
+        from detr.labeller import load_labeller
+
+        return load_labeller(run_dir, device)
     from detr.translator import load as _load
 
     return _load(run_dir, device, weights)

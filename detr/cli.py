@@ -127,7 +127,7 @@ def _translator(args: argparse.Namespace):
 
     translator = detr.translator.load(args.run, device=args.device, weights=args.weights)
     translator.on_overlong = "error" if args.strict_length else "truncate"
-    if args.input in (None, "-") and sys.stdin.isatty():
+    if _interactive(args):
         translator.read_ahead = 1  # interactive: answer each line as it is typed
     return translator
 
@@ -190,10 +190,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    import detr
+
+    predictor = detr.load(args.run, device=args.device, weights=args.weights)
+    if hasattr(predictor, "evaluate"):  # a classify/tag run
+        if not args.data:
+            raise ConfigError("evaluate: a classify/tag run is scored on --data FILE (labelled like its training data)")
+        report = predictor.evaluate(args.data)
+        print(json.dumps(report, indent=2) if args.json else format_label_report(report, predictor.task.name))
+        return 0
     from detr.evaluate import evaluate
 
-    translator = _translator(args)
-    report = evaluate(translator, args.src, args.ref, args.metrics.split(","), hypotheses_out=args.output,
+    if not args.src or not args.ref:
+        raise ConfigError("evaluate: a translation run is scored with --src FILE --ref FILE")
+    predictor.on_overlong = "error" if args.strict_length else "truncate"
+    report = evaluate(predictor, args.src, args.ref, args.metrics.split(","), hypotheses_out=args.output,
                       **_decode_options(args))
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
@@ -201,6 +212,69 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         for line in report.lines():
             print(line)
     return 0
+
+
+def format_label_report(report: dict, task: str) -> str:
+    """The report as a table: per class (classify) or seqeval's entity report (tag)."""
+    if task == "tag":
+        return (f"{report['report'].rstrip()}\n\nentity F1 {report['f1']:.4f}  precision {report['precision']:.4f}  "
+                f"recall {report['recall']:.4f}  token accuracy {report['accuracy']:.4f}  ({report['n']} sentences)")
+    labels = report["labels"]
+    width = max(12, *(len(label) for label in labels))
+    lines = [f"{'':>{width}} precision    recall        f1   support"]
+    for label in labels:
+        c = report["per_class"][label]
+        lines.append(f"{label:>{width}} {c['precision']:9.4f} {c['recall']:9.4f} {c['f1']:9.4f} {c['support']:9d}")
+    lines += ["", f"accuracy {report['accuracy']:.4f}  macro-F1 {report['f1']:.4f}  ({report['n']} sentences)", "",
+              "confusion matrix (rows: gold, columns: predicted):",
+              f"{'':>{width}} " + " ".join(f"{label[:8]:>8}" for label in labels)]
+    for label, row in zip(labels, report["confusion"]):
+        lines.append(f"{label:>{width}} " + " ".join(f"{n:8d}" for n in row))
+    return "\n".join(lines)
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    import detr
+
+    labeller = detr.load(args.run, device=args.device)
+    with _output(args.output) as out:
+        for chunk in _chunked(_input_lines(args.input, args.invalid), 1 if _interactive(args) else 256):
+            for label, probs in labeller.classify(chunk):
+                extra = "\t" + " ".join(f"{k}={v:.4f}" for k, v in probs.items()) if args.probs and probs else ""
+                out.write(label + extra + "\n")
+            out.flush()
+    return 0
+
+
+def cmd_tag(args: argparse.Namespace) -> int:
+    import detr
+
+    labeller = detr.load(args.run, device=args.device)
+    with _output(args.output) as out:
+        for chunk in _chunked(_input_lines(args.input, args.invalid), 1 if _interactive(args) else 256):
+            for pairs in labeller.tag(chunk):
+                if args.json:
+                    out.write(json.dumps({"tokens": [w for w, _ in pairs], "tags": [t for _, t in pairs]},
+                                         ensure_ascii=False) + "\n")
+                else:
+                    out.write("".join(f"{w}\t{t}\n" for w, t in pairs) + "\n")
+            out.flush()
+    return 0
+
+
+def _interactive(args: argparse.Namespace) -> bool:
+    return args.input in (None, "-") and sys.stdin.isatty()
+
+
+def _chunked(lines: Iterator[str], size: int) -> Iterator[list[str]]:
+    chunk: list[str] = []
+    for line in lines:
+        chunk.append(line)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def _add_decoding(p: argparse.ArgumentParser, sampling: bool = False) -> None:
@@ -259,13 +333,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_decoding(generate, sampling=True)
     generate.set_defaults(func=cmd_generate)
 
-    evaluate = sub.add_parser("evaluate", help="decode a test set and score it (BLEU, chrF, ROUGE)")
+    evaluate = sub.add_parser("evaluate", help="score a run: BLEU/chrF/ROUGE (translate), accuracy/F1 reports "
+                                               "(classify, tag)")
     _add_decoding(evaluate)
-    evaluate.add_argument("--src", required=True, help="source file")
-    evaluate.add_argument("--ref", required=True, action="append", help="reference file (repeat for more)")
+    evaluate.add_argument("--src", help="translate: source file")
+    evaluate.add_argument("--ref", action="append", help="translate: reference file (repeat for more)")
+    evaluate.add_argument("--data", help="classify/tag: a labelled file in the training data's format")
     evaluate.add_argument("--metrics", default="bleu,chrf", help="comma-separated: bleu, chrf, rouge")
     evaluate.add_argument("--json", action="store_true", help="print the scores as JSON")
     evaluate.set_defaults(func=cmd_evaluate)
+
+    for name, helptext, func in (("classify", "label each input line (one label per line)", cmd_classify),
+                                 ("tag", "tag the words of each input line (word<TAB>tag, blank line after each)",
+                                  cmd_tag)):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("run", help="run directory of a classify/tag training run")
+        p.add_argument("-i", "--input", help="input file, one sentence per line (default: standard input)")
+        p.add_argument("-o", "--output", help="output file (default: standard output)")
+        p.add_argument("--device", default="cpu")
+        p.add_argument("--invalid", choices=["error", "replace"], default="error",
+                       help="invalid UTF-8 in the input: stop with an error naming the line, or replace it")
+        if name == "classify":
+            p.add_argument("--probs", action="store_true", help="append each label's probability")
+        else:
+            p.add_argument("--json", action="store_true", help='JSON lines {"tokens": [...], "tags": [...]}')
+        p.set_defaults(func=func)
 
     inspect = sub.add_parser("inspect", help="attention maps of every layer and head, saliency, an HTML page")
     inspect.add_argument("run", help="run directory")

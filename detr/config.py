@@ -47,6 +47,9 @@ class ModelConfig:
     share_embeddings: bool = False  # one matrix: source emb = target emb = output projection
     tie_output: bool = True  # target embedding = output projection
     layer_norm_eps: float = 1e-5
+    # classify / tag: the encoder is detr's (sizes above) or a pretrained BERT-style one
+    pretrained: str | None = None  # local Hugging Face folder, or "package:NAME" (NAME.get_model_path())
+    pooling: Literal["mean", "first"] = "mean"  # classify: mean over tokens, or the first token ([CLS])
 
     @property
     def decoder_layers(self) -> int:
@@ -107,11 +110,14 @@ class DataConfig:
     train: str | None = None
     valid: str | None = None
     test: str | None = None
-    format: Literal["auto", "parallel", "tsv", "jsonl"] = "auto"
+    format: Literal["auto", "parallel", "tsv", "jsonl", "conll"] = "auto"
     src_lang: str = "src"
     tgt_lang: str = "tgt"
     src_field: str = "src"
     tgt_field: str = "tgt"
+    label_field: str = "label"  # classify: the TSV column / JSONL field of the label (text: src_field)
+    tokens_field: str = "tokens"  # tag, JSONL: the field with the word list ...
+    tags_field: str = "ner"  # ... and the one with its tags (CoNLL files: the last column)
     # subword tokenizer
     tokenizer: str | None = None  # an existing tokenizer.json to reuse instead of training one
     subword: Literal["bpe", "unigram"] = "bpe"
@@ -160,7 +166,8 @@ class TrainConfig:
     device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
     threads: int = 0  # CPU threads; 0: leave PyTorch's default
     keep_last: int = 5  # checkpoints kept in run_dir/checkpoints
-    early_stopping_metric: Literal["loss", "ppl", "bleu"] = "bleu"
+    # auto: bleu (translate), accuracy (classify), f1 (tag)
+    early_stopping_metric: Literal["auto", "loss", "ppl", "bleu", "accuracy", "f1"] = "auto"
     patience: int = 0  # validations without improvement before stopping; 0: never stop early
     max_nonfinite: int = 10  # consecutive non-finite losses before giving up
     eval_max_sentences: int = 0  # cap on validation sentences decoded for BLEU; 0: all
@@ -224,7 +231,7 @@ class DecodeConfig:
 class Config:
     """A whole run: what to learn, from which data, with which model and settings."""
 
-    task: Literal["translate"] = "translate"
+    task: Literal["translate", "classify", "tag"] = "translate"
     run_dir: str = "runs/default"
     model_preset: str | None = None  # start model from ModelConfig.preset(name); model keys override it
     data: DataConfig = field(default_factory=DataConfig)

@@ -25,6 +25,7 @@ import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -325,7 +326,7 @@ def make_batch(pairs: list[tuple[list[int], list[int]]], index: list[int]) -> Ba
     return Batch(src, tgt_in, tgt_out, index)
 
 
-def pack_by_tokens(lengths: list[tuple[int, int]], max_tokens: int, order: list[int]) -> list[list[int]]:
+def pack_by_tokens(lengths: list[tuple[int, ...]], max_tokens: int, order: list[int]) -> list[list[int]]:
     """Group indices (taken in `order`, which should be sorted by length) into batches whose
     padded size, rows × longest side, stays within `max_tokens` (one example at least)."""
     batches, current, longest = [], [], 0
@@ -388,8 +389,15 @@ class BatchStream:
         seed: int,
         shuffle: bool = True,
         name: str = "data",
+        size: Callable[[Any], tuple[int, ...]] | None = None,
+        collate: Callable[[list, list[int]], Any] | None = None,
     ) -> None:
+        """`encode` maps a pool of examples to items (None: filtered out); `size` gives an item's
+        lengths (default: source and target of a pair) and `collate` makes a batch of items
+        (default: `make_batch` of pairs)."""
         self.name = name  # for messages: the file or prefix read
+        self.size = size or (lambda item: (len(item[0]), len(item[1])))
+        self.collate = collate or make_batch
         self.examples = examples
         self.encode = encode
         self.max_tokens = max_tokens
@@ -404,10 +412,10 @@ class BatchStream:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.pool, self.consumed = state["epoch"], state["pool"], state["consumed"]
 
-    def pool_batches(self, pool: list[Example], pool_index: int) -> list[Batch]:
+    def pool_batches(self, pool: list, pool_index: int) -> list:
         encoded = self.encode(pool)
         kept = [i for i, e in enumerate(encoded) if e is not None]
-        lengths = [(len(encoded[i][0]), len(encoded[i][1])) for i in kept]
+        lengths = [self.size(encoded[i]) for i in kept]
         rng = random.Random(f"{self.seed}/{self.epoch}/{pool_index}")
         order = list(range(len(kept)))
         if self.shuffle:
@@ -417,7 +425,7 @@ class BatchStream:
         groups = pack_by_tokens(lengths, self.max_tokens, order)
         if self.shuffle:
             rng.shuffle(groups)
-        return [make_batch([encoded[kept[j]] for j in g], [kept[j] for j in g]) for g in groups]
+        return [self.collate([encoded[kept[j]] for j in g], [kept[j] for j in g]) for g in groups]
 
     def __iter__(self) -> Iterator[Batch]:
         """Batches from the saved position to the end of the current epoch."""

@@ -77,3 +77,48 @@ def score(names: list[str], hypotheses: list[str], references: list[list[str]]) 
         else:
             raise DataError(f"unknown metric {name!r}; choose from {', '.join(METRICS)}")
     return out
+
+
+def classification_scores(gold: list[str], predicted: list[str], labels: list[str]) -> dict:
+    """Accuracy, macro-F1, per-class precision/recall/F1/support and the confusion matrix
+    (rows: gold label, columns: predicted), over the label order `labels`."""
+    index = {label: i for i, label in enumerate(labels)}
+    confusion = [[0] * len(labels) for _ in labels]
+    for g, p in zip(gold, predicted):
+        confusion[index[g]][index[p]] += 1
+    per_class = {}
+    for i, label in enumerate(labels):
+        tp = confusion[i][i]
+        support = sum(confusion[i])
+        predicted_as = sum(row[i] for row in confusion)
+        precision = tp / predicted_as if predicted_as else 0.0
+        recall = tp / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[label] = {"precision": precision, "recall": recall, "f1": f1, "support": support}
+    n = max(len(gold), 1)
+    return {
+        "accuracy": sum(confusion[i][i] for i in range(len(labels))) / n,
+        "f1": sum(c["f1"] for c in per_class.values()) / max(len(labels), 1),  # macro
+        "per_class": per_class,
+        "labels": labels,
+        "confusion": confusion,
+        "n": len(gold),
+    }
+
+
+def entity_scores(gold: list[list[str]], predicted: list[list[str]]) -> dict:
+    """Entity-level scores of IOB2 tag sequences, computed by seqeval (as CoNLL evaluates):
+    micro precision/recall/F1, per entity type, micro/macro/weighted averages, and the
+    report as seqeval prints it."""
+    from seqeval.metrics import accuracy_score, classification_report
+
+    table = classification_report(gold, predicted, digits=4, output_dict=True, zero_division=0)
+    text = classification_report(gold, predicted, digits=4, zero_division=0)
+    micro = table["micro avg"]
+    return {
+        "precision": float(micro["precision"]), "recall": float(micro["recall"]), "f1": float(micro["f1-score"]),
+        "accuracy": float(accuracy_score(gold, predicted)),  # per token
+        "per_type": {k: {m: float(v) for m, v in row.items()} for k, row in table.items()},
+        "report": text,
+        "n": len(gold),
+    }

@@ -148,6 +148,20 @@ class Decoder(nn.Module):
         return self.norm(x)
 
 
+def initialize(module: nn.Module, d_model: int) -> None:
+    """Xavier-uniform matrices; embeddings N(0, 1/D) with the padding row zero.
+
+    Embeddings are multiplied by √D, so N(0, 1/D) puts the inputs at unit scale.
+    """
+    for name, p in module.named_parameters():
+        if p.dim() > 1 and "tokens" not in name:
+            nn.init.xavier_uniform_(p)
+    for emb in {id(m): m for m in module.modules() if isinstance(m, nn.Embedding)}.values():
+        nn.init.normal_(emb.weight, std=d_model**-0.5)
+        with torch.no_grad():
+            emb.weight[PAD].zero_()
+
+
 class Seq2Seq(nn.Module):
     """Encoder, decoder and output projection, with optional weight sharing."""
 
@@ -160,19 +174,9 @@ class Seq2Seq(nn.Module):
         self.encoder = Encoder(config, src_tokens)
         self.decoder = Decoder(config, tgt_tokens)
         self.output = nn.Linear(D, config.tgt_vocab_size, bias=False)
-        self._init_weights()
+        initialize(self, D)
         if config.share_embeddings or config.tie_output:
             self.output.weight = tgt_tokens.weight  # the paper's shared weight matrix
-
-    def _init_weights(self) -> None:
-        for name, p in self.named_parameters():
-            if p.dim() > 1 and "tokens" not in name:
-                nn.init.xavier_uniform_(p)
-        # Embeddings are multiplied by √D, so N(0, 1/D) puts inputs at unit scale.
-        for emb in {id(m): m for m in self.modules() if isinstance(m, nn.Embedding)}.values():
-            nn.init.normal_(emb.weight, std=self.config.d_model**-0.5)
-            with torch.no_grad():
-                emb.weight[PAD].zero_()
 
     def encode(self, src: Tensor, src_mask: Tensor | None = None, attention: AttentionRecord | None = None) -> Tensor:
         """src: (B, S) ids → memory (B, S, D). Pass `attention` to receive the weights."""

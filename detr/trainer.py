@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from detr.atomic import atomic_write_text
@@ -40,7 +39,6 @@ from detr.checkpoint import (
     CONFIG,
     METRICS,
     MODEL,
-    TOKENIZER,
     TRAINER_STATE,
     checkpoint_path,
     list_checkpoints,
@@ -50,26 +48,12 @@ from detr.checkpoint import (
     save_weights,
 )
 from detr.config import Config, TrainConfig, load_config
-from detr.data import (
-    Batch,
-    BatchStream,
-    Encoded,
-    Example,
-    build_tokenizer,
-    check_split,
-    read_examples,
-    training_stream,
-)
-from detr.errors import CheckpointError, ConfigError, DataError, TrainingError
-from detr.metrics import bleu
-from detr.model import build_model
-from detr.tokenizer import PAD, Tokenizer
-from detr.translator import Translator
+from detr.errors import CheckpointError, ConfigError, TrainingError
+from detr.tasks import make_task
 
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = 1
-LOWER_IS_BETTER = {"loss": True, "ppl": True, "bleu": False}
 
 
 @dataclass
@@ -175,21 +159,25 @@ class Trainer:
             raise ConfigError("train.schedule=cosine needs train.max_steps (it decays to min_lr there)")
         if self.tc.threads:
             torch.set_num_threads(self.tc.threads)
-        for split in ("train", "valid"):
-            if split == "train" or getattr(config.data, split) is not None:
-                if split == "train" and config.data.train is None:
-                    raise ConfigError("data.train is not set: nothing to train on")
-                check_split(config.data, split)
+        if config.data.train is None:
+            raise ConfigError("data.train is not set: nothing to train on")
+        self.task = make_task(config)
+        self.metric = self.task.default_metric if self.tc.early_stopping_metric == "auto" \
+            else self.tc.early_stopping_metric
+        if self.metric not in self.task.metrics:
+            raise ConfigError(f"train.early_stopping_metric: {self.metric!r} is not a metric of task {config.task} "
+                              f"(choose from {', '.join(self.task.metrics)})")
+        self.task.check_data()
         state = self._prepare_run_dir(resume)
-        self.tokenizer = self._tokenizer(state)
-        self._set_vocabulary(state)
+        self.task.setup(self.run_dir, resuming=state is not None)
+        self._save_config(state)
 
         seed_everything(self.tc.seed)
-        self.model = build_model(config.model).to(self.device)
+        self.model = self.task.build_model().to(self.device)
         self.optimizer = self._optimizer()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.tc.precision == "fp16")
-        self.stream = training_stream(config.data, self.tokenizer, self.tc.max_tokens, self.tc.seed)
-        self.valid = self._validation_examples()
+        self.stream = self.task.stream(self.tc.max_tokens, self.tc.seed)
+        self.valid = self.task.valid
 
         self.step = 0
         self.seconds = 0.0
@@ -233,23 +221,8 @@ class Trainer:
             raise CheckpointError(f"{run_dir / TRAINER_STATE}: unknown trainer state format {state.get('format')}")
         return state
 
-    def _tokenizer(self, state: dict[str, Any] | None) -> Tokenizer:
-        path = self.run_dir / TOKENIZER
-        if state is not None:
-            return Tokenizer.load(path)
-        if self.config.data.tokenizer is None:
-            log.info("learning a %s vocabulary of %d from %s", self.config.data.subword, self.config.data.vocab_size,
-                     self.config.data.train)
-        tokenizer = build_tokenizer(self.config.data)
-        tokenizer.save(path)
-        return tokenizer
-
-    def _set_vocabulary(self, state: dict[str, Any] | None) -> None:
-        """The model's vocabulary sizes come from the tokenizer; resuming needs the saved model and data."""
-        m = self.config.model
-        m.src_vocab_size, m.tgt_vocab_size = self.tokenizer.src.vocab_size, self.tokenizer.tgt.vocab_size
-        if m.share_embeddings and not self.tokenizer.joint:
-            raise ConfigError("model.share_embeddings needs a joint vocabulary: set data.joint_vocab: true")
+    def _save_config(self, state: dict[str, Any] | None) -> None:
+        """Write the effective config; resuming needs the saved model and data sections."""
         if state is not None:
             saved = load_config(self.run_dir / CONFIG)
             for section in ("model", "data"):
@@ -268,14 +241,6 @@ class Trainer:
         groups = [{"params": decay, "weight_decay": self.tc.weight_decay}, {"params": rest, "weight_decay": 0.0}]
         cls = torch.optim.AdamW if self.tc.optimizer == "adamw" else torch.optim.Adam
         return cls(groups, lr=self.tc.lr, betas=tuple(self.tc.betas), eps=self.tc.eps)
-
-    def _validation_examples(self) -> list[Example]:
-        if self.config.data.valid is None:
-            return []
-        examples = list(read_examples(self.config.data, "valid"))
-        if not examples:
-            raise DataError(f"{self.config.data.valid}: the validation set is empty")
-        return examples
 
     # ------------------------------------------------------------------ state
 
@@ -341,9 +306,9 @@ class Trainer:
             return "max_epochs"
         return None
 
-    def next_batches(self) -> list[Batch]:
+    def next_batches(self) -> list[Any]:
         """The next `accumulate` batches, crossing epoch boundaries; fewer at the last epoch's end."""
-        out: list[Batch] = []
+        out: list[Any] = []
         while len(out) < self.tc.accumulate:
             if self.tc.max_epochs and self.stream.epoch >= self.tc.max_epochs:
                 break
@@ -361,20 +326,18 @@ class Trainer:
         dtype = torch.bfloat16 if self.tc.precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def token_loss(self, batch: Batch, label_smoothing: float) -> torch.Tensor:
-        """Summed cross-entropy over the batch's target tokens (padding ignored)."""
+    def loss_of(self, batch: Any, label_smoothing: float) -> torch.Tensor:
+        """The task's summed loss over the batch (padding and ignored positions excluded)."""
         with self.autocast():
-            logits = self.model(batch.src, batch.tgt_in)  # (B, T, V)
-        return F.cross_entropy(logits.float().flatten(0, 1), batch.tgt_out.flatten(), ignore_index=PAD,
-                               label_smoothing=label_smoothing, reduction="sum")
+            return self.task.batch_loss(self.model, batch.to(self.device), label_smoothing)
 
-    def train_step(self, batches: list[Batch]) -> dict[str, float] | None:
+    def train_step(self, batches: list[Any]) -> dict[str, float] | None:
         """One optimiser update over `batches`; None when the loss was not finite (step skipped)."""
         self.model.train()
-        tokens = sum(b.num_tgt_tokens for b in batches)
+        tokens = sum(self.task.count(b) for b in batches)  # target tokens, sentences or tagged words
         total = torch.zeros((), device=self.device)
         for batch in batches:
-            loss = self.token_loss(batch.to(self.device), self.tc.label_smoothing)
+            loss = self.loss_of(batch, self.tc.label_smoothing)
             self.scaler.scale(loss / tokens).backward()
             total += loss.detach()
         loss_value = float(total) / tokens
@@ -411,31 +374,20 @@ class Trainer:
 
     # ------------------------------------------------------------------ validation
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Validation loss and perplexity (teacher forcing, no smoothing) and BLEU of greedy decoding."""
+        """The task's validation metrics (translate: loss, ppl, greedy BLEU; classify/tag: loss, accuracy, F1)."""
         self.model.eval()
-        encode = Encoded(self.tokenizer, self.config.data.max_len, "truncate")  # score every sentence
-        stream = BatchStream(lambda: self.valid, encode, self.tc.max_tokens, self.config.data.pool_size,
-                             self.tc.seed, shuffle=False, name=str(self.config.data.valid))
-        nll = tokens = 0.0
-        for batch in stream:
-            nll += float(self.token_loss(batch.to(self.device), 0.0))
-            tokens += batch.num_tgt_tokens
-        loss = nll / tokens
-        scored = self.valid[: self.tc.eval_max_sentences or None]
-        decode = dataclasses.replace(self.config.decode, beam_size=1, nbest=1)
-        hyps = Translator(self.model, self.tokenizer, decode, self.config.data.max_len).translate(
-            [e.src for e in scored])
-        score = bleu(hyps, [[e.tgt for e in scored]]).score
-        self.model.train()
-        return {"loss": loss, "ppl": math.exp(min(loss, 100.0)), "bleu": score}
+        try:
+            return self.task.evaluate(self.model, lambda batch: self.loss_of(batch, 0.0), self.tc.max_tokens,
+                                      self.tc.eval_max_sentences)
+        finally:
+            self.model.train()
 
     def _after_eval(self, metrics: dict[str, float]) -> None:
-        name = self.tc.early_stopping_metric
+        name = self.metric
         value = metrics[name]
         better = self.best is None or (
-            value < self.best["value"] if LOWER_IS_BETTER[name] else value > self.best["value"])
+            value < self.best["value"] if self.task.metrics[name] else value > self.best["value"])
         if better:
             self.best = {"metric": name, "value": value, "step": self.step}
             self.bad_evals = 0
@@ -495,13 +447,14 @@ class Trainer:
                 elapsed = time.perf_counter() - window_start
                 speed = window_tokens / max(elapsed, 1e-9)
                 bar.update(1)
-                bar.set_postfix(loss=f"{out['loss']:.3f}", lr=f"{out['lr']:.2e}", tok_s=f"{speed:,.0f}", refresh=False)
+                bar.set_postfix({"loss": f"{out['loss']:.3f}", "lr": f"{out['lr']:.2e}",
+                                 f"{self.task.unit}/s": f"{speed:,.0f}"}, refresh=False)
                 if self.step % self.tc.log_every == 0:
                     record("train", {"loss": out["loss"], "lr": out["lr"], "grad_norm": out["grad_norm"],
-                                     "tokens_per_s": speed, "epoch": self.stream.epoch + 1})
-                    log.info("step %d%s | epoch %d | loss %.4f | lr %.3g | grad %.3g | %s tok/s", self.step,
+                                     f"{self.task.unit}_per_s": speed, "epoch": self.stream.epoch + 1})
+                    log.info("step %d%s | epoch %d | loss %.4f | lr %.3g | grad %.3g | %s %s/s", self.step,
                              f"/{self.tc.max_steps}" if self.tc.max_steps else "", self.stream.epoch + 1,
-                             out["loss"], out["lr"], out["grad_norm"], f"{speed:,.0f}")
+                             out["loss"], out["lr"], out["grad_norm"], f"{speed:,.0f}", self.task.unit)
                     window_tokens, window_start = 0, time.perf_counter()
                 if self._grad_stats:
                     record("grads", self._grad_stats)
@@ -531,8 +484,7 @@ class Trainer:
     def _validate(self, record) -> None:
         metrics = self.evaluate()
         record("valid", metrics)
-        log.info("step %d | valid loss %.4f | ppl %.2f | BLEU %.2f", self.step, metrics["loss"], metrics["ppl"],
-                 metrics["bleu"])
+        log.info("step %d | valid %s", self.step, " | ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         self._after_eval(metrics)
 
     def _catch_signals(self) -> dict[int, Any]:
