@@ -13,10 +13,11 @@ source token's embedding, multiplied by that embedding, L2 norm over the embeddi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from detr.layers import AttentionRecord
 from detr.model import Seq2Seq, padding_mask
@@ -33,17 +34,18 @@ class AttentionMaps:
     output: str
     score: float | None
     encoder: Tensor  # (L_enc, H, S, S)
-    decoder_self: Tensor  # (L_dec, H, T, T)
-    cross: Tensor  # (L_dec, H, T, S)
-    saliency: Tensor  # (T, S): importance of each source token for each output token
+    decoder_self: Tensor | None  # (L_dec, H, T, T); None for classify/tag runs
+    cross: Tensor | None  # (L_dec, H, T, S); None for classify/tag runs
+    saliency: Tensor  # (T, S): importance of each source token for each output token (or predicted label)
 
     def to_dict(self) -> dict:
-        def rounded(t: Tensor) -> list:
-            return torch.round(t * 10_000).div(10_000).tolist()
+        def rounded(t: Tensor, digits: int = 4) -> list:
+            return torch.round(t * 10**digits).div(10**digits).tolist()
 
         return {"src_tokens": self.src_tokens, "tgt_tokens": self.tgt_tokens, "output": self.output,
-                "score": self.score, "encoder": rounded(self.encoder), "decoder_self": rounded(self.decoder_self),
-                "cross": rounded(self.cross), "saliency": rounded(self.saliency)}
+                "score": self.score, "encoder": rounded(self.encoder),
+                "decoder_self": None if self.decoder_self is None else rounded(self.decoder_self),
+                "cross": None if self.cross is None else rounded(self.cross), "saliency": rounded(self.saliency, 7)}
 
 
 def token_labels(subwords: Subwords, ids: list[int]) -> list[str]:
@@ -62,6 +64,39 @@ def record_attention(model: Seq2Seq, src: Tensor, tgt_out: Tensor) -> AttentionR
     return record
 
 
+def gradient_x_input(model: nn.Module, embedding: nn.Module, log_probs: Callable[[], Tensor],
+                     picks: list[tuple[int, ...]]) -> Tensor:
+    """For each index `pick` into `log_probs()`, the L2 norm over the embedding dimension of
+    gradient × embedding output, per input token of the (first) batch row: (len(picks), S).
+
+    `embedding` is the module whose output is the input embedding; the encoder calls it first
+    (a table shared with the decoder is called again later: that call is not the input).
+    """
+    was_training = model.training
+    model.eval()
+    captured: list[Tensor] = []
+
+    def keep_first(module, inputs, output):
+        if not captured:
+            output.retain_grad()
+            captured.append(output)
+
+    handle = embedding.register_forward_hook(keep_first)
+    try:
+        with torch.enable_grad():
+            lp = log_probs()
+            rows = []
+            for k, pick in enumerate(picks):
+                captured[0].grad = None
+                lp[pick].backward(retain_graph=k + 1 < len(picks))
+                rows.append((captured[0].grad[0] * captured[0][0]).norm(dim=-1).detach())  # (S,)
+    finally:
+        handle.remove()
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return torch.stack(rows)
+
+
 def saliency(model: Seq2Seq, src: Tensor, tgt_out: Tensor) -> Tensor:
     """Gradient × input for every output position: (T, S) importance of source token s for
     the log-probability of output token t. Padding and masked positions get exactly 0.
@@ -69,31 +104,10 @@ def saliency(model: Seq2Seq, src: Tensor, tgt_out: Tensor) -> Tensor:
     Args:
         src: (1, S) source ids; tgt_out: (1, T) output ids ending in </s>.
     """
-    was_training = model.training
-    model.eval()
-    captured: list[Tensor] = []
-
-    def keep_first(module, inputs, output):  # the encoder embeds first; a shared table is called again later
-        if not captured:
-            output.retain_grad()
-            captured.append(output)
-
-    handle = model.encoder.embed.tokens.register_forward_hook(keep_first)
-    try:
-        tgt_in = torch.cat([torch.full_like(tgt_out[:, :1], BOS), tgt_out[:, :-1]], dim=1)
-        with torch.enable_grad():
-            logp = torch.log_softmax(model(src, tgt_in).float(), dim=-1)[0]  # (T, V)
-            rows = []
-            for t in range(tgt_out.size(1)):
-                model.zero_grad(set_to_none=True)
-                captured[0].grad = None
-                logp[t, tgt_out[0, t]].backward(retain_graph=t + 1 < tgt_out.size(1))
-                rows.append((captured[0].grad[0] * captured[0][0]).norm(dim=-1).detach())  # (S,)
-    finally:
-        handle.remove()
-        model.zero_grad(set_to_none=True)
-        model.train(was_training)
-    return torch.stack(rows)  # (T, S)
+    tgt_in = torch.cat([torch.full_like(tgt_out[:, :1], BOS), tgt_out[:, :-1]], dim=1)
+    picks = [(t, int(tgt_out[0, t])) for t in range(tgt_out.size(1))]
+    return gradient_x_input(model, model.encoder.embed.tokens,
+                            lambda: torch.log_softmax(model(src, tgt_in).float(), dim=-1)[0], picks)
 
 
 def attention_maps(translator: Translator, src_text: str, ref_text: str | None = None, with_saliency: bool = True,
@@ -167,3 +181,30 @@ def alignment_of(translator: Translator, src_text: str, output: str) -> str:
         return ""
     maps = attention_maps(translator, src_text, output, with_saliency=False)[0]
     return format_alignment(word_alignment(maps))
+
+
+def label_maps(labeller, text: str) -> list[AttentionMaps]:
+    """Encoder self-attention of every layer and head for a classify/tag run, and the saliency
+    of each input token for the predicted label (classify) or each word's predicted tag (tag)."""
+    task, model = labeller.task, labeller.model
+    device = next(model.parameters()).device
+    words = text.split()
+    ids, first = task.text.words(words) if task.name == "tag" else (task.text.sentence(text)[0], [])
+    src = torch.tensor([ids], device=device)
+    record = AttentionRecord()
+    with torch.no_grad():
+        probs = model(src, record).float().softmax(-1)[0]  # (C,) or (S, C)
+    if task.name == "classify":
+        label = int(probs.argmax())
+        picks, tgt_tokens = [(label,)], [task.labels[label]]
+        output, score = task.labels[label], float(probs[label])
+    else:
+        positions = [(p, w) for p, w in enumerate(first) if w >= 0]
+        picks = [(p, int(probs[p].argmax())) for p, _ in positions]
+        tgt_tokens = [f"{words[w]}/{task.labels[tag]}" for (_, w), (_, tag) in zip(positions, picks)]
+        output, score = " ".join(tgt_tokens), None
+    sal = gradient_x_input(model, model.encoder.embeddings,
+                           lambda: torch.log_softmax(model(src).float(), dim=-1)[0], picks)
+    return [AttentionMaps(src_tokens=task.text.tokens(ids), tgt_tokens=tgt_tokens, output=output, score=score,
+                          encoder=torch.cat(record.encoder).cpu(), decoder_self=None, cross=None,
+                          saliency=sal.cpu())]

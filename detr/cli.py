@@ -165,12 +165,14 @@ def cmd_translate(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    import detr.translator
+    import detr
+    from detr.translator import Translator
     from detr.visualize import inspect
 
-    translator = detr.translator.load(args.run, device=args.device, weights=args.weights)
-    options = {"beam_size": args.beam, "nbest": args.nbest} if args.ref is None else {}
-    for path in inspect(translator, args.src, args.out, args.ref, **options):
+    predictor = detr.load(args.run, device=args.device, weights=args.weights)
+    translating = isinstance(predictor, Translator) and args.ref is None
+    options = {"beam_size": args.beam, "nbest": args.nbest} if translating else {}
+    for path in inspect(predictor, args.src, args.out, args.ref, **options):
         print(path)
     return 0
 

@@ -51,10 +51,17 @@ class PretrainedEncoder(nn.Module):
         self.d_model = hf_model.config.hidden_size
 
     def forward(self, ids: Tensor, attention: AttentionRecord | None = None) -> Tensor:
-        out = self.hf(input_ids=ids, attention_mask=(ids != PAD).long(), output_attentions=attention is not None)
-        if attention is not None:
-            attention.encoder.extend(out.attentions)
-        return out.last_hidden_state  # (B, S, D)
+        mask = (ids != PAD).long()
+        if attention is None:
+            return self.hf(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, S, D)
+        fused = self.hf.config._attn_implementation
+        self.hf.set_attn_implementation("eager")  # only the explicit path hands back its weights
+        try:
+            out = self.hf(input_ids=ids, attention_mask=mask, output_attentions=True)
+        finally:
+            self.hf.set_attn_implementation(fused)
+        attention.encoder.extend(out.attentions)  # each (B, H, S, S)
+        return out.last_hidden_state
 
     @property
     def embeddings(self) -> nn.Embedding:

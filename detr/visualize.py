@@ -19,12 +19,10 @@ from pathlib import Path
 
 from torch import Tensor
 
-from detr.analysis import AttentionMaps, attention_maps
+from detr.analysis import AttentionMaps, attention_maps, label_maps
 from detr.errors import DataError
+from detr.labeller import Labeller
 from detr.translator import Translator
-
-FILES = ("cross_attention.png", "encoder_self_attention.png", "decoder_self_attention.png", "index.html",
-         "attention.json")
 
 
 def plot_grid(weights: Tensor, rows: list[str], cols: list[str], title: str, path: Path) -> None:
@@ -49,13 +47,16 @@ def plot_grid(weights: Tensor, rows: list[str], cols: list[str], title: str, pat
     fig.savefig(path, dpi=90)
 
 
-def inspect(translator: Translator, src_text: str, out: str | Path, ref_text: str | None = None,
+def inspect(predictor: Translator | Labeller, src_text: str, out: str | Path, ref_text: str | None = None,
             **options: object) -> list[Path]:
     """Attention of every layer and head and saliency for one sentence, written to `out`.
 
     Args:
-        ref_text: inspect this reference output; without it, the n-best outputs of the search
-            that `options` describe (`beam_size`, `nbest`, ...).
+        predictor: a `Translator` (encoder, decoder and cross-attention; saliency per output
+            token) or a classify/tag `Labeller` (encoder self-attention; saliency for the
+            predicted label, or for each word's predicted tag).
+        ref_text: translation only: inspect this reference output; without it, the n-best
+            outputs of the search that `options` describe (`beam_size`, `nbest`, ...).
 
     Raises:
         DataError: an empty `src_text` or an unwritable `out`.
@@ -64,12 +65,17 @@ def inspect(translator: Translator, src_text: str, out: str | Path, ref_text: st
         raise DataError("--src is empty: give the sentence to inspect")
     if ref_text is not None and not ref_text.strip():
         raise DataError("--ref is empty: give the reference output, or leave --ref out to decode")
+    if isinstance(predictor, Labeller):
+        if ref_text is not None:
+            raise DataError("--ref applies to translation runs; a classify/tag run shows its own prediction")
+        n_tokens, limit = len(predictor.task.text.sentence(src_text)[0]), predictor.task.text.max_len
+        maps = label_maps(predictor, src_text)
+    else:
+        n_tokens, limit = len(predictor.tokenizer.src.encode(src_text)) + 1, predictor.max_src_len
+        maps = attention_maps(predictor, src_text, ref_text, **options)
     note = ""
-    n_tokens = len(translator.tokenizer.src.encode(src_text))
-    if n_tokens > translator.max_src_len - 1:
-        note = (f"The source has {n_tokens} subword tokens; only the first {translator.max_src_len - 1} "
-                "(the model's maximum) were used.")
-    maps = attention_maps(translator, src_text, ref_text, **options)
+    if n_tokens > limit:
+        note = f"The input has {n_tokens} tokens; only the first {limit} (the model's maximum) were used."
     return write_inspection(maps, out, note)
 
 
@@ -90,17 +96,20 @@ def write_inspection(maps: list[AttentionMaps], out: str | Path, note: str = "")
         raise DataError(f"{out}: cannot write the inspection there: {err.strerror or err}") from None
     try:
         first = maps[0]
-        plot_grid(first.cross, first.tgt_tokens, first.src_tokens, "cross-attention (rows: output, columns: source)",
-                  tmp / "cross_attention.png")
-        plot_grid(first.encoder, first.src_tokens, first.src_tokens, "encoder self-attention",
-                  tmp / "encoder_self_attention.png")
-        plot_grid(first.decoder_self, first.tgt_tokens, first.tgt_tokens, "decoder self-attention (causal)",
-                  tmp / "decoder_self_attention.png")
+        plots = [("encoder_self_attention.png", first.encoder, first.src_tokens, first.src_tokens,
+                  "encoder self-attention")]
+        if first.cross is not None:
+            plots += [("cross_attention.png", first.cross, first.tgt_tokens, first.src_tokens,
+                       "cross-attention (rows: output, columns: source)"),
+                      ("decoder_self_attention.png", first.decoder_self, first.tgt_tokens, first.tgt_tokens,
+                       "decoder self-attention (causal)")]
+        for name, weights, rows, cols, title in plots:
+            plot_grid(weights, rows, cols, title, tmp / name)
         data = {"note": note, "outputs": [m.to_dict() for m in maps]}
         (tmp / "attention.json").write_text(json.dumps(data), encoding="utf-8")
         (tmp / "index.html").write_text(html_page(data), encoding="utf-8")
         written = []
-        for name in FILES:
+        for name in [p[0] for p in plots] + ["index.html", "attention.json"]:
             (tmp / name).replace(out / name)
             written.append(out / name)
         return written
@@ -140,9 +149,9 @@ _PAGE = """<!DOCTYPE html>
  <label>layer <select id="layer"></select></label>
  <label>head <select id="head"></select></label>
 </div>
-<div class="row">source (shaded by attention of the hovered output token):<div id="src"></div></div>
-<div class="row">saliency (gradient × input for the hovered output token):<div id="sal"></div></div>
-<div class="row tgt">output (hover a token):<div id="tgt"></div></div>
+<div class="row" id="srcrow">source (shaded by attention of the hovered output token):<div id="src"></div></div>
+<div class="row">saliency (gradient × input for the hovered output token or label):<div id="sal"></div></div>
+<div class="row tgt">output or predicted label(s) (hover one):<div id="tgt"></div></div>
 <div class="row"><table class="heat" id="heat"></table></div>
 <script type="application/json" id="data">__DATA__</script>
 <script>
@@ -210,16 +219,21 @@ function drawTokens() {
   const spans = tokens($("tgt"), o.tgt_tokens, null);
   Array.from(spans).forEach((span, t) => span.addEventListener("mouseenter", () => {
     Array.from(spans).forEach((s) => s.classList.remove("active")); span.classList.add("active");
-    const cross = matrix("cross", $("layer").value, $("head").value);
-    tokens($("src"), o.src_tokens, cross[t]);
+    if (o.cross) tokens($("src"), o.src_tokens, matrix("cross", $("layer").value, $("head").value)[t]);
     tokens($("sal"), o.src_tokens, o.saliency[t]);
   }));
+  if (spans.length) spans[0].dispatchEvent(new Event("mouseenter"));  // show the first at once
 }
 function setup() {
   $("note").textContent = DATA.note || "";
   DATA.outputs.forEach((o, i) => option($("output"), i,
     (i + 1) + ". " + o.output + (o.score === null ? " (reference)" : " (" + o.score.toFixed(3) + ")")));
-  const L = DATA.outputs[0].cross.length, H = DATA.outputs[0].cross[0].length;
+  if (!DATA.outputs[0].cross) {  // a classify/tag run: only the encoder attends
+    Array.from($("kind").options).forEach((opt) => { if (opt.value !== "encoder") opt.remove(); });
+    $("srcrow").style.display = "none";
+  }
+  const first = DATA.outputs[0].cross || DATA.outputs[0].encoder;
+  const L = first.length, H = first[0].length;
   option($("layer"), "mean", "mean"); for (let l = 0; l < L; l++) option($("layer"), l, String(l + 1));
   option($("head"), "mean", "mean"); for (let h = 0; h < H; h++) option($("head"), h, String(h + 1));
   $("layer").value = String(L - 1);

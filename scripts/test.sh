@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/ruff check --quiet detr tests benchmarks
+.venv/bin/ruff check --quiet detr tests benchmarks examples
 set +e
 .venv/bin/python -m pytest "$@"
 rc=$?

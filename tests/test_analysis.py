@@ -128,3 +128,30 @@ def test_training_logs_gradient_norms_and_update_ratios(tmp_path):
     keys = set(grads[0])
     assert {"norm/encoder.layers.0", "norm/decoder.layers.1", "update_ratio/encoder.layers.0"} <= keys
     assert all(v > 0 for k, v in grads[0].items() if k.startswith("update_ratio/"))
+
+
+@pytest.mark.parametrize("task", ["classify", "tag"])
+def test_inspect_a_classify_or_tag_run(tmp_path, task):
+    from tests.test_tasks import labelled_config
+
+    config = labelled_config(tmp_path, task, **{"train.max_steps": 5, "train.eval_every": 5})
+    assert cli("train", str(config), "--no-progress").returncode == 0
+    src = "the plot was superb and the cast was long" if task == "classify" else "Anna visited Rome ."
+    out = tmp_path / "inspect"
+    result = cli("inspect", str(tmp_path / "run"), "--src", src, "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["attention.json", "encoder_self_attention.png", "index.html"]
+    data = json.loads((out / "attention.json").read_text())["outputs"][0]
+    assert data["cross"] is None and data["decoder_self"] is None
+    n_targets = 1 if task == "classify" else 4
+    assert len(data["tgt_tokens"]) == n_targets and len(data["saliency"]) == n_targets
+    assert len(data["saliency"][0]) == len(data["src_tokens"])
+
+    labeller = detr.load(tmp_path / "run")
+    from detr.analysis import gradient_x_input
+
+    ids = pad([labeller.task.text.sentence(src)[0], labeller.task.text.sentence(src + " and more words")[0]])
+    model = labeller.model
+    pick = (0,) if task == "classify" else (1, 0)
+    sal = gradient_x_input(model, model.encoder.embeddings, lambda: torch.log_softmax(model(ids[:1]), -1)[0], [pick])
+    assert (ids[0] == 0).any() and (sal[0][ids[0] == 0] == 0).all()  # padding gets exactly zero

