@@ -275,6 +275,8 @@ class LabelTask:
     # -- vocabulary and labels
 
     def setup(self, run_dir: Path, resuming: bool) -> None:
+        """Labels from the training data (or the run), checked against the validation data before
+        anything is written; then the tokenizer (learned, or the pretrained one) and labels.json."""
         if resuming:
             self.load(run_dir)
         else:
@@ -284,15 +286,16 @@ class LabelTask:
             if self.name == "tag":  # every entity type seen gets both its B- and I- tag
                 types = sorted({label[2:] for label in self.labels if label != "O"})
                 self.labels = ["O"] + [f"{p}-{t}" for t in types for p in "BI"]
-            self.text = self._learn_text_ids(run_dir)
-            atomic_write_text(run_dir / LABELS, json.dumps({"task": self.name, "labels": self.labels}, indent=1))
-        if self.config.model.pretrained is None:
-            self.config.model.src_vocab_size = self.config.model.tgt_vocab_size = self.text.vocab_size
         if self.config.data.valid is not None:
             self.valid = list(read_labelled(self.config, "valid"))
             if not self.valid:
                 raise DataError(f"{self.config.data.valid}: the validation set is empty")
             self.check_labels(self.valid, str(self.config.data.valid))
+        if not resuming:
+            self.text = self._learn_text_ids(run_dir)
+            atomic_write_text(run_dir / LABELS, json.dumps({"task": self.name, "labels": self.labels}, indent=1))
+        if self.config.model.pretrained is None:
+            self.config.model.src_vocab_size = self.config.model.tgt_vocab_size = self.text.vocab_size
 
     def targets(self, example: Labelled) -> list[str]:
         return [example.label] if self.name == "classify" else example.tags

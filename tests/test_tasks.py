@@ -250,3 +250,12 @@ def test_the_fine_tuning_example_runs(tmp_path):
                           "--steps", "4", "--run", str(tmp_path / "run")], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert "trained 4 steps" in out.stdout and "macro-F1" in out.stdout and "confusion matrix" in out.stdout
+
+
+def test_a_validation_label_unknown_to_training_fails_before_anything_is_written(tmp_path):
+    config = labelled_config(tmp_path, "classify")
+    with open(tmp_path / "valid.tsv", "a") as f:
+        f.write("the film was fine\tmixed\n")
+    out = cli("train", str(config), "--no-progress")
+    assert out.returncode == 2 and "valid.tsv:62: label 'mixed' never occurs in the training data" in out.stderr
+    assert not (tmp_path / "run").exists() or list((tmp_path / "run").iterdir()) == []
