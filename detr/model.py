@@ -48,7 +48,7 @@ class Embedding(nn.Module):
 
 def _layer_args(config: ModelConfig) -> tuple:
     return (config.d_model, config.n_heads, config.d_ff, config.dropout, config.attention_dropout,
-            config.activation, config.norm == "pre", config.layer_norm_eps)
+            config.activation, config.norm == "pre", config.layer_norm_eps, config.activation_dropout)
 
 
 def _final_norm(config: ModelConfig) -> nn.Module:
