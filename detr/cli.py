@@ -10,6 +10,7 @@ import collections
 import contextlib
 import json
 import logging
+import os
 import shlex
 import sys
 from collections.abc import Iterator
@@ -420,6 +421,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("detr: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`detr translate ... | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -103,3 +103,10 @@ def test_evaluate_prints_sacrebleu_scores_with_signatures(run, toy_run, tmp_path
     short.write_text("eins\n")
     bad = cli("evaluate", str(run), "--src", str(src), "--ref", str(short))
     assert bad.returncode == 2 and f"{short} has 1 lines but {src} has 200" in bad.stderr.decode()
+
+
+def test_a_closed_output_pipe_stops_quietly(run):
+    lines = "we have two red dogs.\n" * 600
+    proc = subprocess.run(f"{sys.executable} -m detr translate {run} | head -n 1", shell=True, input=lines.encode(),
+                          capture_output=True, cwd=ROOT)
+    assert proc.stdout.decode().count("\n") == 1 and b"Traceback" not in proc.stderr
