@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from detr.layers import AttentionRecord
 from detr.model import Seq2Seq, padding_mask
-from detr.tokenizer import BOS, EOS, Subwords
+from detr.tokenizer import BOS, EOS
 from detr.translator import Translator
 
 
@@ -46,11 +46,6 @@ class AttentionMaps:
                 "score": self.score, "encoder": rounded(self.encoder),
                 "decoder_self": None if self.decoder_self is None else rounded(self.decoder_self),
                 "cross": None if self.cross is None else rounded(self.cross), "saliency": rounded(self.saliency, 7)}
-
-
-def token_labels(subwords: Subwords, ids: list[int]) -> list[str]:
-    """Readable subword strings; a subword that starts a word is marked "▁" (as SentencePiece shows it)."""
-    return ["▁" + s[1:] if s.startswith(" ") else s for s in subwords.token_strings(ids)]
 
 
 @torch.no_grad()
@@ -127,7 +122,7 @@ def attention_maps(translator: Translator, src_text: str, ref_text: str | None =
         tgt_out = torch.tensor([tgt_ids + [EOS]], device=translator.device)
         record = record_attention(translator.model, src, tgt_out)
         maps.append(AttentionMaps(
-            src_tokens=token_labels(tok.src, src_ids), tgt_tokens=token_labels(tok.tgt, tgt_ids + [EOS]),
+            src_tokens=tok.src.token_labels(src_ids), tgt_tokens=tok.tgt.token_labels(tgt_ids + [EOS]),
             output=text, score=score,
             encoder=torch.cat(record.encoder).cpu(),  # each (1, H, S, S) → (L, H, S, S)
             decoder_self=torch.cat(record.decoder_self).cpu(), cross=torch.cat(record.cross).cpu(),

@@ -224,7 +224,7 @@ class TextIds:
 
     def tokens(self, ids: list[int]) -> list[str]:
         if self.subwords is not None:
-            return ["▁" + s[1:] if s.startswith(" ") else s for s in self.subwords.token_strings(ids)]
+            return self.subwords.token_labels(ids)
         return self.hf.convert_ids_to_tokens(ids)
 
 

@@ -58,6 +58,10 @@ class Subwords:
         """A readable string per id (for attention plots): specials by name, others decoded."""
         return [SPECIALS[i] if i < len(SPECIALS) else self.hf.decode([i]) for i in ids]
 
+    def token_labels(self, ids: Iterable[int]) -> list[str]:
+        """`token_strings`, with a subword that starts a word marked "▁" (as SentencePiece shows it)."""
+        return ["▁" + s[1:] if s.startswith(" ") else s for s in self.token_strings(ids)]
+
 
 class Tokenizer:
     """Source and target subword vocabularies (the same object when joint)."""
