@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 CONFIG = "config.yaml"
 TOKENIZER = "tokenizer.json"
+PRETRAINED = "pretrained"  # a pretrained encoder's config.json (and tokenizer files), when the run has one
 MODEL = "model.safetensors"
 TRAINER_STATE = "trainer_state.pt"
 CHECKPOINTS = "checkpoints"
@@ -158,7 +159,12 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", weights: s
         raise CheckpointError(
             f"{run_dir}: tokenizer vocabularies ({tokenizer.src.vocab_size}, {tokenizer.tgt.vocab_size}) do not "
             f"match the model's ({config.model.src_vocab_size}, {config.model.tgt_vocab_size}) in {CONFIG}")
-    model = build_model(config.model).to(device)
+    encoder = None
+    if config.model.pretrained is not None:  # its architecture is in the run; its weights are in the safetensors
+        from detr.heads import load_pretrained_encoder
+
+        encoder = load_pretrained_encoder(run_dir / PRETRAINED, weights=False)
+    model = build_model(config.model, encoder).to(device)
     load_weights(model, weights if weights is not None else run_dir / MODEL)
     model.eval()
     return Run(config, tokenizer, model, run_dir)

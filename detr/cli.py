@@ -202,13 +202,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         report = predictor.evaluate(args.data)
         print(json.dumps(report, indent=2) if args.json else format_label_report(report, predictor.task.name))
         return 0
-    from detr.evaluate import evaluate
+    from detr.evaluate import evaluate, evaluate_data
 
-    if not args.src or not args.ref:
-        raise ConfigError("evaluate: a translation run is scored with --src FILE --ref FILE")
     predictor.on_overlong = "error" if args.strict_length else "truncate"
-    report = evaluate(predictor, args.src, args.ref, args.metrics.split(","), hypotheses_out=args.output,
-                      **_decode_options(args))
+    metrics = args.metrics.split(",")
+    if args.data:
+        report = evaluate_data(predictor, args.data, args.src_field, args.ref_field or ["tgt"], metrics,
+                               hypotheses_out=args.output, **_decode_options(args))
+    elif args.src and args.ref:
+        report = evaluate(predictor, args.src, args.ref, metrics, hypotheses_out=args.output,
+                          **_decode_options(args))
+    else:
+        raise ConfigError("evaluate: a translation run is scored with --src FILE --ref FILE, or with --data "
+                          "FILE.tsv|.jsonl --src-field NAME --ref-field NAME")
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
@@ -341,8 +347,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_decoding(evaluate)
     evaluate.add_argument("--src", help="translate: source file")
     evaluate.add_argument("--ref", action="append", help="translate: reference file (repeat for more)")
-    evaluate.add_argument("--data", help="classify/tag: a labelled file in the training data's format")
-    evaluate.add_argument("--metrics", default="bleu,chrf", help="comma-separated: bleu, chrf, rouge")
+    evaluate.add_argument("--data", help="classify/tag: a labelled file in the training data's format; "
+                                         "translate: a .tsv/.jsonl test file (see --src-field, --ref-field)")
+    evaluate.add_argument("--src-field", default="src", dest="src_field", help="--data: the source field")
+    evaluate.add_argument("--ref-field", action="append", dest="ref_field",
+                          help="--data: a reference field (repeat for more references; default: tgt)")
+    evaluate.add_argument("--metrics", default="bleu,chrf",
+                          help="comma-separated: bleu, chrf, rouge, distinct (Distinct-1/2), ppl")
     evaluate.add_argument("--json", action="store_true", help="print the scores as JSON")
     evaluate.set_defaults(func=cmd_evaluate)
 

@@ -147,6 +147,7 @@ class TrainConfig:
 
     max_steps: int = 0  # 0: no step limit (then max_epochs must be set)
     max_epochs: int = 0  # 0: no epoch limit
+    max_minutes: float = 0.0  # wall-clock budget of the training loop (validation included); 0: none
     save_every: int = 1000
     eval_every: int = 1000
     log_every: int = 100
@@ -176,8 +177,11 @@ class TrainConfig:
 
     def validate(self) -> None:
         _check_types(self, "train")
-        if self.max_steps <= 0 and self.max_epochs <= 0:
-            raise ConfigError("set train.max_steps or train.max_epochs (both are 0: training would never end)")
+        if self.max_steps <= 0 and self.max_epochs <= 0 and self.max_minutes <= 0:
+            raise ConfigError("set train.max_steps, train.max_epochs or train.max_minutes "
+                              "(all are 0: training would never end)")
+        if self.max_minutes < 0 or not math.isfinite(self.max_minutes):
+            raise ConfigError(f"train.max_minutes must be a non-negative number, got {self.max_minutes}")
         for name in ("save_every", "eval_every", "log_every", "max_tokens", "accumulate", "keep_last", "max_nonfinite"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")

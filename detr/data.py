@@ -34,7 +34,7 @@ from torch import Tensor
 from detr.atomic import atomic_path
 from detr.config import DataConfig
 from detr.errors import DataError
-from detr.tokenizer import BOS, EOS, PAD, Tokenizer, train_tokenizer
+from detr.tokenizer import BOS, EOS, PAD, PretrainedVocab, Tokenizer, train_subwords, train_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -366,7 +366,7 @@ class Encoded:
                     continue
                 self.truncated += 1
                 s, t = s[:limit], t[:limit]
-            out.append((s + [EOS], t + [EOS]))
+            out.append((s + [self.tokenizer.src.eos], t + [EOS]))
         return out
 
 
@@ -471,8 +471,12 @@ def training_stream(config: DataConfig, tokenizer: Tokenizer, max_tokens: int, s
     return BatchStream(examples, encode, max_tokens, config.pool_size, seed, name=str(config.train))
 
 
-def build_tokenizer(config: DataConfig) -> Tokenizer:
-    """Load `config.tokenizer` if set, else learn one on (up to `tokenizer_max_lines` of) the training data."""
+def build_tokenizer(config: DataConfig, pretrained: Path | None = None) -> Tokenizer:
+    """Load `config.tokenizer` if set, else learn one on (up to `tokenizer_max_lines` of) the training data.
+
+    `pretrained`: a pretrained encoder's folder; its vocabulary is the source side and only
+    the target side is learned (`joint_vocab` does not apply).
+    """
     if config.tokenizer is not None:
         return Tokenizer.load(config.tokenizer)
     check_split(config, "train")
@@ -481,6 +485,10 @@ def build_tokenizer(config: DataConfig) -> Tokenizer:
         for e in itertools.islice(read_examples(config, "train"), config.tokenizer_max_lines):
             yield getattr(e, name)
 
+    if pretrained is not None:
+        return Tokenizer(PretrainedVocab.from_folder(pretrained),
+                         train_subwords(side("tgt"), config.vocab_size, config.subword, config.lowercase,
+                                        config.normalization))
     return train_tokenizer(side("src"), side("tgt"), config.vocab_size, config.subword, config.joint_vocab,
                            config.lowercase, config.normalization)
 

@@ -10,7 +10,10 @@ encoder loaded from a local Hugging Face folder, never from the network.
 from __future__ import annotations
 
 import importlib
+import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -34,8 +37,9 @@ class OwnEncoder(nn.Module):
         self.encoder = Encoder(config, nn.Embedding(config.src_vocab_size, config.d_model, padding_idx=PAD))
         initialize(self, config.d_model)
 
-    def forward(self, ids: Tensor, attention: AttentionRecord | None = None) -> Tensor:
-        return self.encoder(ids, padding_mask(ids), attention)  # (B, S, D)
+    def forward(self, ids: Tensor, mask: Tensor | None = None, attention: AttentionRecord | None = None) -> Tensor:
+        """ids: (B, S); mask: (B, 1, 1, S), True where not padding (default: from the ids)."""
+        return self.encoder(ids, padding_mask(ids) if mask is None else mask, attention)  # (B, S, D)
 
     @property
     def embeddings(self) -> nn.Embedding:
@@ -43,15 +47,20 @@ class OwnEncoder(nn.Module):
 
 
 class PretrainedEncoder(nn.Module):
-    """A Hugging Face BERT-style encoder (`AutoModel`); padding id 0 as in BERT vocabularies."""
+    """A Hugging Face BERT-style encoder (`AutoModel`); padding id 0 as in BERT vocabularies.
+
+    Called like detr's own encoder, so it can sit under a classifier, a tagger or a
+    `Seq2Seq` decoder (a warm-started encoder-decoder).
+    """
 
     def __init__(self, hf_model: nn.Module) -> None:
         super().__init__()
         self.hf = hf_model
         self.d_model = hf_model.config.hidden_size
 
-    def forward(self, ids: Tensor, attention: AttentionRecord | None = None) -> Tensor:
-        mask = (ids != PAD).long()
+    def forward(self, ids: Tensor, mask: Tensor | None = None, attention: AttentionRecord | None = None) -> Tensor:
+        """ids: (B, S); mask: (B, 1, 1, S), True where not padding (default: from the ids). Returns (B, S, D)."""
+        mask = (ids != PAD).long() if mask is None else mask.reshape(ids.shape).long()
         if attention is None:
             return self.hf(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, S, D)
         fused = self.hf.config._attn_implementation
@@ -79,7 +88,7 @@ class SequenceClassifier(nn.Module):
 
     def forward(self, ids: Tensor, attention: AttentionRecord | None = None) -> Tensor:
         """ids: (B, S) → logits (B, C)."""
-        h = self.encoder(ids, attention)  # (B, S, D)
+        h = self.encoder(ids, attention=attention)  # (B, S, D)
         if self.pooling == "first":
             pooled = h[:, 0]
         else:
@@ -99,7 +108,7 @@ class TokenTagger(nn.Module):
 
     def forward(self, ids: Tensor, attention: AttentionRecord | None = None) -> Tensor:
         """ids: (B, S) → logits (B, S, C)."""
-        return self.out(self.dropout(self.encoder(ids, attention)))
+        return self.out(self.dropout(self.encoder(ids, attention=attention)))
 
 
 def resolve_pretrained(spec: str) -> Path:
@@ -145,6 +154,30 @@ def load_pretrained_encoder(folder: str | Path, weights: bool = True) -> Pretrai
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{folder}: cannot load a pretrained encoder: {str(err).splitlines()[0]}") from None
     return PretrainedEncoder(model)
+
+
+def save_pretrained_files(folder: Path, dest: Path, tokenizer=None) -> None:
+    """Copy the encoder's architecture (config.json) — and a Hugging Face tokenizer, if given — from
+    `folder` to `dest` in one rename, so a run directory rebuilds its model without the original."""
+    from transformers import AutoConfig
+
+    tmp = Path(tempfile.mkdtemp(prefix=".pretrained-", dir=dest.parent))
+    AutoConfig.from_pretrained(str(folder), local_files_only=True).save_pretrained(str(tmp))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+
+
+def check_width(folder: Path, config: ModelConfig) -> None:
+    """A decoder on a pretrained encoder attends to its states: its d_model must be the encoder's width."""
+    try:
+        width = json.loads((folder / "config.json").read_text(encoding="utf-8"))["hidden_size"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"model.pretrained: {folder / 'config.json'} has no readable hidden_size: {err}") from None
+    if width != config.d_model:
+        raise ConfigError(f"model.d_model={config.d_model}, but the pretrained encoder's hidden size is "
+                          f"{width}: set model.d_model: {width}")
 
 
 def build_head(task: str, config: ModelConfig, n_labels: int, encoder: nn.Module | None = None,

@@ -61,11 +61,22 @@ def rouge(hypotheses: list[str], references: list[list[str]]) -> list[Score]:
             for kind in kinds]
 
 
-METRICS = ("bleu", "chrf", "rouge")
+def distinct(hypotheses: list[str], n: int) -> Score:
+    """Distinct-n (Li et al., 2016): distinct word n-grams over all n-grams in all outputs, ×100.
+
+    A diversity score for generated responses: a model that answers everything with "I
+    don't know" scores near 0. Words are split on whitespace; no references are used.
+    """
+    grams = [tuple(words[i:i + n]) for words in (h.split() for h in hypotheses) for i in range(len(words) - n + 1)]
+    return Score(f"Distinct-{n}", 100 * len(set(grams)) / max(len(grams), 1), "whitespace words")
+
+
+METRICS = ("bleu", "chrf", "rouge", "distinct")
 
 
 def score(names: list[str], hypotheses: list[str], references: list[list[str]]) -> list[Score]:
-    """The named metrics ("bleu", "chrf", "rouge") of `hypotheses` against the reference sets."""
+    """The named metrics ("bleu", "chrf", "rouge", "distinct") of `hypotheses` against the reference sets
+    ("distinct" gives Distinct-1 and Distinct-2 and ignores the references)."""
     out: list[Score] = []
     for name in names:
         if name == "bleu":
@@ -74,6 +85,8 @@ def score(names: list[str], hypotheses: list[str], references: list[list[str]]) 
             out.append(chrf(hypotheses, references))
         elif name == "rouge":
             out.extend(rouge(hypotheses, references))
+        elif name == "distinct":
+            out += [distinct(hypotheses, 1), distinct(hypotheses, 2)]
         else:
             raise DataError(f"unknown metric {name!r}; choose from {', '.join(METRICS)}")
     return out

@@ -163,18 +163,25 @@ def initialize(module: nn.Module, d_model: int) -> None:
 
 
 class Seq2Seq(nn.Module):
-    """Encoder, decoder and output projection, with optional weight sharing."""
+    """Encoder, decoder and output projection, with optional weight sharing.
 
-    def __init__(self, config: ModelConfig) -> None:
+    `encoder` replaces detr's own encoder with any module called as
+    `encoder(src, src_mask, attention)` → memory (B, S, d_model), such as a pretrained
+    BERT-style encoder (`detr.heads.PretrainedEncoder`); its weights are left as they are.
+    """
+
+    def __init__(self, config: ModelConfig, encoder: nn.Module | None = None) -> None:
         super().__init__()
         self.config = config
         D = config.d_model
-        src_tokens = nn.Embedding(config.src_vocab_size, D, padding_idx=PAD)
-        tgt_tokens = src_tokens if config.share_embeddings else nn.Embedding(config.tgt_vocab_size, D, padding_idx=PAD)
-        self.encoder = Encoder(config, src_tokens)
+        own = encoder is None
+        src_tokens = nn.Embedding(config.src_vocab_size, D, padding_idx=PAD) if own else None
+        tgt_tokens = src_tokens if config.share_embeddings and own \
+            else nn.Embedding(config.tgt_vocab_size, D, padding_idx=PAD)
+        self.encoder = Encoder(config, src_tokens) if own else encoder
         self.decoder = Decoder(config, tgt_tokens)
         self.output = nn.Linear(D, config.tgt_vocab_size, bias=False)
-        initialize(self, D)
+        initialize(self if own else nn.ModuleList([self.decoder, self.output]), D)  # a given encoder keeps its weights
         if config.share_embeddings or config.tie_output:
             self.output.weight = tgt_tokens.weight  # the paper's shared weight matrix
 
@@ -212,11 +219,11 @@ class Seq2Seq(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def build_model(config: ModelConfig) -> Seq2Seq:
-    """Validate `config` and build a freshly initialised `Seq2Seq`.
+def build_model(config: ModelConfig, encoder: nn.Module | None = None) -> Seq2Seq:
+    """Validate `config` and build a freshly initialised `Seq2Seq` (on `encoder`, if given).
 
     Raises:
         ConfigError: an impossible configuration; the message names the field and value.
     """
     config.validate()
-    return Seq2Seq(config)
+    return Seq2Seq(config, encoder)

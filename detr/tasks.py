@@ -14,8 +14,6 @@ import dataclasses
 import json
 import logging
 import math
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detr.atomic import atomic_write_text
+from detr.checkpoint import PRETRAINED
 from detr.config import Config
 from detr.data import (
     TAG,
@@ -46,14 +45,20 @@ from detr.data import (
     training_stream,
 )
 from detr.errors import CheckpointError, ConfigError, DataError
-from detr.heads import build_head, load_pretrained_encoder, resolve_pretrained
+from detr.heads import (
+    build_head,
+    check_width,
+    load_pretrained_encoder,
+    resolve_pretrained,
+    save_pretrained_files,
+)
 from detr.metrics import bleu, classification_scores, entity_scores
 from detr.model import build_model
 from detr.tokenizer import BOS, EOS, PAD, Subwords, Tokenizer, train_tokenizer
 
 log = logging.getLogger(__name__)
 
-TOKENIZER, LABELS, PRETRAINED = "tokenizer.json", "labels.json", "pretrained"
+TOKENIZER, LABELS = "tokenizer.json", "labels.json"
 IGNORE = -100  # target of positions the loss skips (later subwords of a word, specials, padding)
 
 
@@ -77,17 +82,29 @@ class TranslateTask:
         check_split(self.config.data, "train")
         if self.config.data.valid is not None:
             check_split(self.config.data, "valid")
+        if self.config.model.pretrained is not None:
+            check_width(resolve_pretrained(self.config.model.pretrained), self.config.model)
+            if self.config.model.share_embeddings:
+                raise ConfigError("model.share_embeddings: the pretrained encoder keeps its own vocabulary; "
+                                  "set model.share_embeddings: false")
 
     def setup(self, run_dir: Path, resuming: bool) -> None:
-        """Learn (or, when resuming, load) the tokenizer; vocabulary sizes go into the model config."""
+        """Learn (or, when resuming, load) the tokenizer; vocabulary sizes go into the model config.
+
+        With `model.pretrained` the source side is the pretrained encoder's own vocabulary
+        and only the target side is learned."""
         path = run_dir / TOKENIZER
+        pretrained = self.config.model.pretrained
         if resuming:
             self.tokenizer = Tokenizer.load(path)
         else:
+            folder = resolve_pretrained(pretrained) if pretrained is not None else None
             if self.config.data.tokenizer is None:
                 log.info("learning a %s vocabulary of %d from %s", self.config.data.subword,
                          self.config.data.vocab_size, self.config.data.train)
-            self.tokenizer = build_tokenizer(self.config.data)
+            self.tokenizer = build_tokenizer(self.config.data, folder)
+            if folder is not None:
+                save_pretrained_files(folder, run_dir / PRETRAINED)
             self.tokenizer.save(path)
         m = self.config.model
         m.src_vocab_size, m.tgt_vocab_size = self.tokenizer.src.vocab_size, self.tokenizer.tgt.vocab_size
@@ -99,7 +116,10 @@ class TranslateTask:
                 raise DataError(f"{self.config.data.valid}: the validation set is empty")
 
     def build_model(self) -> nn.Module:
-        return build_model(self.config.model)
+        encoder = None
+        if self.config.model.pretrained is not None:  # warm start: pretrained encoder, new decoder
+            encoder = load_pretrained_encoder(resolve_pretrained(self.config.model.pretrained))
+        return build_model(self.config.model, encoder)
 
     def stream(self, max_tokens: int, seed: int) -> BatchStream:
         return training_stream(self.config.data, self.tokenizer, max_tokens, seed)
@@ -121,17 +141,25 @@ class TranslateTask:
         from detr.translator import Translator
 
         data = self.config.data
-        stream = BatchStream(lambda: self.valid, Encoded(self.tokenizer, data.max_len, "truncate"), max_tokens,
-                             data.pool_size, 0, shuffle=False, name=str(data.valid))
-        nll = tokens = 0.0
-        for batch in stream:
-            nll += float(loss_of(batch))
-            tokens += batch.num_tgt_tokens
-        loss = nll / tokens
+        loss = token_loss(self.valid, self.tokenizer, data.max_len, max_tokens, loss_of, str(data.valid))
         scored = self.valid[: max_sentences or None]
         decode = dataclasses.replace(self.config.decode, beam_size=1, nbest=1)
         hyps = Translator(model, self.tokenizer, decode, data.max_len).translate([e.src for e in scored])
         return {"loss": loss, "ppl": math.exp(min(loss, 100.0)), "bleu": bleu(hyps, [[e.tgt for e in scored]]).score}
+
+
+def token_loss(examples: list[Example], tokenizer: Tokenizer, max_len: int, max_tokens: int,
+               loss_of: Callable[[Batch], Tensor], name: str = "") -> float:
+    """Mean cross-entropy per target token (</s> included) of `examples` under teacher forcing;
+    over-long examples are truncated to `max_len`. `loss_of` sums a batch's loss."""
+    stream = BatchStream(lambda: examples, Encoded(tokenizer, max_len, "truncate"), max_tokens,
+                         max(len(examples), 1), 0, shuffle=False, name=name)
+    nll = tokens = 0.0
+    with torch.no_grad():
+        for batch in stream:
+            nll += float(loss_of(batch))
+            tokens += batch.num_tgt_tokens
+    return nll / max(tokens, 1)
 
 
 # ----------------------------------------------------------------------------- labelled data
@@ -315,12 +343,7 @@ class LabelTask:
 
             folder = resolve_pretrained(pretrained)
             hf = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-            encoder = load_pretrained_encoder(folder, weights=False)
-            tmp = Path(tempfile.mkdtemp(prefix=".pretrained-", dir=run_dir))
-            hf.save_pretrained(str(tmp))
-            encoder.hf.config.save_pretrained(str(tmp))
-            shutil.rmtree(run_dir / PRETRAINED, ignore_errors=True)
-            tmp.rename(run_dir / PRETRAINED)  # the run directory holds all it needs to predict later
+            save_pretrained_files(folder, run_dir / PRETRAINED, hf)  # the run holds all it needs to predict later
             return TextIds(data.max_len, hf=hf)
         if data.tokenizer is not None:
             tokenizer = Tokenizer.load(data.tokenizer)

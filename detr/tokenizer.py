@@ -29,6 +29,9 @@ FORMAT = "detr-tokenizer/1"
 class Subwords:
     """One vocabulary: text ↔ ids."""
 
+    kind = "detr"
+    bos, eos = BOS, EOS  # what starts / ends a source sequence in the encoder's input
+
     def __init__(self, hf: HFTokenizer) -> None:
         self.hf = hf
         for i, token in enumerate(SPECIALS):
@@ -63,6 +66,52 @@ class Subwords:
         return ["▁" + s[1:] if s.startswith(" ") else s for s in self.token_strings(ids)]
 
 
+class PretrainedVocab(Subwords):
+    """The source vocabulary of a pretrained BERT-style encoder (WordPiece, `[CLS] text [SEP]`).
+
+    It feeds a warm-started encoder (`model.pretrained`) exactly the ids it was trained on:
+    its own normalisation (e.g. lowercasing), `[CLS]` first and `[SEP]` where detr's own
+    vocabulary puts `</s>`. Its padding id must be 0, detr's PAD.
+    """
+
+    kind = "pretrained"
+
+    def __init__(self, hf: HFTokenizer) -> None:
+        hf.no_truncation()  # a saved tokenizer.json may carry its own length and padding settings
+        hf.no_padding()
+        self.hf = hf
+        ids = {token: hf.token_to_id(token) for token in ("[PAD]", "[CLS]", "[SEP]")}
+        if None in ids.values() or ids["[PAD]"] != PAD:
+            raise CheckpointError(f"pretrained tokenizer: needs [PAD] = {PAD}, [CLS] and [SEP] (found {ids})")
+        self.bos, self.eos = ids["[CLS]"], ids["[SEP]"]
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> PretrainedVocab:
+        try:
+            return cls(HFTokenizer.from_file(str(Path(folder) / "tokenizer.json")))
+        except Exception as err:  # the tokenizers library raises its own exception types
+            raise CheckpointError(f"{folder}/tokenizer.json: cannot load the pretrained tokenizer: {err}") from None
+
+    def encode(self, text: str) -> list[int]:
+        """`[CLS]` and the WordPiece ids of `text` (the caller appends `eos`, [SEP])."""
+        return [self.bos] + self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [[self.bos] + e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=True)
+
+    def token_strings(self, ids: Iterable[int]) -> list[str]:
+        return [self.hf.id_to_token(i) or "[UNK]" for i in ids]
+
+    def token_labels(self, ids: Iterable[int]) -> list[str]:
+        return self.token_strings(ids)
+
+
+SUBWORD_KINDS = {"detr": Subwords, "pretrained": PretrainedVocab}
+
+
 class Tokenizer:
     """Source and target subword vocabularies (the same object when joint)."""
 
@@ -78,6 +127,7 @@ class Tokenizer:
         data = {
             "format": FORMAT,
             "joint": self.joint,
+            "src_kind": self.src.kind,
             "src": json.loads(self.src.hf.to_str()),
             "tgt": None if self.joint else json.loads(self.tgt.hf.to_str()),
         }
@@ -97,7 +147,7 @@ class Tokenizer:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
             if data.get("format") != FORMAT:
                 raise ValueError(f"format is {data.get('format')!r}, expected {FORMAT!r}")
-            src = Subwords(HFTokenizer.from_str(json.dumps(data["src"])))
+            src = SUBWORD_KINDS[data.get("src_kind", "detr")](HFTokenizer.from_str(json.dumps(data["src"])))
             tgt = None if data["joint"] else Subwords(HFTokenizer.from_str(json.dumps(data["tgt"])))
         except FileNotFoundError:
             raise CheckpointError(f"{path}: tokenizer file not found") from None

@@ -2,7 +2,7 @@
 teacher-forced cross-entropy, backpropagation, Adam, checkpoints.
 
     trainer = Trainer(config)          # checks data and run directory, learns the tokenizer
-    result = trainer.run()             # steps until max_steps / max_epochs / early stopping
+    result = trainer.run()             # steps until max_steps / max_epochs / max_minutes / early stopping
 
 One optimiser step consumes `train.accumulate` batches of at most `train.max_tokens`
 padded tokens; the loss is the label-smoothed cross-entropy summed over their target
@@ -64,7 +64,7 @@ class TrainResult:
     steps: int
     epochs: int  # epochs completed
     seconds: float  # training time over all sessions of this run
-    stopped: str  # "max_steps", "max_epochs", "early_stopping"
+    stopped: str  # "max_steps", "max_epochs", "max_minutes", "early_stopping"
     best: dict[str, Any] | None  # {"metric", "value", "step"} of the best validation
     model_path: Path
     nonfinite_skipped: int
@@ -304,6 +304,8 @@ class Trainer:
             return "max_steps"
         if self.tc.max_epochs and self.stream.epoch >= self.tc.max_epochs:
             return "max_epochs"
+        if self.tc.max_minutes and self.seconds >= 60 * self.tc.max_minutes:
+            return "max_minutes"
         return None
 
     def next_batches(self) -> list[Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from detr.data import pad
 from detr.errors import ConfigError, DataError, DetrError
 from detr.model import Seq2Seq
 from detr.search import Hypothesis, Limits, beam_search, greedy, sample
-from detr.tokenizer import EOS, Tokenizer
+from detr.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +76,23 @@ class Translator:
         generator = torch.Generator(device=self.device).manual_seed(seed)
         return list(self.iter_samples(lines, config, num_samples, generator))
 
+    def perplexity(self, sources: list[str], targets: list[str], max_tokens: int = 4096) -> float:
+        """Perplexity of `targets` given `sources` (teacher forcing, per target subword, </s> included)."""
+        from detr.data import Example
+        from detr.tasks import TranslateTask, token_loss
+
+        examples = [Example(s, t, f"pair {i + 1}") for i, (s, t) in enumerate(zip(sources, targets, strict=True))]
+        loss = token_loss(examples, self.tokenizer, self.max_src_len, max_tokens,
+                          lambda batch: TranslateTask.batch_loss(self.model, batch.to(self.device), 0.0))
+        return math.exp(min(loss, 100.0))
+
     # ------------------------------------------------------------------ streaming core
 
     def encode_line(self, number: int, line: str) -> list[int]:
         """Source ids + </s> of input line `number`; a blank line gives just </s> (and an empty output)."""
+        eos = self.tokenizer.src.eos
         if not line.strip():
-            return [EOS]
+            return [eos]
         ids = self.tokenizer.src.encode(line)
         if len(ids) > self.max_src_len - 1:
             if self.on_overlong == "error":
@@ -88,7 +100,7 @@ class Translator:
                                 f"{self.max_src_len - 1}")
             log.warning("line %d: %d subword tokens, truncated to %d", number, len(ids), self.max_src_len - 1)
             ids = ids[: self.max_src_len - 1]
-        return ids + [EOS]
+        return ids + [eos]
 
     def batches(self, ids: list[list[int]], config: DecodeConfig, rows_per_sentence: int) -> Iterator[list[int]]:
         """Indices of non-empty inputs, sorted by length, grouped under the token and sentence budgets."""

