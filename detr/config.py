@@ -153,6 +153,7 @@ class TrainConfig:
     log_every: int = 100
     seed: int = 1234
     lr: float = 5e-4
+    pretrained_lr_scale: float = 1.0  # model.pretrained: the pretrained encoder learns at lr × this
     warmup_steps: int = 4000
     schedule: Literal["inverse_sqrt", "cosine", "constant"] = "inverse_sqrt"
     min_lr: float = 0.0
@@ -191,6 +192,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must not be negative, got {getattr(self, name)}")
         if not self.lr > 0 or not math.isfinite(self.lr):
             raise ConfigError(f"train.lr must be a positive number, got {self.lr}")
+        if not self.pretrained_lr_scale > 0 or not math.isfinite(self.pretrained_lr_scale):
+            raise ConfigError(f"train.pretrained_lr_scale must be positive, got {self.pretrained_lr_scale}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):

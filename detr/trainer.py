@@ -236,9 +236,20 @@ class Trainer:
 
     def _optimizer(self) -> torch.optim.Optimizer:
         # Weight decay on matrices only: biases, LayerNorm gains and embeddings' scale stay free.
-        decay = [p for p in self.model.parameters() if p.dim() >= 2]
-        rest = [p for p in self.model.parameters() if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": self.tc.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+        # A pretrained encoder learns at lr × pretrained_lr_scale: a new decoder needs a far larger
+        # step than weights that are already good.
+        from detr.heads import PretrainedEncoder
+
+        pretrained = {id(p) for m in self.model.modules() if isinstance(m, PretrainedEncoder) for p in m.parameters()}
+        new = [p for p in self.model.parameters() if id(p) not in pretrained]
+        old = [p for p in self.model.parameters() if id(p) in pretrained]
+        groups = []
+        for scale, params in ((1.0, new), (self.tc.pretrained_lr_scale, old)):
+            for decay in (True, False):
+                chosen = [p for p in params if (p.dim() >= 2) == decay]
+                if chosen:
+                    groups.append({"params": chosen, "weight_decay": self.tc.weight_decay if decay else 0.0,
+                                   "lr_scale": scale})
         cls = torch.optim.AdamW if self.tc.optimizer == "adamw" else torch.optim.Adam
         return cls(groups, lr=self.tc.lr, betas=tuple(self.tc.betas), eps=self.tc.eps)
 
@@ -358,7 +369,7 @@ class Trainer:
         self.nonfinite_in_row = 0
         lr = learning_rate(self.tc, self.step + 1)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # states saved before lr_scale existed have none
         self.scaler.unscale_(self.optimizer)
         clip = self.tc.clip_norm if self.tc.clip_norm > 0 else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))

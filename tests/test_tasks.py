@@ -282,11 +282,12 @@ def test_seq2seq_on_the_pretrained_minilm_encoder(tmp_path):
 
     from detr.heads import PretrainedEncoder, resolve_pretrained
     from detr.tasks import TranslateTask
+    from detr.trainer import Trainer, learning_rate
 
-    config = warm_start_config(tmp_path)
+    config = warm_start_config(tmp_path, **{"train.pretrained_lr_scale": 0.1})
     task = TranslateTask(config)
-    (tmp_path / "run").mkdir()
-    task.setup(tmp_path / "run", resuming=False)
+    (tmp_path / "probe").mkdir()
+    task.setup(tmp_path / "probe", resuming=False)
     src_ids = task.tokenizer.src.encode("Three RED dogs")
     assert src_ids[0] == task.tokenizer.src.bos and task.tokenizer.src.eos not in src_ids  # [CLS] ..., [SEP] appended
     assert task.tokenizer.src.vocab_size == 30522 and task.tokenizer.tgt.vocab_size == 400  # target side learned
@@ -297,8 +298,13 @@ def test_seq2seq_on_the_pretrained_minilm_encoder(tmp_path):
         if not name.startswith("pooler"):
             assert torch.equal(model.encoder.hf.get_parameter(name), p), name
 
-    result = detr.train(config)
-    assert result.steps == 4
+    trainer = Trainer(config)
+    assert trainer.run().steps == 4
+    encoder = {id(p) for p in trainer.model.encoder.parameters()}
+    for group in trainer.optimizer.param_groups:  # the pretrained encoder takes smaller steps than the decoder
+        in_encoder = {id(p) in encoder for p in group["params"]}
+        assert len(in_encoder) == 1
+        assert group["lr"] == pytest.approx(learning_rate(config.train, 4) * (0.1 if in_encoder.pop() else 1.0))
     translator = detr.load(tmp_path / "run")  # rebuilt from the run alone: pretrained/config.json + safetensors
     assert isinstance(translator.model.encoder, PretrainedEncoder)
     outputs = translator.translate(["we have two red dogs.", ""], beam_size=2)

@@ -1,0 +1,260 @@
+"""Quality on real data: train (or continue) a recipe, decode its test set, score it, write the table.
+
+    python benchmarks/quality.py RECIPE [--threads 2] [--average 5] [--lp 0.6,1.0] [--set key=value ...]
+
+RECIPE is a file in configs/ (without .yaml); what is measured depends on its kind:
+
+    translation     multi30k_en_de      BLEU, chrF (sacrebleu) on test2016; beam search; length penalty
+                                        chosen on valid among --lp; optional checkpoint averaging
+    summarization   dialogsum, dialogsum_minilm, bbc_headline
+                                        ROUGE-1/2/L (best of the references per example) beside LEAD-k
+    dialogue        dialogue_turns, chatterbot
+                                        perplexity, BLEU, Distinct-1/2 of beam and sampled responses,
+                                        five example exchanges
+
+en→fr is the en→de recipe with `--set data.tgt_lang=fr --name multi30k_en_fr`. The run goes
+to runs/quality/NAME (an existing run there is continued, or only scored if it is finished);
+the table and the details land in runs/quality/NAME/results.{md,json}. `--lines N` (first N
+examples of every split) and `--set train.max_steps=N` make the quick version the tests run.
+Run it from the repository root (the recipes' data paths are relative to it). Not part of the
+test run: a full recipe takes up to an hour on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import itertools
+import json
+import logging
+import platform
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import detr
+from detr.checkpoint import average_checkpoints, list_checkpoints
+from detr.config import Config, load_config
+from detr.data import read_examples, split_files
+from detr.evaluate import evaluate_texts, read_test_data
+from detr.metrics import Score, bleu, rouge, score
+
+ROOT = Path(__file__).resolve().parent.parent
+log = logging.getLogger("quality")
+
+
+@dataclass
+class Spec:
+    """How a recipe is judged."""
+
+    kind: str  # "translation", "summarization" or "dialogue"
+    refs: list[str] = field(default_factory=list)  # reference fields of the test file (summarization/dialogue)
+    lead: int = 0  # summarization: sentences in the LEAD baseline
+
+
+SPECS = {
+    "multi30k_en_de": Spec("translation"),
+    "dialogsum": Spec("summarization", ["summary1", "summary2", "summary3"], lead=3),
+    "dialogsum_minilm": Spec("summarization", ["summary1", "summary2", "summary3"], lead=3),
+    "bbc_headline": Spec("summarization", ["title"], lead=1),
+    "dialogue_turns": Spec("dialogue", ["response"]),
+    "chatterbot": Spec("dialogue", ["response"]),
+}
+
+CHATTERBOT_PAIRS = "dialogue/chatterbot_corpus_en/pairs.tsv"
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def lead(text: str, k: int) -> str:
+    """The first `k` sentences (or dialogue turns: a line break also ends one) of `text`."""
+    sentences = [s.strip() for s in SENTENCE_END.split(text) if s.strip()]
+    return " ".join(sentences[:k])
+
+
+def split_by_group(rows: list[dict], key: str, shares: tuple[int, int]) -> dict[str, list[dict]]:
+    """Deterministic train/valid/test split that keeps every row of one `key` value in one split:
+    a group goes to valid when its hash mod 100 < shares[0], to test when < shares[0] + shares[1]."""
+    out: dict[str, list[dict]] = {"train": [], "valid": [], "test": []}
+    for row in rows:
+        bucket = int(hashlib.sha1(row[key].encode()).hexdigest(), 16) % 100
+        split = "valid" if bucket < shares[0] else "test" if bucket < sum(shares) else "train"
+        out[split].append(row)
+    return out
+
+
+def write_tsv(path: Path, rows: list[dict], columns: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\t".join(columns) + "\n")
+        for row in rows:
+            f.write("\t".join(row[c] for c in columns) + "\n")
+
+
+def make_chatterbot_split(shared: Path, out: Path) -> None:
+    """data/chatterbot/{train,valid,test}.tsv from the corpus' pairs, split by question (80/10/10)."""
+    with open(shared / CHATTERBOT_PAIRS, encoding="utf-8") as f:
+        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    for split, part in split_by_group(rows, "context", (10, 10)).items():
+        write_tsv(out / f"{split}.tsv", part, ["context", "response"])
+
+
+def subset(config: Config, lines: int, folder: Path) -> list[str]:
+    """Overrides pointing every split at a copy of its first `lines` examples (TSV: plus the header)."""
+    overrides = []
+    for split in ("train", "valid", "test"):
+        path = getattr(config.data, split)
+        if path is None:
+            continue
+        files = split_files(config.data, split)
+        for f in files:
+            keep = lines + (f.suffix == ".tsv")
+            target = folder / split / f.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(f, encoding="utf-8") as src:
+                target.write_text("".join(itertools.islice(src, keep)), encoding="utf-8")
+        new = folder / split / Path(path).name
+        overrides.append(f"data.{split}={new}")
+    return overrides
+
+
+# ----------------------------------------------------------------------------- decoding and scores
+
+
+def test_set(config: Config, spec: Spec) -> tuple[list[str], list[list[str]]]:
+    """Sources and reference sets of the recipe's test split."""
+    if spec.kind == "translation":
+        examples = list(read_examples(config.data, "test"))
+        return [e.src for e in examples], [[e.tgt for e in examples]]
+    return read_test_data(config.data.test, config.data.src_field, spec.refs)
+
+
+def pick_length_penalty(translator, config: Config, penalties: list[float], beam: int) -> tuple[float, dict]:
+    """The length penalty with the best valid BLEU (never the test set)."""
+    valid = list(read_examples(config.data, "valid"))
+    sources, refs = [e.src for e in valid], [[e.tgt for e in valid]]
+    scores = {lp: bleu(translator.translate(sources, beam_size=beam, length_penalty=lp), refs).score
+              for lp in penalties}
+    best = max(scores, key=scores.get)
+    return best, scores
+
+
+def score_row(name: str, scores: list[Score]) -> dict:
+    return {"system": name, **{s.name: round(s.score, 2) for s in scores}}
+
+
+def evaluate_recipe(translator, config: Config, spec: Spec, args: argparse.Namespace, out: Path) -> dict:
+    sources, references = test_set(config, spec)
+    rows, details = [], {}
+    decode = {"beam_size": args.beam or config.decode.beam_size}
+    if spec.kind == "translation" and len(args.lp) > 1 and config.data.valid:
+        decode["length_penalty"], details["valid_bleu_by_length_penalty"] = pick_length_penalty(
+            translator, config, args.lp, decode["beam_size"])
+    elif args.lp:
+        decode["length_penalty"] = args.lp[0]
+    start = time.perf_counter()
+    if spec.kind == "translation":
+        report = evaluate_texts(translator, sources, references, ["bleu", "chrf"], out / "test.hyp", **decode)
+        rows.append(score_row(f"detr, beam {decode['beam_size']}", report.scores))
+        details["bleu_signature"] = report.scores[0].signature
+    elif spec.kind == "summarization":
+        report = evaluate_texts(translator, sources, references, ["rouge"], out / "test.hyp", **decode)
+        rows.append(score_row(f"detr, beam {decode['beam_size']}", report.scores))
+        rows.append(score_row(f"LEAD-{spec.lead}", rouge([lead(s, spec.lead) for s in sources], references)))
+        details["examples"] = [{"source": s[:400], "reference": r, "output": h}
+                               for s, r, h in zip(sources[:3], references[0][:3], report.hypotheses[:3])]
+    else:
+        report = evaluate_texts(translator, sources, references, ["ppl", "bleu", "distinct"], out / "test.hyp",
+                                **decode)
+        rows.append(score_row(f"detr, beam {decode['beam_size']}", report.scores))
+        sampled = [s[0][0] for s in translator.generate(sources, seed=1, top_p=config.decode.top_p)]
+        rows.append(score_row(f"detr, nucleus sampling p={config.decode.top_p}",
+                              score(["bleu", "distinct"], sampled, references)))
+        rows.append(score_row("the references themselves", score(["distinct"], references[0], references)))
+        details["examples"] = [{"context": s, "reference": r, "beam": h, "sampled": x}
+                               for s, r, h, x in list(zip(sources, references[0], report.hypotheses, sampled))[:5]]
+    details["test_decode_seconds"] = round(time.perf_counter() - start, 1)
+    details["decode"] = decode
+    details["test_examples"] = len(sources)
+    return {"rows": rows, **details}
+
+
+def markdown(name: str, result: dict) -> str:
+    columns = list(dict.fromkeys(k for row in result["rows"] for k in row))
+    lines = [f"### {name}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in result["rows"]:
+        lines.append("| " + " | ".join(str(row.get(c, "")) for c in columns) + " |")
+    t = result["training"]
+    lines += ["", f"Training: {t['steps']} steps ({t['stopped']}) in {t['seconds'] / 60:.1f} min on {t['machine']}; "
+                  f"best valid {t['best']}. Test: {result['test_examples']} examples, decoded in "
+                  f"{result['test_decode_seconds']:.0f} s with {result['decode']}."]
+    if "valid_bleu_by_length_penalty" in result:
+        lines.append(f"Length penalty chosen on valid (BLEU by penalty): {result['valid_bleu_by_length_penalty']}.")
+    for ex in result.get("examples", []):
+        lines.append("")
+        lines += [f"- **{k}**: {' '.join(str(v).split())}" for k, v in ex.items()]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def run(args: argparse.Namespace) -> dict:
+    recipe = args.recipe
+    if recipe not in SPECS:
+        raise SystemExit(f"unknown recipe {recipe!r}; choose from {', '.join(SPECS)}")
+    spec, name = SPECS[recipe], args.name or recipe
+    out = Path(args.out) / name
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(args.threads)
+    overrides = [f"run_dir={out / 'run'}", f"train.threads={args.threads}", *args.set]
+    config = load_config(ROOT / "configs" / f"{recipe}.yaml", overrides)
+    if recipe == "chatterbot" and not Path(config.data.train).is_file():
+        make_chatterbot_split(Path(args.shared), Path(config.data.train).parent)
+    if args.lines:
+        config = load_config(ROOT / "configs" / f"{recipe}.yaml", overrides + subset(config, args.lines, out / "data"))
+    result = detr.train(config, resume=True)
+    translator = detr.load(result.run_dir)
+    averaged = None
+    if args.average and len(list_checkpoints(result.run_dir)) >= args.average:
+        path, steps = average_checkpoints(result.run_dir, args.average)
+        translator = detr.load(result.run_dir, weights=path)
+        averaged = steps
+    report = evaluate_recipe(translator, config, spec, args, out)
+    report["training"] = {
+        "steps": result.steps, "stopped": result.stopped, "seconds": round(result.seconds, 1),
+        "best": result.best, "averaged_steps": averaged, "threads": args.threads,
+        "machine": f"{platform.machine()} {torch.get_num_threads()} thread(s), torch {torch.__version__}"}
+    report["command"] = "python benchmarks/quality.py " + " ".join(sys.argv[1:])
+    (out / "results.json").write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
+    (out / "results.md").write_text(markdown(name, report), encoding="utf-8")
+    return report
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("recipe", help=f"one of {', '.join(SPECS)}")
+    parser.add_argument("--name", help="results name (default: the recipe's)")
+    parser.add_argument("--out", default=str(ROOT / "runs" / "quality"))
+    parser.add_argument("--shared", default=str(ROOT.parent / "shared" / "data"))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--average", type=int, default=0, help="average the last K checkpoints (0: no)")
+    parser.add_argument("--beam", type=int, default=0, help="beam size (default: the recipe's)")
+    parser.add_argument("--lp", type=lambda s: [float(x) for x in s.split(",")], default=[],
+                        help="length penalties: one to use, or several to choose from on valid (translation)")
+    parser.add_argument("--lines", type=int, default=0, help="use only the first N examples of every split")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    arguments = parse_args()
+    print(markdown(arguments.name or arguments.recipe, run(arguments)))

