@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from sacrebleu.metrics import BLEU
 
 import detr
@@ -103,6 +104,57 @@ def test_evaluate_prints_sacrebleu_scores_with_signatures(run, toy_run, tmp_path
     short.write_text("eins\n")
     bad = cli("evaluate", str(run), "--src", str(src), "--ref", str(short))
     assert bad.returncode == 2 and f"{short} has 1 lines but {src} has 200" in bad.stderr.decode()
+
+
+def test_evaluate_reads_sources_and_several_references_from_jsonl_fields(run, toy_run, tmp_path):
+    src = (toy_run / "data" / "test.en").read_text().splitlines()[:40]
+    ref = (toy_run / "data" / "test.de").read_text().splitlines()[:40]
+    rows = [json.dumps({"en": s, "de": r, "other": r.lower()}) for s, r in zip(src, ref)]
+    (tmp_path / "test.jsonl").write_text("\n".join(rows) + "\n")
+    (tmp_path / "src.txt").write_text("\n".join(src) + "\n")
+    (tmp_path / "ref.txt").write_text("\n".join(ref) + "\n")
+    (tmp_path / "low.txt").write_text("\n".join(r.lower() for r in ref) + "\n")
+    fields = cli("evaluate", str(run), "--data", str(tmp_path / "test.jsonl"), "--src-field", "en", "--ref-field",
+                 "de", "--ref-field", "other", "--metrics", "bleu,rouge,distinct,ppl", "--json")
+    files = cli("evaluate", str(run), "--src", str(tmp_path / "src.txt"), "--ref", str(tmp_path / "ref.txt"),
+                "--ref", str(tmp_path / "low.txt"), "--metrics", "bleu,rouge,distinct,ppl", "--json")
+    assert fields.returncode == 0, fields.stderr
+    assert json.loads(fields.stdout) == json.loads(files.stdout)  # the same test set, read two ways
+    names = [s["name"] for s in json.loads(fields.stdout)["scores"]]
+    assert names == ["BLEU", "ROUGE-1", "ROUGE-2", "ROUGE-L", "Distinct-1", "Distinct-2", "PPL"]
+    bad = cli("evaluate", str(run), "--data", str(tmp_path / "test.jsonl"), "--src-field", "en", "--ref-field", "fr")
+    assert bad.returncode == 2 and "test.jsonl:1: no field 'fr'" in bad.stderr.decode()
+
+
+def test_perplexity_in_batches_equals_one_sentence_at_a_time(run):
+    import math
+
+    import torch.nn.functional as F
+
+    from detr.tokenizer import BOS, EOS
+
+    translator = detr.load(run)
+    pairs = [("we have two red dogs.", "wir haben zwei rote Hunde."),
+             ("she counts one old cat.", "sie zählt eine alte Katze."),
+             ("they buy three new books.", "sie kaufen drei neue Bücher.")]
+    nll = tokens = 0.0
+    with torch.no_grad():
+        for s, t in pairs:
+            src = torch.tensor([translator.tokenizer.src.encode(s) + [EOS]])
+            tgt = translator.tokenizer.tgt.encode(t) + [EOS]
+            logits = translator.model(src, torch.tensor([[BOS] + tgt[:-1]]))[0]
+            nll -= float(F.log_softmax(logits, -1)[torch.arange(len(tgt)), torch.tensor(tgt)].sum())
+            tokens += len(tgt)
+    got = translator.perplexity([s for s, _ in pairs], [t for _, t in pairs])
+    assert got == pytest.approx(math.exp(nll / tokens), rel=1e-5)
+
+
+def test_distinct_n_counts_unique_ngrams_over_all_outputs():
+    from detr.metrics import distinct
+
+    assert distinct(["a a a", "a b"], 1).score == pytest.approx(100 * 2 / 5)
+    assert distinct(["a b", "a b"], 2).score == pytest.approx(50.0)
+    assert distinct(["", "x"], 2).score == 0.0
 
 
 def test_a_closed_output_pipe_stops_quietly(run):
