@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -36,7 +37,17 @@ def describe_model(config_or_preset: str, overrides: list[str] | None = None, se
     """
     config = model_config_of(config_or_preset, overrides or [])
     torch.manual_seed(seed)
-    model = build_model(config).eval()
+    encoder, described = None, f"layers={config.n_layers}+{config.decoder_layers}"
+    if config.pretrained is not None:  # the architecture only: no weights are read
+        from detr.heads import check_width, load_pretrained_encoder, resolve_pretrained
+
+        folder = resolve_pretrained(config.pretrained)
+        check_width(folder, config)
+        encoder = load_pretrained_encoder(folder, weights=False)
+        hf = encoder.hf.config
+        config = dataclasses.replace(config, src_vocab_size=hf.vocab_size)
+        described = f"encoder {config.pretrained} ({hf.num_hidden_layers} layers) + {config.decoder_layers} layers"
+    model = build_model(config, encoder).eval()
     B, S, T = 2, 7, 5
     src = torch.randint(4, config.src_vocab_size, (B, S))
     tgt = torch.randint(4, config.tgt_vocab_size, (B, T))
@@ -48,7 +59,7 @@ def describe_model(config_or_preset: str, overrides: list[str] | None = None, se
         "tied (tgt = output)" if config.tie_output else "untied")
     return [
         f"model: d_model={config.d_model} n_heads={config.n_heads} d_ff={config.d_ff} "
-        f"layers={config.n_layers}+{config.decoder_layers} norm={config.norm} activation={config.activation}",
+        f"{described} norm={config.norm} activation={config.activation}",
         f"vocabulary: src={config.src_vocab_size} tgt={config.tgt_vocab_size}, embeddings {tying}",
         f"parameters: {model.num_parameters():,}",
         f"forward pass: src {tuple(src.shape)} + tgt {tuple(tgt.shape)} -> logits {tuple(logits.shape)}, "

