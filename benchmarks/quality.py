@@ -192,7 +192,7 @@ def markdown(name: str, result: dict) -> str:
     for row in result["rows"]:
         lines.append("| " + " | ".join(str(row.get(c, "")) for c in columns) + " |")
     t = result["training"]
-    lines += ["", f"Training: {t['steps']} steps ({t['stopped']}) in {t['seconds'] / 60:.1f} min (the run's own clock); "
+    lines += ["", f"Training: {t['steps']} steps ({t['stopped']}) in {t['seconds'] / 60:.1f} min; "
                   f"best valid {t['best']}. Test: {result['test_examples']} examples, decoded in "
                   f"{result['test_decode_seconds']:.0f} s with {result['decode']} on {t['machine']}."]
     if "valid_bleu_by_length_penalty" in result:
