@@ -221,12 +221,10 @@ def run(args: argparse.Namespace) -> dict:
     if args.lines:
         config = load_config(ROOT / "configs" / f"{recipe}.yaml", overrides + subset(config, args.lines, out / "data"))
     result = detr.train(config, resume=True)
-    translator = detr.load(result.run_dir)
-    averaged = None
+    weights = averaged = None
     if args.average and len(list_checkpoints(result.run_dir)) >= args.average:
-        path, steps = average_checkpoints(result.run_dir, args.average)
-        translator = detr.load(result.run_dir, weights=path)
-        averaged = steps
+        weights, averaged = average_checkpoints(result.run_dir, args.average)
+    translator = detr.load(result.run_dir, weights=weights)  # loaded once: the averaged weights or the best
     report = evaluate_recipe(translator, config, spec, args, out)
     report["training"] = {
         "steps": result.steps, "stopped": result.stopped, "seconds": round(result.seconds, 1),
