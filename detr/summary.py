@@ -14,54 +14,94 @@ from detr.model import build_model
 from detr.tokenizer import BOS
 
 
-def model_config_of(config_or_preset: str, overrides: list[str]) -> ModelConfig:
-    """The ModelConfig of a preset name or of a YAML config file, with dotted overrides."""
+def config_of(config_or_preset: str, overrides: list[str]) -> Config:
+    """The Config of a YAML file, or a translate Config around a preset's ModelConfig, with dotted overrides."""
     if config_or_preset in PRESETS and not Path(config_or_preset).exists():
-        raw = {"model": {}}
+        raw = {}
         for key, value in parse_overrides(overrides).items():
             section, _, name = key.partition(".")
             if section != "model":
                 raise ConfigError(f"override '{key}': only model.* keys apply to a preset")
-            raw["model"][name] = value
-        return section_from_dict(ModelConfig, raw["model"], "model", f"preset {config_or_preset}",
-                                 ModelConfig.preset(config_or_preset))
-    config: Config = load_config(config_or_preset, overrides)
-    return config.model
+            raw[name] = value
+        return Config(model=section_from_dict(ModelConfig, raw, "model", f"preset {config_or_preset}",
+                                              ModelConfig.preset(config_or_preset)))
+    return load_config(config_or_preset, overrides)
+
+
+def label_count(config: Config) -> tuple[int, str]:
+    """How many labels a classify/tag config's head has: read from data.train when it is there."""
+    from detr.tasks import LabelTask
+
+    train = config.data.train
+    if train is None or not Path(train).is_file():
+        return 2, f"labels: 2 assumed for this check (data.train {train} not found)"
+    labels = LabelTask(config).read_labels()
+    shown = ", ".join(labels[:12]) + (", ..." if len(labels) > 12 else "")
+    return len(labels), f"labels: {len(labels)} from {train} ({shown})"
 
 
 def describe_model(config_or_preset: str, overrides: list[str] | None = None, seed: int = 0) -> list[str]:
-    """Build the model, count its parameters, run one teacher-forced forward pass.
+    """Build the model, count its parameters, run one forward pass on random ids.
+
+    A translate config gets its Seq2Seq and a teacher-forced pass; a classify or tag config gets
+    its encoder with the task's head (labels counted from the training data when it is there).
 
     Returns:
         Lines of text for the user: sizes, parameter count, and the logits' shape and loss.
     """
-    config = model_config_of(config_or_preset, overrides or [])
+    full = config_of(config_or_preset, overrides or [])
+    config = full.model
     torch.manual_seed(seed)
     encoder, described = None, f"layers={config.n_layers}+{config.decoder_layers}"
+    if full.task != "translate":
+        described = f"encoder layers={config.n_layers}"
     if config.pretrained is not None:  # the architecture only: no weights are read
         from detr.heads import check_width, load_pretrained_encoder, resolve_pretrained
 
         folder = resolve_pretrained(config.pretrained)
-        check_width(folder, config)
         encoder = load_pretrained_encoder(folder, weights=False)
         hf = encoder.hf.config
         config = dataclasses.replace(config, src_vocab_size=hf.vocab_size)
-        described = f"encoder {config.pretrained} ({hf.num_hidden_layers} layers) + {config.decoder_layers} layers"
-    model = build_model(config, encoder).eval()
+        described = f"encoder {config.pretrained} ({hf.num_hidden_layers} layers, width {hf.hidden_size})"
+        if full.task == "translate":
+            check_width(folder, config)
+            described += f" + {config.decoder_layers} layers"
     B, S, T = 2, 7, 5
     src = torch.randint(4, config.src_vocab_size, (B, S))
-    tgt = torch.randint(4, config.tgt_vocab_size, (B, T))
-    tgt[:, 0] = BOS
-    with torch.no_grad():
-        logits = model(src, tgt)
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), tgt[:, 1:].flatten())
-    tying = "shared (src = tgt = output)" if config.share_embeddings else (
-        "tied (tgt = output)" if config.tie_output else "untied")
+    if full.task == "translate":
+        model = build_model(config, encoder).eval()
+        tgt = torch.randint(4, config.tgt_vocab_size, (B, T))
+        tgt[:, 0] = BOS
+        with torch.no_grad():
+            logits = model(src, tgt)
+        shape = tuple(logits.shape)
+        gold, logits, classes = tgt[:, 1:], logits[:, :-1], config.tgt_vocab_size
+        tying = "shared (src = tgt = output)" if config.share_embeddings else (
+            "tied (tgt = output)" if config.tie_output else "untied")
+        head = f"vocabulary: src={config.src_vocab_size} tgt={config.tgt_vocab_size}, embeddings {tying}"
+        shapes = f"src {tuple(src.shape)} + tgt {tuple(tgt.shape)}"
+    else:
+        from detr.heads import build_head
+
+        classes, labels = label_count(full)
+        model = build_head(full.task, config, classes, encoder).eval()
+        with torch.no_grad():
+            logits = model(src)
+        shape = tuple(logits.shape)
+        gold = torch.randint(0, classes, logits.shape[:-1])
+        pooling = f", pooling {config.pooling}" if full.task == "classify" else ""
+        head = f"head: {full.task}{pooling}; vocabulary: src={config.src_vocab_size}; {labels}"
+        shapes = f"ids {tuple(src.shape)}"
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, -2), gold.flatten())
+    if config.pretrained is not None and full.task != "translate":
+        sizes = f"model: {described}"  # the encoder's own architecture; no model.* size key applies
+    else:
+        sizes = (f"model: d_model={config.d_model} n_heads={config.n_heads} d_ff={config.d_ff} "
+                 f"{described} norm={config.norm} activation={config.activation}")
     return [
-        f"model: d_model={config.d_model} n_heads={config.n_heads} d_ff={config.d_ff} "
-        f"{described} norm={config.norm} activation={config.activation}",
-        f"vocabulary: src={config.src_vocab_size} tgt={config.tgt_vocab_size}, embeddings {tying}",
-        f"parameters: {model.num_parameters():,}",
-        f"forward pass: src {tuple(src.shape)} + tgt {tuple(tgt.shape)} -> logits {tuple(logits.shape)}, "
-        f"cross-entropy {loss.item():.3f} (uniform would be {math.log(config.tgt_vocab_size):.3f})",
+        sizes,
+        head,
+        f"parameters: {sum(p.numel() for p in model.parameters()):,}",
+        f"forward pass: {shapes} -> logits {shape}, "
+        f"cross-entropy {loss.item():.3f} (uniform would be {math.log(classes):.3f})",
     ]

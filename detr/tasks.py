@@ -308,12 +308,7 @@ class LabelTask:
         if resuming:
             self.load(run_dir)
         else:
-            self.labels = sorted({label for e in read_labelled(self.config, "train") for label in self.targets(e)})
-            if not self.labels:
-                raise DataError(f"{self.config.data.train}: no labelled examples")
-            if self.name == "tag":  # every entity type seen gets both its B- and I- tag
-                types = sorted({label[2:] for label in self.labels if label != "O"})
-                self.labels = ["O"] + [f"{p}-{t}" for t in types for p in "BI"]
+            self.labels = self.read_labels()
         if self.config.data.valid is not None:
             self.valid = list(read_labelled(self.config, "valid"))
             if not self.valid:
@@ -324,6 +319,16 @@ class LabelTask:
             atomic_write_text(run_dir / LABELS, json.dumps({"task": self.name, "labels": self.labels}, indent=1))
         if self.config.model.pretrained is None:
             self.config.model.src_vocab_size = self.config.model.tgt_vocab_size = self.text.vocab_size
+
+    def read_labels(self) -> list[str]:
+        """The label set of the training data; for tagging, every entity type seen gets both its B- and I- tag."""
+        labels = sorted({label for e in read_labelled(self.config, "train") for label in self.targets(e)})
+        if not labels:
+            raise DataError(f"{self.config.data.train}: no labelled examples")
+        if self.name == "tag":
+            types = sorted({label[2:] for label in labels if label != "O"})
+            labels = ["O"] + [f"{p}-{t}" for t in types for p in "BI"]
+        return labels
 
     def targets(self, example: Labelled) -> list[str]:
         return [example.label] if self.name == "classify" else example.tags

