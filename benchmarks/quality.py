@@ -6,7 +6,7 @@ RECIPE is a file in configs/ (without .yaml); what is measured depends on its ki
 
     translation     multi30k_en_de      BLEU, chrF (sacrebleu) on test2016; beam search; length penalty
                                         chosen on valid among --lp; optional checkpoint averaging
-    summarization   dialogsum, dialogsum_minilm, bbc_headline
+    summarization   dialogsum, dialogsum_minilm, bbc_headline, bbc_headline_minilm
                                         ROUGE-1/2/L (best of the references per example) beside LEAD-k
     dialogue        dialogue_turns, chatterbot
                                         perplexity, BLEU, Distinct-1/2 of beam and sampled responses,
@@ -62,6 +62,7 @@ SPECS = {
     "dialogsum": Spec("summarization", ["summary1", "summary2", "summary3"], lead=3),
     "dialogsum_minilm": Spec("summarization", ["summary1", "summary2", "summary3"], lead=3),
     "bbc_headline": Spec("summarization", ["title"], lead=1),
+    "bbc_headline_minilm": Spec("summarization", ["title"], lead=1),
     "dialogue_turns": Spec("dialogue", ["response"]),
     "chatterbot": Spec("dialogue", ["response"]),
 }
