@@ -50,11 +50,10 @@ def describe_model(config_or_preset: str, overrides: list[str] | None = None, se
         Lines of text for the user: sizes, parameter count, and the logits' shape and loss.
     """
     full = config_of(config_or_preset, overrides or [])
-    config = full.model
+    config, translate = full.model, full.task == "translate"
     torch.manual_seed(seed)
-    encoder, described = None, f"layers={config.n_layers}+{config.decoder_layers}"
-    if full.task != "translate":
-        described = f"encoder layers={config.n_layers}"
+    encoder = None
+    described = f"layers={config.n_layers}" + (f"+{config.decoder_layers}" if translate else " (encoder)")
     if config.pretrained is not None:  # the architecture only: no weights are read
         from detr.heads import check_width, load_pretrained_encoder, resolve_pretrained
 
@@ -63,12 +62,12 @@ def describe_model(config_or_preset: str, overrides: list[str] | None = None, se
         hf = encoder.hf.config
         config = dataclasses.replace(config, src_vocab_size=hf.vocab_size)
         described = f"encoder {config.pretrained} ({hf.num_hidden_layers} layers, width {hf.hidden_size})"
-        if full.task == "translate":
+        if translate:
             check_width(folder, config)
             described += f" + {config.decoder_layers} layers"
     B, S, T = 2, 7, 5
     src = torch.randint(4, config.src_vocab_size, (B, S))
-    if full.task == "translate":
+    if translate:
         model = build_model(config, encoder).eval()
         tgt = torch.randint(4, config.tgt_vocab_size, (B, T))
         tgt[:, 0] = BOS
@@ -93,7 +92,7 @@ def describe_model(config_or_preset: str, overrides: list[str] | None = None, se
         head = f"head: {full.task}{pooling}; vocabulary: src={config.src_vocab_size}; {labels}"
         shapes = f"ids {tuple(src.shape)}"
     loss = torch.nn.functional.cross_entropy(logits.flatten(0, -2), gold.flatten())
-    if config.pretrained is not None and full.task != "translate":
+    if config.pretrained is not None and not translate:
         sizes = f"model: {described}"  # the encoder's own architecture; no model.* size key applies
     else:
         sizes = (f"model: d_model={config.d_model} n_heads={config.n_heads} d_ff={config.d_ff} "
