@@ -17,8 +17,9 @@ import resource
 import time
 from pathlib import Path
 
+from detr.batching import BatchStream, Encoded
 from detr.config import DataConfig
-from detr.data import BatchStream, Encoded, read_examples
+from detr.readers import read_examples
 from detr.tokenizer import train_tokenizer
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared/data/translation/multi30k"

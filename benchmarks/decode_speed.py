@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from detr import ModelConfig, build_model
-from detr.search import Limits, beam_search, greedy
+from detr.config import DecodeConfig
+from detr.search import beam_search, greedy
 
 VOCAB, SRC_LEN, OUT_LEN = 32000, 30, 30
 
@@ -42,15 +43,15 @@ def detr_runner(src: torch.Tensor, beam: int, device: str):
     config = ModelConfig.preset("base", src_vocab_size=VOCAB, tgt_vocab_size=VOCAB, share_embeddings=True,
                                 max_positions=512)
     model = build_model(config).to(device).eval()
-    limits = Limits(max_len_a=0.0, max_len_b=OUT_LEN, min_len=OUT_LEN)
+    decode = DecodeConfig(beam_size=beam, max_len_a=0.0, max_len_b=OUT_LEN, min_len=OUT_LEN)
     src = src.to(device)
 
     def run():
         with torch.inference_mode():
             if beam == 1:
-                out = [h.tokens for h in greedy(model, src, limits)]
+                out = [h.tokens for h in greedy(model, src, decode)]
             else:
-                out = [n[0].tokens for n in beam_search(model, src, beam, limits=limits)]
+                out = [n[0].tokens for n in beam_search(model, src, decode)]
         assert all(len(o) == OUT_LEN for o in out), [len(o) for o in out]
 
     return run

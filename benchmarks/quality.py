@@ -40,9 +40,9 @@ import torch
 import detr
 from detr.checkpoint import average_checkpoints, list_checkpoints
 from detr.config import Config, load_config
-from detr.data import read_examples, split_files
-from detr.evaluate import evaluate_texts, read_test_data
+from detr.evaluate import read_test_data, score_texts
 from detr.metrics import Score, bleu, rouge, score
+from detr.readers import read_examples, split_files
 
 ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger("quality")
@@ -141,7 +141,7 @@ def pick_length_penalty(translator, config: Config, penalties: list[float], beam
     """The length penalty with the best valid BLEU (never the test set)."""
     valid = list(read_examples(config.data, "valid"))
     sources, refs = [e.src for e in valid], [[e.tgt for e in valid]]
-    scores = {lp: bleu(translator.translate(sources, beam_size=beam, length_penalty=lp), refs).score
+    scores = {lp: bleu(translator.translate(sources, translator.options(beam_size=beam, length_penalty=lp)), refs).score
               for lp in penalties}
     best = max(scores, key=scores.get)
     return best, scores
@@ -162,20 +162,21 @@ def evaluate_recipe(translator, config: Config, spec: Spec, args: argparse.Names
         decode["length_penalty"] = args.lp[0]
     start = time.perf_counter()
     if spec.kind == "translation":
-        report = evaluate_texts(translator, sources, references, ["bleu", "chrf"], out / "test.hyp", **decode)
+        report = score_texts(translator, sources, references, ["bleu", "chrf"], out / "test.hyp",
+                             translator.options(**decode))
         rows.append(score_row(f"detr, beam {decode['beam_size']}", report.scores))
         details["bleu_signature"] = report.scores[0].signature
     elif spec.kind == "summarization":
-        report = evaluate_texts(translator, sources, references, ["rouge"], out / "test.hyp", **decode)
+        report = score_texts(translator, sources, references, ["rouge"], out / "test.hyp", translator.options(**decode))
         rows.append(score_row(f"detr, beam {decode['beam_size']}", report.scores))
         rows.append(score_row(f"LEAD-{spec.lead}", rouge([lead(s, spec.lead) for s in sources], references)))
         details["examples"] = [{"source": s[:400], "reference": r, "output": h}
                                for s, r, h in zip(sources[:3], references[0][:3], report.hypotheses[:3])]
     else:
-        report = evaluate_texts(translator, sources, references, ["ppl", "bleu", "distinct"], out / "test.hyp",
-                                **decode)
+        report = score_texts(translator, sources, references, ["ppl", "bleu", "distinct"], out / "test.hyp",
+                             translator.options(**decode))
         rows.append(score_row(f"detr, beam {decode['beam_size']}", report.scores))
-        sampled = [s[0][0] for s in translator.generate(sources, seed=1, top_p=config.decode.top_p)]
+        sampled = [s[0][0] for s in translator.generate(sources, translator.options(seed=1, top_p=config.decode.top_p))]
         rows.append(score_row(f"detr, nucleus sampling p={config.decode.top_p}",
                               score(["bleu", "distinct"], sampled, references)))
         rows.append(score_row("the references themselves", score(["distinct"], references[0], references)))

@@ -6,39 +6,47 @@
     detr.load("runs/tiny").translate(["we have one red dog."])  # → ["wir haben einen roten Hund."]
 """
 
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from detr.checkpoint import Run, load_run
 from detr.config import Config, DataConfig, DecodeConfig, ModelConfig, TrainConfig, load_config
 from detr.errors import CheckpointError, ConfigError, DataError, DetrError, TrainingError
+from detr.labeller import Classifier, Tagger
 from detr.layers import AttentionRecord
 from detr.model import KVCache, Seq2Seq, build_model
+from detr.trainer import TrainResult
+from detr.trainer import train as _train
+from detr.translator import Translator
 
 __version__ = "0.1.0"
 
 
-def train(config: Config, resume: bool = False, progress: bool = False):
+def train(config: Config, resume: bool = False, progress: bool = False) -> TrainResult:
     """Train as `config` describes; returns a `detr.trainer.TrainResult`. See `detr.trainer.Trainer`."""
-    from detr.trainer import train as _train  # imported on use: `import detr` stays light
-
     return _train(config, resume, progress)
 
 
-def load(run_dir, device: str = "cpu", weights=None):
-    """What a run directory written by `detr train` predicts with: a `detr.translator.Translator`
-    (task translate) or a `detr.labeller.Labeller` (classify, tag)."""
-    from pathlib import Path
+def load(run_dir: str | Path, device: str = "cpu", weights: str | Path | None = None) -> Any:
+    """The predictor of any run directory written by `detr train`: a `Translator` (task translate),
+    a `Classifier` (classify) or a `Tagger` (tag), with its weights in eval mode.
 
-    from detr.tasks import LABELS
+    Args:
+        run_dir: the run directory.
+        device: where to put the model ("cpu", "cuda", "cuda:1", ...).
+        weights: a safetensors file to use instead of `run_dir/model.safetensors` (an averaged or
+            intermediate checkpoint), for every kind of run.
 
-    if (Path(run_dir) / LABELS).is_file():
-        from detr.labeller import load_labeller
-
-        return load_labeller(run_dir, device)
-    from detr.translator import load as _load
-
-    return _load(run_dir, device, weights)
+    Raises:
+        CheckpointError: a missing or corrupt run directory (one line naming the file).
+    """
+    return load_run(run_dir, device, weights).predictor()
 
 
 __all__ = [
-    "AttentionRecord", "CheckpointError", "Config", "ConfigError", "DataConfig", "DataError", "DecodeConfig",
-    "DetrError", "KVCache", "ModelConfig", "Seq2Seq", "TrainConfig", "TrainingError", "build_model", "load",
-    "load_config", "train", "__version__",
+    "AttentionRecord", "CheckpointError", "Classifier", "Config", "ConfigError", "DataConfig", "DataError",
+    "DecodeConfig", "DetrError", "KVCache", "ModelConfig", "Run", "Seq2Seq", "Tagger", "TrainConfig", "TrainResult",
+    "TrainingError", "Translator", "build_model", "load", "load_config", "load_run", "train", "__version__",
 ]

@@ -4,6 +4,7 @@
     maps[0].cross.shape                                           # (layers, heads, T, S)
     saliency(translator.model, src, tgt_in, position=3)          # (S,) importance of each source token
     word_alignment(maps[0])                                       # "0-0 1-1 2-2 ..."
+    gradient_norms(model)                                         # per-block gradient L2 norm (training)
 
 Attention is read by teacher-forcing the output (the decoder is causal, so each row is
 exactly what the decoder saw when it produced that token). Saliency is gradient ×
@@ -13,12 +14,15 @@ source token's embedding, multiplied by that embedding, L2 norm over the embeddi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from detr.config import DecodeConfig
+from detr.labeller import Classifier, Tagger
 from detr.layers import AttentionRecord
 from detr.model import Seq2Seq, padding_mask
 from detr.tokenizer import BOS, EOS
@@ -106,15 +110,15 @@ def saliency(model: Seq2Seq, src: Tensor, tgt_out: Tensor) -> Tensor:
 
 
 def attention_maps(translator: Translator, src_text: str, ref_text: str | None = None, with_saliency: bool = True,
-                   **options: object) -> list[AttentionMaps]:
+                   options: DecodeConfig | None = None) -> list[AttentionMaps]:
     """Attention (and saliency) for `src_text`: of the reference `ref_text` if given, else of
-    each n-best output of the search that `options` describe (`beam_size`, `nbest`, ...)."""
+    each n-best output of the search `options` describe (default: the run's decode settings)."""
     src_ids = translator.encode_line(1, src_text)
     src = torch.tensor([src_ids], device=translator.device)
     if ref_text is not None:
         outputs = [(ref_text, None)]
     else:
-        outputs = translator.translate_nbest([src_text], **options)[0]
+        outputs = translator.translate_nbest([src_text], options)[0]
     maps = []
     tok = translator.tokenizer
     for text, score in outputs:
@@ -178,28 +182,47 @@ def alignment_of(translator: Translator, src_text: str, output: str) -> str:
     return format_alignment(word_alignment(maps))
 
 
-def label_maps(labeller, text: str) -> list[AttentionMaps]:
+def label_maps(labeller: Classifier | Tagger, text: str) -> list[AttentionMaps]:
     """Encoder self-attention of every layer and head for a classify/tag run, and the saliency
     of each input token for the predicted label (classify) or each word's predicted tag (tag)."""
-    task, model = labeller.task, labeller.model
-    device = next(model.parameters()).device
-    words = text.split()
-    ids, first = task.text.words(words) if task.name == "tag" else (task.text.sentence(text)[0], [])
-    src = torch.tensor([ids], device=device)
+    model = labeller.model
+    ids, picks, names, output, score = labeller.saliency_targets(text)
+    src = torch.tensor([ids], device=labeller.device)
     record = AttentionRecord()
     with torch.no_grad():
-        probs = model(src, record).float().softmax(-1)[0]  # (C,) or (S, C)
-    if task.name == "classify":
-        label = int(probs.argmax())
-        picks, tgt_tokens = [(label,)], [task.labels[label]]
-        output, score = task.labels[label], float(probs[label])
-    else:
-        positions = [(p, w) for p, w in enumerate(first) if w >= 0]
-        picks = [(p, int(probs[p].argmax())) for p, _ in positions]
-        tgt_tokens = [f"{words[w]}/{task.labels[tag]}" for (_, w), (_, tag) in zip(positions, picks)]
-        output, score = " ".join(tgt_tokens), None
+        model(src, record)
     sal = gradient_x_input(model, model.encoder.embeddings,
                            lambda: torch.log_softmax(model(src).float(), dim=-1)[0], picks)
-    return [AttentionMaps(src_tokens=task.text.tokens(ids), tgt_tokens=tgt_tokens, output=output, score=score,
+    return [AttentionMaps(src_tokens=labeller.text.tokens(ids), tgt_tokens=names, output=output, score=score,
                           encoder=torch.cat(record.encoder).cpu(), decoder_self=None, cross=None,
                           saliency=sal.cpu())]
+
+
+# ----------------------------------------------------------------------------- gradients while training
+
+
+def _block(name: str) -> str:
+    """The block a parameter belongs to: an encoder/decoder layer, an embedding, a final norm."""
+    parts = name.split(".")
+    return ".".join(parts[:3]) if len(parts) > 2 and parts[1] == "layers" else ".".join(parts[:2])
+
+
+def gradient_norms(model: torch.nn.Module) -> dict[str, float]:
+    """L2 norm of the gradient per block (see `_block`)."""
+    squares: dict[str, float] = {}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            squares[_block(name)] = squares.get(_block(name), 0.0) + float(p.grad.float().pow(2).sum())
+    return {block: math.sqrt(s) for block, s in squares.items()}
+
+
+def update_ratios(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> dict[str, float]:
+    """‖Δw‖ / ‖w‖ per block for one optimiser step: about 1e-3 is healthy; far above, the
+    learning rate is too high for that block; far below, it barely learns."""
+    change: dict[str, float] = {}
+    size: dict[str, float] = {}
+    for name, p in model.named_parameters():
+        block = _block(name)
+        change[block] = change.get(block, 0.0) + float((p.detach() - before[name]).float().pow(2).sum())
+        size[block] = size.get(block, 0.0) + float(before[name].float().pow(2).sum())
+    return {block: math.sqrt(change[block] / size[block]) if size[block] else 0.0 for block in change}

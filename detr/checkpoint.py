@@ -1,65 +1,42 @@
-"""The run directory: what training writes and what decoding needs.
+"""Saving and loading what training writes: weights, trainer state, averaged checkpoints, and
+the one loader of a trained run (`load_run`), whatever its task.
 
-    runs/NAME/
-      config.yaml          the effective, validated configuration
-      tokenizer.json       the tokenizer used in training
-      model.safetensors    weights to decode with: the best on validation, else the last
-      trainer_state.pt     optimizer, RNG states, data position, step, best metric
-      checkpoints/         step_XXXXXXXX.safetensors, the last `train.keep_last` saves
-      metrics.jsonl        one JSON object per log or validation step
-      events.*             TensorBoard logs
-
-Every file is written atomically, so a run killed at any moment leaves a consistent
-directory. Weights are safetensors (loading runs no code); the trainer state is loaded
+File names live in `detr.rundir`. Every file is written atomically, so a run killed at any
+moment leaves a consistent directory. Weights are safetensors (loading runs no code) and
+carry the fingerprint of the tokenizer they were trained with; the trainer state is loaded
 with `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_file
+from torch import nn
 
 from detr.atomic import atomic_path
 from detr.config import Config, load_config
 from detr.errors import CheckpointError, ConfigError
-from detr.model import Seq2Seq, build_model
-from detr.tokenizer import Tokenizer
+from detr.pretrained import encoder_for
+from detr.rundir import RunDir
+from detr.tasks import Task, make_task
 
 log = logging.getLogger(__name__)
 
-CONFIG = "config.yaml"
-TOKENIZER = "tokenizer.json"
-PRETRAINED = "pretrained"  # a pretrained encoder's config.json (and tokenizer files), when the run has one
-MODEL = "model.safetensors"
-TRAINER_STATE = "trainer_state.pt"
-CHECKPOINTS = "checkpoints"
-METRICS = "metrics.jsonl"
-_STEP_FILE = re.compile(r"step_(\d+)\.safetensors$")
-
-
-def checkpoint_path(run_dir: str | Path, step: int) -> Path:
-    return Path(run_dir) / CHECKPOINTS / f"step_{step:08d}.safetensors"
+TOKENIZER_KEY = "detr.tokenizer"  # safetensors metadata: fingerprint of the tokenizer the weights were trained with
 
 
 def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """(step, path) of the saved checkpoints, oldest first."""
-    folder = Path(run_dir) / CHECKPOINTS
-    found = []
-    for p in folder.glob("step_*.safetensors") if folder.is_dir() else []:
-        m = _STEP_FILE.search(p.name)
-        if m:
-            found.append((int(m.group(1)), p))
-    return sorted(found)
+    """(step, path) of a run's saved checkpoints, oldest first."""
+    return RunDir(run_dir).list_checkpoints()
 
 
-def save_weights(model: torch.nn.Module, path: str | Path) -> None:
+def save_weights(model: torch.nn.Module, path: str | Path, fingerprint: str | None = None) -> None:
     """Write the model's weights atomically; a tensor shared by several names is stored once,
     under the first name in sorted order.
 
@@ -72,7 +49,16 @@ def save_weights(model: torch.nn.Module, path: str | Path) -> None:
         by_storage.setdefault((t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)), []).append(name)
     tensors = {min(names): state[min(names)].detach().contiguous() for names in by_storage.values()}
     with atomic_path(path) as tmp:
-        save_file(dict(sorted(tensors.items())), str(tmp), metadata={"format": "pt"})
+        save_file(dict(sorted(tensors.items())), str(tmp), metadata=weights_metadata(fingerprint))
+
+
+def weights_metadata(fingerprint: str | None) -> dict[str, str]:
+    """The one metadata entry of a weights file: the tokenizer fingerprint, else the usual format tag.
+
+    One entry only: safetensors writes several in a per-process random order, and a run's files
+    must be the same bytes whenever they hold the same weights (exact resume is checked bitwise).
+    """
+    return {TOKENIZER_KEY: fingerprint} if fingerprint else {"format": "pt"}
 
 
 def load_weights(model: torch.nn.Module, path: str | Path) -> None:
@@ -96,6 +82,18 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> None:
             f"{path}: weights do not fit the model in config.yaml "
             f"(missing: {sorted(missing)[:3]}, unexpected: {sorted(unexpected)[:3]})"
         )
+    for name, p in model.state_dict().items():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            raise CheckpointError(f"{path}: weight {name} holds NaN or infinite values; these weights cannot predict")
+
+
+def weights_fingerprint(path: str | Path) -> str | None:
+    """The tokenizer fingerprint stored with weights (None in weights saved before fingerprints)."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            return (f.metadata() or {}).get(TOKENIZER_KEY)
+    except (SafetensorError, OSError):
+        return None
 
 
 def _device_of(model: torch.nn.Module) -> str:
@@ -111,28 +109,41 @@ def load_trainer_state(path: str | Path) -> dict[str, Any]:
     """Read `trainer_state.pt` without executing code (`weights_only=True`).
 
     Raises:
-        CheckpointError: missing or unreadable.
+        CheckpointError: missing, unreadable, or holding anything but plain tensors and values.
     """
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: trainer state not found") from None
-    except Exception as err:  # torch raises many types for a damaged pickle
-        raise CheckpointError(f"{path}: cannot read the trainer state: {err}") from None
+    except Exception as err:  # torch raises many types for a damaged or tampered pickle
+        # Its message advises weights_only=False, which would execute whatever the file holds: never say that.
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        kind = "tampered or corrupt (it holds more than tensors and plain values)" \
+            if "weights_only" in str(err) or "Unsupported" in first else f"unreadable ({first})"
+        raise CheckpointError(f"{path}: the trainer state is {kind}; it is not loaded") from None
 
 
 @dataclass
 class Run:
-    """What a run directory holds, ready to decode with."""
+    """A trained run, read once from its directory: the effective config, the task (with its
+    tokenizer and labels) and the model with its weights, in eval mode."""
 
     config: Config
-    tokenizer: Tokenizer
-    model: Seq2Seq
+    task: Task
+    model: nn.Module
     run_dir: Path
+
+    def predictor(self) -> Any:
+        """What predicts with this run: a `Translator`, `Classifier` or `Tagger`."""
+        return self.task.predictor(self.model, self.config)
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu", weights: str | Path | None = None) -> Run:
-    """Load config, tokenizer and model from a run directory, in eval mode.
+    """Load any run written by `detr train` — translate, classify, tag, warm-started — for prediction.
+
+    The task is the one `config.yaml` names (`task:`); its tokenizer and labels come from the
+    run directory, the model's architecture from the config (and `pretrained/` for a pretrained
+    encoder), the weights from `model.safetensors` or `weights`.
 
     Args:
         run_dir: a directory written by `detr train`.
@@ -141,33 +152,35 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", weights: s
             (an averaged or intermediate checkpoint).
 
     Raises:
-        CheckpointError: a missing or corrupt file, or files that do not belong together.
+        CheckpointError: a missing or corrupt file, files that do not belong together (a tokenizer
+            of another run, weights of another shape), or non-finite weights; one line naming the file.
     """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise CheckpointError(f"{run_dir}: run directory not found")
-    for name in (CONFIG, TOKENIZER):
-        if not (run_dir / name).is_file():
-            raise CheckpointError(f"{run_dir / name}: not found (is {run_dir} a detr run directory?)")
+    run = RunDir(run_dir)
+    if not run.root.is_dir():
+        raise CheckpointError(f"{run.root}: run directory not found")
+    if not run.config.is_file():
+        raise CheckpointError(f"{run.config}: not found (is {run.root} a detr run directory?)")
     try:
-        config = load_config(run_dir / CONFIG)
+        config = load_config(run.config)
     except ConfigError as err:
         raise CheckpointError(f"invalid run config: {err}") from None
-    tokenizer = Tokenizer.load(run_dir / TOKENIZER)
-    if (tokenizer.src.vocab_size, tokenizer.tgt.vocab_size) != (config.model.src_vocab_size,
-                                                                 config.model.tgt_vocab_size):
-        raise CheckpointError(
-            f"{run_dir}: tokenizer vocabularies ({tokenizer.src.vocab_size}, {tokenizer.tgt.vocab_size}) do not "
-            f"match the model's ({config.model.src_vocab_size}, {config.model.tgt_vocab_size}) in {CONFIG}")
-    encoder = None
-    if config.model.pretrained is not None:  # its architecture is in the run; its weights are in the safetensors
-        from detr.heads import load_pretrained_encoder
-
-        encoder = load_pretrained_encoder(run_dir / PRETRAINED, weights=False)
-    model = build_model(config.model, encoder).to(device)
-    load_weights(model, weights if weights is not None else run_dir / MODEL)
+    task = make_task(config)
+    task.load(run)
+    weights_path = Path(weights) if weights is not None else run.model
+    if not weights_path.is_file():
+        raise CheckpointError(f"{weights_path}: weights file not found")
+    stored, have = weights_fingerprint(weights_path), task.fingerprint()
+    if stored is not None and have is not None and stored != have:
+        raise CheckpointError(f"{run.tokenizer}: this tokenizer is not the one {weights_path.name} was trained with "
+                              f"(fingerprint {have}, the weights expect {stored}); was it copied from another run?")
+    try:
+        config.model.require_vocab()
+    except ConfigError as err:
+        raise CheckpointError(f"{run.config}: {err}") from None
+    model = task.build_model(config.model, encoder_for(config.model, run.pretrained)).to(device)
+    load_weights(model, weights_path)
     model.eval()
-    return Run(config, tokenizer, model, run_dir)
+    return Run(config, task, model, run.root)
 
 
 def average_checkpoints(run_dir: str | Path, last: int, out: str | Path | None = None) -> tuple[Path, list[int]]:
@@ -181,10 +194,10 @@ def average_checkpoints(run_dir: str | Path, last: int, out: str | Path | None =
     """
     if last <= 0:
         raise CheckpointError(f"--last must be positive, got {last}")
-    found = list_checkpoints(run_dir)
+    found = RunDir(run_dir).list_checkpoints()
     if len(found) < last:
         raise CheckpointError(f"{run_dir}: asked to average {last} checkpoints, found {len(found)} "
-                              f"in {Path(run_dir) / CHECKPOINTS}")
+                              f"in {RunDir(run_dir).checkpoints}")
     chosen = found[-last:]
     total: dict[str, torch.Tensor] = {}
     for _, path in chosen:
@@ -201,6 +214,9 @@ def average_checkpoints(run_dir: str | Path, last: int, out: str | Path | None =
             total[name] = total[name] + t.double() if name in total else t.double()
     averaged = {name: (t / last).to(weights[name].dtype).contiguous() for name, t in total.items()}
     out = Path(out) if out is not None else Path(run_dir) / f"average_last{last}.safetensors"
-    with atomic_path(out) as tmp:
-        save_file(averaged, str(tmp))
+    try:
+        with atomic_path(out) as tmp:
+            save_file(averaged, str(tmp), metadata=weights_metadata(weights_fingerprint(chosen[-1][1])))
+    except OSError as err:
+        raise CheckpointError(f"{out}: cannot write the averaged weights: {err.strerror or err}") from None
     return out, [s for s, _ in chosen]

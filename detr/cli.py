@@ -1,6 +1,13 @@
 """The `detr` command. Each subcommand parses its arguments, then calls one API function.
 
-Errors a user can cause (`DetrError`) print as one line on stderr with a non-zero exit.
+Errors a user can cause (`DetrError`), and a full or unwritable output, print as one line
+on stderr with a non-zero exit. Decoding flags are generated from `DecodeConfig`'s fields
+and spelled like them with dashes (`decode.beam_size` → `--beam-size`); every decoding
+command (`translate`, `generate`, `evaluate`, `inspect`) takes all of them.
+
+Line-oriented output: every input line gives exactly N output lines (N = `--nbest` for
+translate, `--num-samples` for generate, 1 otherwise), blank and failed lines included,
+and line breaks or tabs inside an output are written as spaces.
 """
 
 from __future__ import annotations
@@ -8,38 +15,52 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import dataclasses
+import errno
 import json
 import logging
 import os
 import shlex
 import sys
+import typing
 from collections.abc import Iterator
-from typing import TextIO
+from typing import Any, TextIO
+
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 import detr
+from detr.analysis import alignment_of
+from detr.checkpoint import average_checkpoints, load_run
+from detr.config import DecodeConfig, load_config
+from detr.download import MULTI30K_URL, fetch_multi30k
 from detr.errors import ConfigError, DetrError
+from detr.evaluate import score_files, score_table
+from detr.labeller import Classifier, Tagger
+from detr.prepare import prepare
+from detr.readers import decode_lines, one_line, read_lines
+from detr.summary import describe_model
+from detr.toy import make_toy_corpus
+from detr.trainer import Interrupted, train
+from detr.translator import Translator
+from detr.visualize import inspect
+
+# Old spellings of decoding flags, kept working (with a warning) for one release.
+DEPRECATED_FLAGS = {"--beam": "beam_size"}
 
 
 def cmd_model(args: argparse.Namespace) -> int:
-    from detr.summary import describe_model
-
     for line in describe_model(args.config, args.set or []):
         print(line)
     return 0
 
 
 def cmd_data_fetch(args: argparse.Namespace) -> int:
-    from detr.data import MULTI30K_URL, fetch_multi30k
-
     for path in fetch_multi30k(args.to, base_url=args.url or MULTI30K_URL, langs=args.langs.split(",")):
         print(path)
     return 0
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
-    from detr.config import load_config
-    from detr.data import prepare
-
     config = load_config(args.config, args.set or [])
     report = prepare(config.data, config.train.max_tokens, args.out, config.train.seed)
     print(f"tokenizer: {report.tokenizer_path} (vocabulary src={report.src_vocab_size} tgt={report.tgt_vocab_size})")
@@ -66,19 +87,12 @@ def dotted_options(rest: list[str]) -> list[str]:
 
 
 def cmd_data_toy(args: argparse.Namespace) -> int:
-    from detr.toy import make_toy_corpus
-
     for path in make_toy_corpus(args.to, args.train, args.valid, args.test, args.seed):
         print(path)
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
-    from detr.config import load_config
-    from detr.trainer import Interrupted, train
-
     config = load_config(args.config, (args.set or []) + dotted_options(args.rest))
     try:
         with logging_redirect_tqdm():
@@ -95,16 +109,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_average(args: argparse.Namespace) -> int:
-    from detr.checkpoint import average_checkpoints
-
     out, steps = average_checkpoints(args.run, args.last, args.out)
     print(f"averaged steps {', '.join(map(str, steps))} into {out}")
     return 0
 
 
 def _input_lines(path: str | None, invalid: str) -> Iterator[str]:
-    from detr.data import decode_lines, read_lines
-
     source = read_lines(path, invalid) if path and path != "-" else decode_lines(sys.stdin.buffer, "<stdin>", invalid)
     for _, text in source:
         yield text
@@ -123,26 +133,37 @@ def _output(path: str | None) -> Iterator[TextIO]:
         yield f
 
 
-def _translator(args: argparse.Namespace):
-    import detr.translator
+def _load(args: argparse.Namespace, kind: type | tuple[type, ...], command: str) -> Any:
+    """The run's predictor, which must be of `kind` (one clear line naming the run's task otherwise)."""
+    run = load_run(args.run, device=args.device, weights=getattr(args, "weights", None))
+    predictor = run.predictor()
+    if not isinstance(predictor, kind):
+        task = run.config.task
+        verbs = {Translator: "detr translate, generate or evaluate", Classifier: "detr classify or evaluate",
+                 Tagger: "detr tag or evaluate"}
+        raise ConfigError(f"{args.run} is a {task} run; `detr {command}` does not apply to it "
+                          f"(use {verbs[type(predictor)]})")
+    return predictor
 
-    translator = detr.translator.load(args.run, device=args.device, weights=args.weights)
+
+def _translator(args: argparse.Namespace, command: str) -> Translator:
+    translator = _load(args, Translator, command)
     translator.on_overlong = "error" if args.strict_length else "truncate"
     if _interactive(args):
         translator.read_ahead = 1  # interactive: answer each line as it is typed
     return translator
 
 
-def _decode_options(args: argparse.Namespace) -> dict:
-    names = {"beam": "beam_size", "nbest": "nbest", "batch_size": "batch_size", "max_tokens": "max_tokens",
-             "temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "length_penalty": "length_penalty"}
-    return {key: getattr(args, arg) for arg, key in names.items() if getattr(args, arg, None) is not None}
+def decode_options(args: argparse.Namespace, base: DecodeConfig) -> DecodeConfig:
+    """`base` (the run's decode settings) with the decoding flags the user gave."""
+    changes = {f.name: getattr(args, f"decode_{f.name}") for f in dataclasses.fields(DecodeConfig)
+               if getattr(args, f"decode_{f.name}", None) is not None}
+    return dataclasses.replace(base, **changes)
 
 
 def cmd_translate(args: argparse.Namespace) -> int:
-    translator = _translator(args)
-    options = _decode_options(args)
-    config = translator.options(**options)
+    translator = _translator(args, "translate")
+    config = translator.checked(decode_options(args, translator.decode))
     sources: collections.deque[str] = collections.deque()  # inputs not yet answered, for --alignment
 
     def remembered(lines: Iterator[str]) -> Iterator[str]:
@@ -153,65 +174,51 @@ def cmd_translate(args: argparse.Namespace) -> int:
     with _output(args.output) as out:
         for nbest in translator.iter_nbest(remembered(_input_lines(args.input, args.invalid)), config):
             src = sources.popleft()
-            if args.alignment:
-                from detr.analysis import alignment_of
-
-                nbest = [(f"{text}\t{alignment_of(translator, src, text)}", score) for text, score in nbest]
-            if config.nbest == 1:
-                out.write(nbest[0][0] + "\n")
-            else:
-                out.write("".join(f"{text}\t{score:.4f}\n" for text, score in nbest))
-            out.flush()  # an interrupted run keeps every line already translated
-    return 0
-
-
-def cmd_inspect(args: argparse.Namespace) -> int:
-    import detr
-    from detr.translator import Translator
-    from detr.visualize import inspect
-
-    predictor = detr.load(args.run, device=args.device, weights=args.weights)
-    translating = isinstance(predictor, Translator) and args.ref is None
-    options = {"beam_size": args.beam, "nbest": args.nbest} if translating else {}
-    for path in inspect(predictor, args.src, args.out, args.ref, **options):
-        print(path)
+            lines = []
+            for text, score in nbest:
+                line = one_line(text)
+                if args.alignment:
+                    line += "\t" + alignment_of(translator, src, text)
+                lines.append(line if config.nbest == 1 else f"{line}\t{score:.4f}")
+            _write(out, "".join(line + "\n" for line in lines))  # flushed: an interrupted run keeps every line
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
-
-    translator = _translator(args)
-    config = translator.options(**_decode_options(args))
-    generator = torch.Generator(device=translator.device).manual_seed(args.seed)
+    translator = _translator(args, "generate")
+    config = translator.checked(decode_options(args, translator.decode))
     with _output(args.output) as out:
-        for samples in translator.iter_samples(_input_lines(args.input, args.invalid), config, args.num_samples,
-                                               generator):
-            out.write("".join(text + "\n" for text, _ in samples))
-            out.flush()
+        for samples in translator.iter_samples(_input_lines(args.input, args.invalid), config):
+            _write(out, "".join(one_line(text) + "\n" for text, _ in samples))
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    predictor = _load(args, (Translator, Classifier, Tagger), "inspect")
+    options = None
+    if isinstance(predictor, Translator) and args.ref is None:
+        options = predictor.checked(decode_options(args, predictor.decode))
+    for path in inspect(predictor, args.src, args.out, args.ref, options):
+        print(path)
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    import detr
-
-    predictor = detr.load(args.run, device=args.device, weights=args.weights)
-    if hasattr(predictor, "evaluate"):  # a classify/tag run
+    predictor = _load(args, (Translator, Classifier, Tagger), "evaluate")
+    if not isinstance(predictor, Translator):
         if not args.data:
             raise ConfigError("evaluate: a classify/tag run is scored on --data FILE (labelled like its training data)")
-        report = predictor.evaluate(args.data)
-        print(json.dumps(report, indent=2) if args.json else format_label_report(report, predictor.task.name))
+        report = predictor.score_file(args.data)
+        print(json.dumps(report, indent=2) if args.json else predictor.format_report(report))
         return 0
-    from detr.evaluate import evaluate, evaluate_data
-
     predictor.on_overlong = "error" if args.strict_length else "truncate"
     metrics = args.metrics.split(",")
+    options = predictor.checked(decode_options(args, predictor.decode))
     if args.data:
-        report = evaluate_data(predictor, args.data, args.src_field, args.ref_field or ["tgt"], metrics,
-                               hypotheses_out=args.output, **_decode_options(args))
+        report = score_table(predictor, args.data, args.src_field, args.ref_field or ["tgt"], metrics,
+                             hypotheses_out=args.output, options=options)
     elif args.src and args.ref:
-        report = evaluate(predictor, args.src, args.ref, metrics, hypotheses_out=args.output,
-                          **_decode_options(args))
+        report = score_files(predictor, args.src, args.ref, metrics, hypotheses_out=args.output, options=options)
     else:
         raise ConfigError("evaluate: a translation run is scored with --src FILE --ref FILE, or with --data "
                           "FILE.tsv|.jsonl --src-field NAME --ref-field NAME")
@@ -223,52 +230,36 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_label_report(report: dict, task: str) -> str:
-    """The report as a table: per class (classify) or seqeval's entity report (tag)."""
-    if task == "tag":
-        return (f"{report['report'].rstrip()}\n\nentity F1 {report['f1']:.4f}  precision {report['precision']:.4f}  "
-                f"recall {report['recall']:.4f}  token accuracy {report['accuracy']:.4f}  ({report['n']} sentences)")
-    labels = report["labels"]
-    width = max(12, *(len(label) for label in labels))
-    lines = [f"{'':>{width}} precision    recall        f1   support"]
-    for label in labels:
-        c = report["per_class"][label]
-        lines.append(f"{label:>{width}} {c['precision']:9.4f} {c['recall']:9.4f} {c['f1']:9.4f} {c['support']:9d}")
-    lines += ["", f"accuracy {report['accuracy']:.4f}  macro-F1 {report['f1']:.4f}  ({report['n']} sentences)", "",
-              "confusion matrix (rows: gold, columns: predicted):",
-              f"{'':>{width}} " + " ".join(f"{label[:8]:>8}" for label in labels)]
-    for label, row in zip(labels, report["confusion"]):
-        lines.append(f"{label:>{width}} " + " ".join(f"{n:8d}" for n in row))
-    return "\n".join(lines)
-
-
 def cmd_classify(args: argparse.Namespace) -> int:
-    import detr
-
-    labeller = detr.load(args.run, device=args.device)
+    classifier = _load(args, Classifier, "classify")
     with _output(args.output) as out:
         for chunk in _chunked(_input_lines(args.input, args.invalid), 1 if _interactive(args) else 256):
-            for label, probs in labeller.classify(chunk):
+            lines = []
+            for label, probs in classifier.classify(chunk):
                 extra = "\t" + " ".join(f"{k}={v:.4f}" for k, v in probs.items()) if args.probs and probs else ""
-                out.write(label + extra + "\n")
-            out.flush()
+                lines.append(one_line(label) + extra + "\n")
+            _write(out, "".join(lines))
     return 0
 
 
 def cmd_tag(args: argparse.Namespace) -> int:
-    import detr
-
-    labeller = detr.load(args.run, device=args.device)
+    tagger = _load(args, Tagger, "tag")
     with _output(args.output) as out:
         for chunk in _chunked(_input_lines(args.input, args.invalid), 1 if _interactive(args) else 256):
-            for pairs in labeller.tag(chunk):
+            lines = []
+            for pairs in tagger.tag(chunk):
                 if args.json:
-                    out.write(json.dumps({"tokens": [w for w, _ in pairs], "tags": [t for _, t in pairs]},
-                                         ensure_ascii=False) + "\n")
+                    lines.append(json.dumps({"tokens": [w for w, _ in pairs], "tags": [t for _, t in pairs]},
+                                            ensure_ascii=False) + "\n")
                 else:
-                    out.write("".join(f"{w}\t{t}\n" for w, t in pairs) + "\n")
-            out.flush()
+                    lines.append("".join(f"{w}\t{t}\n" for w, t in pairs) + "\n")
+            _write(out, "".join(lines))
     return 0
+
+
+def _write(out: TextIO, text: str) -> None:
+    out.write(text)
+    out.flush()
 
 
 def _interactive(args: argparse.Namespace) -> bool:
@@ -276,40 +267,76 @@ def _interactive(args: argparse.Namespace) -> bool:
 
 
 def _chunked(lines: Iterator[str], size: int) -> Iterator[list[str]]:
+    """Lists of `size` lines; an unreadable line ends the input after the lines read before it
+    have been yielded (so their results are written), then its error is raised."""
     chunk: list[str] = []
-    for line in lines:
-        chunk.append(line)
-        if len(chunk) == size:
+    try:
+        for line in lines:
+            chunk.append(line)
+            if len(chunk) == size:
+                yield chunk
+                chunk = []
+    except DetrError:
+        if chunk:
             yield chunk
-            chunk = []
+        raise
     if chunk:
         yield chunk
 
 
-def _add_decoding(p: argparse.ArgumentParser, sampling: bool = False) -> None:
+def _flag_type(hint: Any) -> type:
+    # float("nan") parses; DecodeConfig.validate then refuses it in one line naming the key.
+    return {int: int, float: float}.get(hint, str)
+
+
+class _Deprecated(argparse.Action):
+    """An old flag spelling: works, and says which spelling replaces it."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        new = "--" + DEPRECATED_FLAGS[option_string].replace("_", "-")
+        print(f"detr: warning: {option_string} is deprecated and will be removed in the next release; "
+              f"use {new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_decode_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per `DecodeConfig` field (`--beam-size`, `--top-p`, ...), with the field's help text;
+    unset flags keep the run's own `decode` settings."""
+    group = p.add_argument_group("decoding (default: the run's decode section in config.yaml)")
+    hints = typing.get_type_hints(DecodeConfig)
+    for f in dataclasses.fields(DecodeConfig):
+        group.add_argument("--" + f.name.replace("_", "-"), dest=f"decode_{f.name}", type=_flag_type(hints[f.name]),
+                           metavar=f.name.upper(),
+                           help=f"{f.metadata['help']} (decode.{f.name}; new runs: {f.default})")
+    for old, name in DEPRECATED_FLAGS.items():
+        group.add_argument(old, dest=f"decode_{name}", type=_flag_type(hints[name]), action=_Deprecated,
+                           help=argparse.SUPPRESS)
+
+
+def _add_decoding(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run directory written by detr train")
     p.add_argument("-i", "--input", help="input file, one sentence per line (default: standard input)")
     p.add_argument("-o", "--output", help="output file (default: standard output)")
-    p.add_argument("--batch-size", type=int, dest="batch_size", help="sentences per batch")
-    p.add_argument("--max-tokens", type=int, dest="max_tokens", help="source tokens per batch")
     p.add_argument("--weights", help="a .safetensors file to use instead of RUN/model.safetensors")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default: cpu)")
     p.add_argument("--strict-length", action="store_true",
                    help="an input line longer than the model's maximum is an error (default: truncate, warn)")
     p.add_argument("--invalid", choices=["error", "replace"], default="error",
                    help="invalid UTF-8 in the input: stop with an error naming the line, or replace it")
-    if sampling:
-        p.add_argument("--temperature", type=float)
-        p.add_argument("--top-k", type=int, dest="top_k")
-        p.add_argument("--top-p", type=float, dest="top_p")
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--num-samples", type=int, default=1, dest="num_samples")
-    else:
-        p.add_argument("--beam", type=int, help="beam size (1: greedy)")
-        p.add_argument("--nbest", type=int, help="outputs per input, as TEXT<tab>SCORE lines")
-        p.add_argument("--length-penalty", type=float, dest="length_penalty", help="GNMT alpha")
-        p.add_argument("--alignment", action="store_true",
-                       help="append a tab and source-target word alignments from cross-attention (0-0 1-2 ...)")
+    add_decode_flags(p)
+
+
+def _add_labelling(sub: Any, name: str, helptext: str, func: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=helptext)
+    p.add_argument("run", help=f"run directory of a {name} training run")
+    p.add_argument("-i", "--input", help="input file, one sentence per line (default: standard input)")
+    p.add_argument("-o", "--output", help="output file (default: standard output)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--weights", help="a .safetensors file to use instead of RUN/model.safetensors")
+    p.add_argument("--invalid", choices=["error", "replace"], default="error",
+                   help="invalid UTF-8 in the input: stop with an error naming the line, or replace it")
+    p.set_defaults(func=func)
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -334,12 +361,16 @@ def build_parser() -> argparse.ArgumentParser:
     average.add_argument("--out", help="file to write (default RUN/average_lastK.safetensors)")
     average.set_defaults(func=cmd_average)
 
-    translate = sub.add_parser("translate", help="translate lines with a trained run (greedy or beam search)")
+    translate = sub.add_parser("translate", help="translate lines with a trained run (the run's decode.beam_size: "
+                                                 "beam search, or greedy at 1); N-best as TEXT<tab>SCORE lines")
     _add_decoding(translate)
+    translate.add_argument("--alignment", action="store_true",
+                           help="append a tab and source-target word alignments from cross-attention (0-0 1-2 ...)")
     translate.set_defaults(func=cmd_translate)
 
-    generate = sub.add_parser("generate", help="sample outputs (temperature, top-k, top-p) from a trained run")
-    _add_decoding(generate, sampling=True)
+    generate = sub.add_parser("generate", help="sample --num-samples outputs per line (temperature, top-k, top-p, "
+                                               "seed) from a trained run")
+    _add_decoding(generate)
     generate.set_defaults(func=cmd_generate)
 
     evaluate = sub.add_parser("evaluate", help="score a run: BLEU/chrF/ROUGE (translate), accuracy/F1 reports "
@@ -357,32 +388,20 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print the scores as JSON")
     evaluate.set_defaults(func=cmd_evaluate)
 
-    for name, helptext, func in (("classify", "label each input line (one label per line)", cmd_classify),
-                                 ("tag", "tag the words of each input line (word<TAB>tag, blank line after each)",
-                                  cmd_tag)):
-        p = sub.add_parser(name, help=helptext)
-        p.add_argument("run", help="run directory of a classify/tag training run")
-        p.add_argument("-i", "--input", help="input file, one sentence per line (default: standard input)")
-        p.add_argument("-o", "--output", help="output file (default: standard output)")
-        p.add_argument("--device", default="cpu")
-        p.add_argument("--invalid", choices=["error", "replace"], default="error",
-                       help="invalid UTF-8 in the input: stop with an error naming the line, or replace it")
-        if name == "classify":
-            p.add_argument("--probs", action="store_true", help="append each label's probability")
-        else:
-            p.add_argument("--json", action="store_true", help='JSON lines {"tokens": [...], "tags": [...]}')
-        p.set_defaults(func=func)
+    classify = _add_labelling(sub, "classify", "label each input line (one label per line)", cmd_classify)
+    classify.add_argument("--probs", action="store_true", help="append each label's probability")
+    tag = _add_labelling(sub, "tag", "tag the words of each input line (word<TAB>tag, blank line after each)", cmd_tag)
+    tag.add_argument("--json", action="store_true", help='JSON lines {"tokens": [...], "tags": [...]}')
 
-    inspect = sub.add_parser("inspect", help="attention maps of every layer and head, saliency, an HTML page")
-    inspect.add_argument("run", help="run directory")
-    inspect.add_argument("--src", required=True, help="the source sentence")
-    inspect.add_argument("--ref", help="a reference output to inspect instead of the model's own")
-    inspect.add_argument("--out", required=True, help="folder for the PNGs, index.html and attention.json")
-    inspect.add_argument("--beam", type=int, default=1, help="beam size of the search (default 1: greedy)")
-    inspect.add_argument("--nbest", type=int, default=1, help="inspect this many outputs")
-    inspect.add_argument("--weights", help="a .safetensors file to use instead of RUN/model.safetensors")
-    inspect.add_argument("--device", default="cpu")
-    inspect.set_defaults(func=cmd_inspect)
+    inspect_p = sub.add_parser("inspect", help="attention maps of every layer and head, saliency, an HTML page")
+    inspect_p.add_argument("run", help="run directory")
+    inspect_p.add_argument("--src", required=True, help="the source sentence")
+    inspect_p.add_argument("--ref", help="a reference output to inspect instead of the model's own")
+    inspect_p.add_argument("--out", required=True, help="folder for the PNGs, index.html and attention.json")
+    add_decode_flags(inspect_p)
+    inspect_p.add_argument("--weights", help="a .safetensors file to use instead of RUN/model.safetensors")
+    inspect_p.add_argument("--device", default="cpu")
+    inspect_p.set_defaults(func=cmd_inspect)
 
     model = sub.add_parser("model", help="build a model from a config or preset; print its size and a forward pass")
     model.add_argument("config", help="a YAML config file, or a preset name (tiny, small, base, big)")
@@ -435,6 +454,14 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (`detr translate ... | head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as err:  # a full or failing output device: what was written and flushed stays
+        if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES):
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+            print(f"detr: error: cannot write: {err.strerror}"
+                  f"{f' ({err.filename})' if err.filename else ''}", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":

@@ -31,8 +31,10 @@ Positional = Literal["sinusoidal", "learned"]
 class ModelConfig:
     """Sizes and switches of the encoder-decoder Transformer (paper names)."""
 
-    src_vocab_size: int = 8000
-    tgt_vocab_size: int = 8000
+    # Derived, not chosen: training sets both from the tokenizer (data.vocab_size is the setting
+    # that counts). Left unset (null) in recipes; a value that contradicts the tokenizer is an error.
+    src_vocab_size: int | None = None
+    tgt_vocab_size: int | None = None
     d_model: int = 512
     n_heads: int = 8
     n_layers: int = 6
@@ -51,6 +53,26 @@ class ModelConfig:
     # classify / tag: the encoder is detr's (sizes above) or a pretrained BERT-style one
     pretrained: str | None = None  # local Hugging Face folder, or "package:NAME" (NAME.get_model_path())
     pooling: Literal["mean", "first"] = "mean"  # classify: mean over tokens, or the first token ([CLS])
+
+    def with_vocab(self, src: int, tgt: int) -> ModelConfig:
+        """A copy with the vocabulary sizes a tokenizer has.
+
+        Raises:
+            ConfigError: a size set in the config contradicts the tokenizer's.
+        """
+        for name, have in (("src_vocab_size", src), ("tgt_vocab_size", tgt)):
+            chosen = getattr(self, name)
+            if chosen is not None and chosen != have:
+                raise ConfigError(f"model.{name}={chosen}, but the tokenizer has {have} entries; leave "
+                                  f"model.{name} unset (it is taken from the tokenizer; data.vocab_size sets it)")
+        return dataclasses.replace(self, src_vocab_size=src, tgt_vocab_size=tgt)
+
+    def require_vocab(self) -> None:
+        """Raises ConfigError when the vocabulary sizes are still unset (they come from a tokenizer)."""
+        for name in ("src_vocab_size", "tgt_vocab_size"):
+            if getattr(self, name) is None:
+                raise ConfigError(f"model.{name} is not set: it comes from the tokenizer when training "
+                                  f"(or set it to build a model by hand)")
 
     @property
     def decoder_layers(self) -> int:
@@ -71,7 +93,7 @@ class ModelConfig:
     def validate(self) -> None:
         _check_types(self, "model")
         for name in ("src_vocab_size", "tgt_vocab_size", "d_model", "n_heads", "n_layers", "d_ff", "max_positions"):
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
         if self.n_decoder_layers is not None and self.n_decoder_layers <= 0:
             raise ConfigError(f"model.n_decoder_layers must be positive, got {self.n_decoder_layers}")
@@ -83,7 +105,8 @@ class ModelConfig:
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ConfigError(f"model.{name} must be in [0, 1), got {value}")
-        if self.share_embeddings and self.src_vocab_size != self.tgt_vocab_size:
+        if self.share_embeddings and None not in (self.src_vocab_size, self.tgt_vocab_size) \
+                and self.src_vocab_size != self.tgt_vocab_size:
             raise ConfigError(
                 "model.share_embeddings needs one joint vocabulary, but "
                 f"src_vocab_size={self.src_vocab_size} != tgt_vocab_size={self.tgt_vocab_size}"
@@ -202,26 +225,35 @@ class TrainConfig:
             raise ConfigError(f"train.clip_norm must not be negative, got {self.clip_norm}")
 
 
+def option(default: Any, help: str) -> Any:
+    """A config field with its help text: the CLI's flag for it is generated from both."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class DecodeConfig:
-    """Search settings used by `translate`, `generate` and validation."""
+    """Search and prediction settings: `translate`, `generate`, `evaluate`, `inspect`, validation,
+    and batching for `classify`/`tag`. The only place decoding defaults live; the CLI's decoding
+    flags (`--beam-size`, `--top-p`, ...) are generated from these fields."""
 
-    beam_size: int = 5
-    nbest: int = 1
-    length_penalty: float = 1.0  # GNMT alpha; 0: raw log-probability
-    max_len_a: float = 1.5  # maximum output length = a * source length + b
-    max_len_b: int = 10
-    min_len: int = 0
-    no_repeat_ngram: int = 0
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    max_tokens: int = 4096  # source tokens per decoding batch
-    batch_size: int = 64  # sentences per decoding batch
+    beam_size: int = option(5, "beam size; 1 is greedy search")
+    nbest: int = option(1, "outputs per input, best first (at most beam-size)")
+    length_penalty: float = option(1.0, "GNMT length penalty alpha for beam search; 0 ranks by log-probability")
+    max_len_a: float = option(1.5, "maximum output length = a x source length + b")
+    max_len_b: int = option(10, "see max-len-a")
+    min_len: int = option(0, "no end of sentence before this many output tokens")
+    no_repeat_ngram: int = option(0, "no n-gram of this size occurs twice in an output; 0: off")
+    temperature: float = option(1.0, "sampling: divide the log-probabilities by this")
+    top_k: int = option(0, "sampling: draw from the k most probable tokens only; 0: all")
+    top_p: float = option(1.0, "sampling: draw from the smallest set of tokens holding this much probability")
+    num_samples: int = option(1, "sampling: outputs drawn per input")
+    seed: int = option(0, "sampling: random seed (the same seed draws the same outputs)")
+    max_tokens: int = option(4096, "source tokens per prediction batch (rows x longest row)")
+    batch_size: int = option(64, "inputs per prediction batch")
 
     def validate(self) -> None:
         _check_types(self, "decode")
-        for name in ("beam_size", "nbest", "max_tokens", "batch_size"):
+        for name in ("beam_size", "nbest", "max_tokens", "batch_size", "num_samples"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"decode.{name} must be positive, got {getattr(self, name)}")
         if self.nbest > self.beam_size:
@@ -230,9 +262,11 @@ class DecodeConfig:
             raise ConfigError(f"decode.temperature must be positive, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"decode.top_p must be in (0, 1], got {self.top_p}")
-        for name in ("min_len", "no_repeat_ngram", "top_k", "max_len_b"):
+        for name in ("min_len", "no_repeat_ngram", "top_k", "max_len_b", "seed"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"decode.{name} must not be negative, got {getattr(self, name)}")
+        if self.max_len_a < 0:
+            raise ConfigError(f"decode.max_len_a must not be negative, got {self.max_len_a}")
 
 
 @dataclass
@@ -253,6 +287,19 @@ class Config:
             raise ConfigError(f"model_preset: unknown preset {self.model_preset!r}; choose one of {sorted(PRESETS)}")
         for section in (self.data, self.model, self.train, self.decode):
             section.validate()
+        if self.data.max_len > self.model.max_positions:
+            raise ConfigError(f"data.max_len={self.data.max_len} exceeds "
+                              f"model.max_positions={self.model.max_positions}: "
+                              f"inputs that long would not fit the positional encoding; lower data.max_len or "
+                              f"raise model.max_positions")
+        if self.train.schedule == "cosine" and not self.train.max_steps:
+            raise ConfigError("train.schedule=cosine needs train.max_steps (it decays to min_lr there)")
+        if self.train.precision != "fp32" and self.train.device == "cpu":
+            raise ConfigError(f"train.precision={self.train.precision} needs a CUDA device; use fp32 on the CPU")
+
+    def with_vocab(self, src: int, tgt: int) -> Config:
+        """The effective config of a run whose tokenizer has these vocabulary sizes (see `ModelConfig.with_vocab`)."""
+        return dataclasses.replace(self, model=self.model.with_vocab(src, tgt))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -287,7 +334,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
         except (OSError, UnicodeDecodeError) as err:
             raise ConfigError(f"{path}: cannot read config: {err}") from None
         try:
-            raw = yaml.safe_load(text) or {}
+            raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}
+        except ConfigError as err:
+            raise ConfigError(str(err).replace("<unicode string>", str(path), 1)) from None
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f":{mark.line + 1}" if mark is not None else ""
@@ -297,6 +346,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
     for key, value in parse_overrides(overrides).items():
         _set_dotted(raw, key, value)
     return config_from_dict(raw, source)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe loader that refuses a key given twice in one mapping (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(f"{self.name}:{line}: duplicate key '{key}' (first given on line {seen[key]})")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
@@ -419,14 +482,15 @@ def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:
         return isinstance(value, bool), value
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool), value
-    if hint is float:
+    if hint is float:  # a finite number: NaN or infinity would silently poison every comparison
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True, float(value)
+            return math.isfinite(value), float(value)
         if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
             try:
-                return True, float(value)
+                number = float(value)
             except ValueError:
                 return False, value
+            return math.isfinite(number), number
         return False, value
     if hint is str:
         return isinstance(value, str), value
@@ -443,4 +507,6 @@ def _describe(hint: Any) -> str:
         return f"a list of {_describe(typing.get_args(hint)[0])}"
     if hint is type(None):
         return "null"
+    if hint is float:
+        return "a finite number"
     return getattr(hint, "__name__", str(hint))

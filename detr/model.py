@@ -226,4 +226,5 @@ def build_model(config: ModelConfig, encoder: nn.Module | None = None) -> Seq2Se
         ConfigError: an impossible configuration; the message names the field and value.
     """
     config.validate()
+    config.require_vocab()
     return Seq2Seq(config, encoder)

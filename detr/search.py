@@ -5,6 +5,9 @@ Each function takes a batch of source ids and returns, per sentence, output ids 
 token; sentences that have finished leave the batch, so the cost follows the sentences
 still running. What a sentence gets does not depend on which other sentences share its
 batch: every choice is made per row.
+
+Every setting comes from one `DecodeConfig` (beam size, n-best, length penalty, length
+limits, sampling); the functions have no defaults of their own.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from detr.config import DecodeConfig
 from detr.model import Seq2Seq, padding_mask
 from detr.tokenizer import BOS, EOS, PAD
 
@@ -26,42 +30,36 @@ class Hypothesis:
     score: float  # greedy/sampling: sum of log-probabilities; beam: that sum ÷ GNMT length penalty
 
 
-@dataclass
-class Limits:
-    """Constraints every search applies to the next-token log-probabilities."""
-
-    max_len_a: float = 1.5  # at most a · source length + b output tokens, then </s> is forced
-    max_len_b: int = 10
-    min_len: int = 0  # </s> is not allowed before this many tokens
-    no_repeat_ngram: int = 0  # no n-gram of this size occurs twice in an output; 0: off
-
-    def max_lengths(self, src: Tensor, cap: int) -> Tensor:
-        """(B,) output budgets for source ids `src` (B, S); its </s> is not counted."""
-        src_len = (src != PAD).sum(1) - 1
-        return (self.max_len_a * src_len.double() + self.max_len_b).floor().long().clamp(min=1, max=cap)
-
-    def apply(self, logp: Tensor, history: Tensor, at_limit: Tensor) -> None:
-        """Edit `logp` (N, V) in place for rows whose outputs so far are `history` (N, t)."""
-        t = history.size(1)
-        if t < self.min_len:
-            logp[:, EOS] = -torch.inf
-        n = self.no_repeat_ngram
-        if n and t >= n - 1:
-            for row, seq in enumerate(history.tolist()):
-                prefix = tuple(seq[t - n + 1:])
-                banned = [seq[i + n - 1] for i in range(t - n + 1) if tuple(seq[i:i + n - 1]) == prefix]
-                if banned:
-                    logp[row, banned] = -torch.inf
-        if bool(at_limit.any()):
-            eos_only = torch.full_like(logp[0], -torch.inf)
-            eos_only[EOS] = 0.0
-            logp[at_limit] = eos_only
+def max_lengths(decode: DecodeConfig, src: Tensor, cap: int) -> Tensor:
+    """(B,) output budgets for source ids `src` (B, S): `max_len_a` · source length + `max_len_b`
+    (its </s> not counted), at most `cap`; then </s> is forced."""
+    src_len = (src != PAD).sum(1) - 1
+    return (decode.max_len_a * src_len.double() + decode.max_len_b).floor().long().clamp(min=1, max=cap)
 
 
-def _start(model: Seq2Seq, src: Tensor, limits: Limits) -> tuple[Tensor, Tensor, Tensor]:
+def constrain(decode: DecodeConfig, logp: Tensor, history: Tensor, at_limit: Tensor) -> None:
+    """Edit `logp` (N, V) in place for rows whose outputs so far are `history` (N, t): no </s>
+    before `min_len`, no repeated n-gram of size `no_repeat_ngram`, only </s> at the length limit."""
+    t = history.size(1)
+    if t < decode.min_len:
+        logp[:, EOS] = -torch.inf
+    n = decode.no_repeat_ngram
+    if n and t >= n - 1:
+        for row, seq in enumerate(history.tolist()):
+            prefix = tuple(seq[t - n + 1:])
+            banned = [seq[i + n - 1] for i in range(t - n + 1) if tuple(seq[i:i + n - 1]) == prefix]
+            if banned:
+                logp[row, banned] = -torch.inf
+    if bool(at_limit.any()):
+        eos_only = torch.full_like(logp[0], -torch.inf)
+        eos_only[EOS] = 0.0
+        logp[at_limit] = eos_only
+
+
+def _start(model: Seq2Seq, src: Tensor, decode: DecodeConfig) -> tuple[Tensor, Tensor, Tensor]:
     src_mask = padding_mask(src)  # (B, 1, 1, S)
     memory = model.encode(src, src_mask)  # (B, S, D)
-    return memory, src_mask, limits.max_lengths(src, model.config.max_positions - 1)
+    return memory, src_mask, max_lengths(decode, src, model.config.max_positions - 1)
 
 
 def _next_logp(model: Seq2Seq, last: Tensor, memory: Tensor, src_mask: Tensor, cache) -> Tensor:
@@ -72,11 +70,11 @@ def _next_logp(model: Seq2Seq, last: Tensor, memory: Tensor, src_mask: Tensor, c
 
 
 @torch.no_grad()
-def _one_per_sentence(model: Seq2Seq, src: Tensor, limits: Limits,
+def _one_per_sentence(model: Seq2Seq, src: Tensor, decode: DecodeConfig,
                       pick: Callable[[Tensor], Tensor]) -> list[Hypothesis]:
     """Greedy and sampling: one running output per sentence; `pick` maps log-probs (N, V) to ids (N,)."""
     B = src.size(0)
-    memory, src_mask, budget = _start(model, src, limits)
+    memory, src_mask, budget = _start(model, src, decode)
     cache = model.new_cache()
     alive = torch.arange(B, device=src.device)  # original row of each running sentence
     history = torch.empty((B, 0), dtype=torch.long, device=src.device)  # (b, t)
@@ -85,7 +83,7 @@ def _one_per_sentence(model: Seq2Seq, src: Tensor, limits: Limits,
     scores = [0.0] * B
     for t in range(int(budget.max()) + 1):
         logp = _next_logp(model, last, memory, src_mask, cache)  # (b, V)
-        limits.apply(logp, history, budget[alive] <= t)
+        constrain(decode, logp, history, budget[alive] <= t)
         token = pick(logp)  # (b,)
         chosen = logp.gather(1, token.unsqueeze(1)).squeeze(1)
         ended = token == EOS
@@ -107,15 +105,19 @@ def _one_per_sentence(model: Seq2Seq, src: Tensor, limits: Limits,
     return [Hypothesis(o, s) for o, s in zip(out, scores)]
 
 
-def greedy(model: Seq2Seq, src: Tensor, limits: Limits | None = None) -> list[Hypothesis]:
-    """The most probable token at each step. `src`: (B, S) ids ending in </s>, right-padded."""
-    return _one_per_sentence(model, src, limits or Limits(), lambda logp: logp.argmax(-1))
+def greedy(model: Seq2Seq, src: Tensor, decode: DecodeConfig | None = None) -> list[Hypothesis]:
+    """The most probable token at each step. `src`: (B, S) ids ending in </s>, right-padded;
+    `decode` gives the length limits (default: `DecodeConfig()`)."""
+    return _one_per_sentence(model, src, decode or DecodeConfig(), lambda logp: logp.argmax(-1))
 
 
-def sample(model: Seq2Seq, src: Tensor, limits: Limits | None = None, temperature: float = 1.0, top_k: int = 0,
-           top_p: float = 1.0, generator: torch.Generator | None = None) -> list[Hypothesis]:
-    """Draw each token from the model's distribution, sharpened or flattened by `temperature`
-    and cut to the `top_k` most probable tokens and/or the smallest set holding `top_p` of the mass."""
+def sample(model: Seq2Seq, src: Tensor, decode: DecodeConfig | None = None,
+           generator: torch.Generator | None = None) -> list[Hypothesis]:
+    """Draw each token from the model's distribution, sharpened or flattened by `decode.temperature`
+    and cut to the `top_k` most probable tokens and/or the smallest set holding `top_p` of the mass.
+    One draw per row of `src` (repeat rows for several samples)."""
+    decode = decode or DecodeConfig()
+    temperature, top_k, top_p = decode.temperature, decode.top_k, decode.top_p
 
     def pick(logp: Tensor) -> Tensor:
         scaled = logp / temperature  # (N, V)
@@ -130,7 +132,7 @@ def sample(model: Seq2Seq, src: Tensor, limits: Limits | None = None, temperatur
         probs = scaled.softmax(-1)
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
-    return _one_per_sentence(model, src, limits or Limits(), pick)
+    return _one_per_sentence(model, src, decode, pick)
 
 
 def length_penalty(length: int, alpha: float) -> float:
@@ -139,17 +141,17 @@ def length_penalty(length: int, alpha: float) -> float:
 
 
 @torch.no_grad()
-def beam_search(model: Seq2Seq, src: Tensor, beam_size: int = 5, nbest: int = 1, alpha: float = 1.0,
-                limits: Limits | None = None) -> list[list[Hypothesis]]:
-    """Keep the `beam_size` best partial outputs per sentence; return each sentence's `nbest`
-    finished ones, best first, scored by log-probability ÷ length_penalty(length + 1, alpha).
+def beam_search(model: Seq2Seq, src: Tensor, decode: DecodeConfig | None = None) -> list[list[Hypothesis]]:
+    """Keep the `decode.beam_size` best partial outputs per sentence; return each sentence's
+    `decode.nbest` finished ones, best first, scored by log-probability ÷
+    length_penalty(length + 1, `decode.length_penalty`).
 
     A sentence stops once `beam_size` outputs have finished (or its length budget is spent);
     its rows then leave the batch.
     """
-    limits = limits or Limits()
-    K, B = beam_size, src.size(0)
-    memory, src_mask, budget = _start(model, src, limits)
+    decode = decode or DecodeConfig()
+    K, B, nbest, alpha = decode.beam_size, src.size(0), decode.nbest, decode.length_penalty
+    memory, src_mask, budget = _start(model, src, decode)
     rows = torch.arange(B, device=src.device).repeat_interleave(K)
     memory, src_mask = memory.index_select(0, rows), src_mask.index_select(0, rows)  # (B·K, ...)
     cache = model.new_cache()
@@ -163,7 +165,7 @@ def beam_search(model: Seq2Seq, src: Tensor, beam_size: int = 5, nbest: int = 1,
         b = alive.numel()
         logp = _next_logp(model, last, memory, src_mask, cache)  # (b·K, V)
         at_limit = budget[alive] <= t  # (b,)
-        limits.apply(logp, history, at_limit.repeat_interleave(K))
+        constrain(decode, logp, history, at_limit.repeat_interleave(K))
         # The 2K best continuations of each hypothesis hold the 2K best of the sentence: rank those only.
         row_scores, row_tokens = logp.topk(min(2 * K, logp.size(1)), dim=1)  # (b·K, 2K)
         row_scores += scores.view(-1, 1)

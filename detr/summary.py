@@ -10,7 +10,10 @@ import torch
 
 from detr.config import PRESETS, Config, ModelConfig, load_config, parse_overrides, section_from_dict
 from detr.errors import ConfigError
-from detr.model import build_model
+from detr.model import Seq2Seq
+from detr.pretrained import check_width, load_pretrained_encoder, resolve_pretrained
+from detr.tasks import make_task
+from detr.tasks.labelled import LabelTask
 from detr.tokenizer import BOS
 
 
@@ -28,14 +31,13 @@ def config_of(config_or_preset: str, overrides: list[str]) -> Config:
     return load_config(config_or_preset, overrides)
 
 
-def label_count(config: Config) -> tuple[int, str]:
+def label_count(task: LabelTask) -> tuple[int, str]:
     """How many labels a classify/tag config's head has: read from data.train when it is there."""
-    from detr.tasks import LabelTask
-
-    train = config.data.train
+    train = task.config.data.train
     if train is None or not Path(train).is_file():
+        task.labels = ["0", "1"]
         return 2, f"labels: 2 assumed for this check (data.train {train} not found)"
-    labels = LabelTask(config).read_labels()
+    labels = task.labels = task.read_labels()
     shown = ", ".join(labels[:12]) + (", ..." if len(labels) > 12 else "")
     return len(labels), f"labels: {len(labels)} from {train} ({shown})"
 
@@ -50,25 +52,30 @@ def describe_model(config_or_preset: str, overrides: list[str] | None = None, se
         Lines of text for the user: sizes, parameter count, and the logits' shape and loss.
     """
     full = config_of(config_or_preset, overrides or [])
-    config, translate = full.model, full.task == "translate"
+    task = make_task(full)
+    config = full.model
+    if config.src_vocab_size is None or config.tgt_vocab_size is None:  # set by the tokenizer when training
+        config = config.with_vocab(config.src_vocab_size or full.data.vocab_size,
+                                   config.tgt_vocab_size or full.data.vocab_size)
     torch.manual_seed(seed)
     encoder = None
-    described = f"layers={config.n_layers}" + (f"+{config.decoder_layers}" if translate else " (encoder)")
+    labelled = isinstance(task, LabelTask)
+    described = f"layers={config.n_layers}" + (" (encoder)" if labelled else f"+{config.decoder_layers}")
     if config.pretrained is not None:  # the architecture only: no weights are read
-        from detr.heads import check_width, load_pretrained_encoder, resolve_pretrained
-
         folder = resolve_pretrained(config.pretrained)
         encoder = load_pretrained_encoder(folder, weights=False)
         hf = encoder.hf.config
         config = dataclasses.replace(config, src_vocab_size=hf.vocab_size)
         described = f"encoder {config.pretrained} ({hf.num_hidden_layers} layers, width {hf.hidden_size})"
-        if translate:
+        if not labelled:
             check_width(folder, config)
             described += f" + {config.decoder_layers} layers"
     B, S, T = 2, 7, 5
     src = torch.randint(4, config.src_vocab_size, (B, S))
-    if translate:
-        model = build_model(config, encoder).eval()
+    if labelled:
+        classes, labels = label_count(task)
+    model = task.build_model(config, encoder).eval()
+    if isinstance(model, Seq2Seq):
         tgt = torch.randint(4, config.tgt_vocab_size, (B, T))
         tgt[:, 0] = BOS
         with torch.no_grad():
@@ -80,19 +87,15 @@ def describe_model(config_or_preset: str, overrides: list[str] | None = None, se
         head = f"vocabulary: src={config.src_vocab_size} tgt={config.tgt_vocab_size}, embeddings {tying}"
         shapes = f"src {tuple(src.shape)} + tgt {tuple(tgt.shape)}"
     else:
-        from detr.heads import build_head
-
-        classes, labels = label_count(full)
-        model = build_head(full.task, config, classes, encoder).eval()
         with torch.no_grad():
             logits = model(src)
         shape = tuple(logits.shape)
         gold = torch.randint(0, classes, logits.shape[:-1])
-        pooling = f", pooling {config.pooling}" if full.task == "classify" else ""
+        pooling = f", pooling {config.pooling}" if logits.dim() == 2 else ""
         head = f"head: {full.task}{pooling}; vocabulary: src={config.src_vocab_size}; {labels}"
         shapes = f"ids {tuple(src.shape)}"
     loss = torch.nn.functional.cross_entropy(logits.flatten(0, -2), gold.flatten())
-    if config.pretrained is not None and not translate:
+    if config.pretrained is not None and labelled:
         sizes = f"model: {described}"  # the encoder's own architecture; no model.* size key applies
     else:
         sizes = (f"model: d_model={config.d_model} n_heads={config.n_heads} d_ff={config.d_ff} "

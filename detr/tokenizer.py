@@ -6,20 +6,32 @@ lowercasing or normalisation is configured. A single space is put in front of ev
 text before encoding and taken off after decoding, so a sentence's first word is split
 like every other word.
 
+Text is text: a literal `<pad>`, `<s>`, `</s>` or `<unk>` typed in a sentence (or found in
+training data) is split into ordinary subwords like any other string; special tokens are
+reachable only by id. (Runs trained before this rule keep loading; only such literal
+strings encode differently now.)
+
 A `Tokenizer` has a `src` and a `tgt` side; with a joint vocabulary they are one object.
+`build_tokenizer` learns one from a config's training data; `TextIds` turns text or words
+into an encoder's ids for the classify and tag tasks.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
 from detr.atomic import atomic_write_text
+from detr.config import DataConfig
 from detr.errors import CheckpointError
+from detr.readers import check_split, read_examples
 
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -34,6 +46,7 @@ class Subwords:
 
     def __init__(self, hf: HFTokenizer) -> None:
         self.hf = hf
+        hf.encode_special_tokens = True  # "<pad>" in a text is text, never the padding id
         for i, token in enumerate(SPECIALS):
             if hf.token_to_id(token) != i:
                 raise CheckpointError(f"tokenizer: special token {token} must have id {i}")
@@ -79,6 +92,7 @@ class PretrainedVocab(Subwords):
     def __init__(self, hf: HFTokenizer) -> None:
         hf.no_truncation()  # a saved tokenizer.json may carry its own length and padding settings
         hf.no_padding()
+        hf.encode_special_tokens = True  # "[SEP]" in a text is text
         self.hf = hf
         ids = {token: hf.token_to_id(token) for token in ("[PAD]", "[CLS]", "[SEP]")}
         if None in ids.values() or ids["[PAD]"] != PAD:
@@ -122,6 +136,10 @@ class Tokenizer:
     @property
     def joint(self) -> bool:
         return self.src is self.tgt
+
+    def fingerprint(self) -> str:
+        """A short hash of the vocabularies: a run stores it, so another run's tokenizer is caught at load."""
+        return hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()[:16]
 
     def to_json(self) -> str:
         data = {
@@ -178,6 +196,7 @@ def _new_hf(model_type: str, lowercase: bool, normalization: str) -> tuple[HFTok
         hf.normalizer = normalizers.Sequence(steps)
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     hf.decoder = decoders.ByteLevel()
+    hf.encode_special_tokens = True  # learn "<pad>" in training text as text
     return hf, make_trainer
 
 
@@ -218,3 +237,69 @@ def train_tokenizer(
 def _chain(*iterables: Iterable[str]) -> Iterator[str]:
     for it in iterables:
         yield from it
+
+
+def build_tokenizer(config: DataConfig, pretrained: Path | None = None) -> Tokenizer:
+    """Load `config.tokenizer` if set, else learn one on (up to `tokenizer_max_lines` of) the training data.
+
+    `pretrained`: a pretrained encoder's folder; its vocabulary is the source side and only
+    the target side is learned (`joint_vocab` does not apply).
+    """
+    if config.tokenizer is not None:
+        return Tokenizer.load(config.tokenizer)
+    check_split(config, "train")
+
+    def side(name: str) -> Iterator[str]:
+        for e in itertools.islice(read_examples(config, "train"), config.tokenizer_max_lines):
+            yield getattr(e, name)
+
+    if pretrained is not None:
+        return Tokenizer(PretrainedVocab.from_folder(pretrained),
+                         train_subwords(side("tgt"), config.vocab_size, config.subword, config.lowercase,
+                                        config.normalization))
+    return train_tokenizer(side("src"), side("tgt"), config.vocab_size, config.subword, config.joint_vocab,
+                           config.lowercase, config.normalization)
+
+
+class TextIds:
+    """Text → ids for an encoder: detr's own subwords (<s> text </s>) or a pretrained
+    Hugging Face tokenizer ([CLS] text [SEP]); both truncate to `max_len` ids."""
+
+    def __init__(self, max_len: int, subwords: Subwords | None = None, hf: Any = None) -> None:
+        self.max_len, self.subwords, self.hf = max_len, subwords, hf
+
+    @property
+    def vocab_size(self) -> int:
+        return self.subwords.vocab_size if self.subwords is not None else len(self.hf)
+
+    def sentence(self, text: str) -> tuple[list[int], bool]:
+        """Ids of one sentence and whether it was truncated."""
+        if self.subwords is not None:
+            ids = self.subwords.encode(text)
+            return [BOS] + ids[: self.max_len - 2] + [EOS], len(ids) > self.max_len - 2
+        ids = self.hf(text, truncation=False)["input_ids"]
+        if len(ids) > self.max_len:
+            return ids[: self.max_len - 1] + ids[-1:], True
+        return ids, False
+
+    def words(self, words: list[str]) -> tuple[list[int], list[int]]:
+        """Ids of a word sequence and, per id, the index of the word it starts (-1: not a first subword)."""
+        if self.subwords is not None:
+            ids, first = [BOS], [-1]
+            for i, w in enumerate(words):
+                pieces = self.subwords.encode(w)
+                ids += pieces
+                first += [i] + [-1] * (len(pieces) - 1)
+            ids, first = ids[: self.max_len - 1] + [EOS], first[: self.max_len - 1] + [-1]
+            return ids, first
+        enc = self.hf(words, is_split_into_words=True, truncation=True, max_length=self.max_len)
+        first, previous = [], None
+        for w in enc.word_ids():
+            first.append(w if w is not None and w != previous else -1)
+            previous = w if w is not None else previous
+        return enc["input_ids"], first
+
+    def tokens(self, ids: list[int]) -> list[str]:
+        if self.subwords is not None:
+            return self.subwords.token_labels(ids)
+        return self.hf.convert_ids_to_tokens(ids)

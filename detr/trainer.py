@@ -34,26 +34,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from detr.analysis import gradient_norms, update_ratios
 from detr.atomic import atomic_write_text
-from detr.checkpoint import (
-    CONFIG,
-    METRICS,
-    MODEL,
-    TRAINER_STATE,
-    checkpoint_path,
-    list_checkpoints,
-    load_trainer_state,
-    load_weights,
-    save_trainer_state,
-    save_weights,
-)
+from detr.checkpoint import load_trainer_state, load_weights, save_trainer_state, save_weights
 from detr.config import Config, TrainConfig, load_config
 from detr.errors import CheckpointError, ConfigError, TrainingError
+from detr.pretrained import PretrainedEncoder, encoder_for
+from detr.rundir import RunDir
 from detr.tasks import make_task
 
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = 1
+STATE_KEYS = ("step", "checkpoint", "optimizer", "scaler", "data", "rng", "best", "bad_evals", "nonfinite", "stopped",
+              "seconds")
 
 
 @dataclass
@@ -147,16 +141,14 @@ class Trainer:
     """
 
     def __init__(self, config: Config, resume: bool = False, progress: bool = False) -> None:
-        config = dataclasses.replace(config, model=dataclasses.replace(config.model))  # vocab sizes get set below
         config.validate()
-        self.config, self.progress = config, progress
+        self.progress = progress
         self.tc = config.train
-        self.run_dir = Path(config.run_dir)
+        self.rundir = RunDir(config.run_dir)
+        self.run_dir = self.rundir.root
         self.device = resolve_device(self.tc.device)
         if self.tc.precision != "fp32" and self.device.type != "cuda":
             raise ConfigError(f"train.precision={self.tc.precision} needs a CUDA device; use fp32 on {self.device}")
-        if self.tc.schedule == "cosine" and not self.tc.max_steps:
-            raise ConfigError("train.schedule=cosine needs train.max_steps (it decays to min_lr there)")
         if self.tc.threads:
             torch.set_num_threads(self.tc.threads)
         if config.data.train is None:
@@ -168,78 +160,100 @@ class Trainer:
             raise ConfigError(f"train.early_stopping_metric: {self.metric!r} is not a metric of task {config.task} "
                               f"(choose from {', '.join(self.task.metrics)})")
         self.task.check_data()
-        state = self._prepare_run_dir(resume)
-        self.task.setup(self.run_dir, resuming=state is not None)
-        self._save_config(state)
+        self.lock = self._lock_run_dir()  # one writer per run directory, for this process's life
+        try:
+            state = self._prepare_run_dir(resume)
+            vocab = self.task.setup(self.rundir, resuming=state is not None)
+            self.config = config.with_vocab(*vocab)  # the effective config: vocabulary sizes from the tokenizer
+            self._save_config(state)
 
-        seed_everything(self.tc.seed)
-        self.model = self.task.build_model().to(self.device)
-        self.optimizer = self._optimizer()
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.tc.precision == "fp16")
-        self.stream = self.task.stream(self.tc.max_tokens, self.tc.seed)
-        self.valid = self.task.valid
+            seed_everything(self.tc.seed)
+            self.model = self.task.build_model(self.config.model, encoder_for(self.config.model)).to(self.device)
+            self.optimizer = self._optimizer()
+            self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.tc.precision == "fp16")
+            self.stream = self.task.stream(self.tc.max_tokens, self.tc.seed)
+            self.valid = self.task.valid
 
-        self.step = 0
-        self.seconds = 0.0
-        self.best: dict[str, Any] | None = None
-        self.bad_evals = 0
-        self.nonfinite_in_row = self.nonfinite_total = 0
-        self.stopped: str | None = None
-        self.saved_step = self.evaluated_step = -1
-        self.signal_received: int | None = None
-        self._batches = None  # the running epoch's iterator
-        self._grad_stats: dict[str, float] | None = None
-        if state is not None:
-            self._load_state(state)
-        self.resumed_from = self.step if state is not None else None
+            self.step = 0
+            self.seconds = 0.0
+            self.best: dict[str, Any] | None = None
+            self.bad_evals = 0
+            self.nonfinite_in_row = self.nonfinite_total = 0
+            self.stopped: str | None = None
+            self.saved_step = self.evaluated_step = -1
+            self.signal_received: int | None = None
+            self._batches = None  # the running epoch's iterator
+            self._grad_stats: dict[str, float] | None = None
+            if state is not None:
+                self._load_state(state)
+            self.resumed_from = self.step if state is not None else None
+        except OSError as err:  # a full disk or a read-only folder while writing the run's first files
+            self.lock.release()
+            raise ConfigError(f"run_dir: cannot write to {self.run_dir}: {err.strerror or err}") from None
+        except BaseException:
+            self.lock.release()  # a failed set-up leaves the run directory to the next writer
+            raise
 
     # ------------------------------------------------------------------ set-up
 
-    def _prepare_run_dir(self, resume: bool) -> dict[str, Any] | None:
-        """Create/check the run directory; return the saved trainer state when resuming."""
-        run_dir = self.run_dir
+    def _lock_run_dir(self):
+        """Create the run directory and take its writer lock (a second trainer gets one clear line)."""
         try:
-            run_dir.mkdir(parents=True, exist_ok=True)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            return self.rundir.lock().acquire()
+        except OSError as err:
+            raise ConfigError(f"run_dir: cannot write to {self.run_dir}: {err.strerror or err}") from None
+
+    def close(self) -> None:
+        """Release the run directory's writer lock (the OS also drops it when the process ends)."""
+        self.lock.release()
+
+    def _prepare_run_dir(self, resume: bool) -> dict[str, Any] | None:
+        """Check the run directory; return the saved trainer state when resuming."""
+        run, run_dir = self.rundir, self.run_dir
+        try:
             probe = run_dir / ".detr-write-test"
             probe.write_text("")
             probe.unlink()
         except OSError as err:
             raise ConfigError(f"run_dir: cannot write to {run_dir}: {err.strerror or err}") from None
-        has_run = (run_dir / TRAINER_STATE).is_file() or (run_dir / MODEL).is_file() or list_checkpoints(run_dir)
         if not resume:
-            if has_run:
+            if run.holds_run():
                 raise ConfigError(f"run_dir: {run_dir} already holds a run; continue it with --resume "
                                   f"or choose another directory (--run_dir)")
             return None
-        if not (run_dir / TRAINER_STATE).is_file():
-            if has_run:
-                raise CheckpointError(f"{run_dir / TRAINER_STATE}: missing, so {run_dir} cannot be resumed")
+        if not run.trainer_state.is_file():
+            if run.holds_run():
+                raise CheckpointError(f"{run.trainer_state}: missing, so {run_dir} cannot be resumed")
             log.info("%s holds no checkpoint yet: starting a new run", run_dir)
             return None
-        state = load_trainer_state(run_dir / TRAINER_STATE)
-        if state.get("format") != STATE_FORMAT:
-            raise CheckpointError(f"{run_dir / TRAINER_STATE}: unknown trainer state format {state.get('format')}")
+        state = load_trainer_state(run.trainer_state)
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            found = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise CheckpointError(f"{run.trainer_state}: unknown trainer state format {found}")
+        missing = [key for key in STATE_KEYS if key not in state]
+        if missing:
+            raise CheckpointError(f"{run.trainer_state}: the trainer state lacks {', '.join(missing)}; "
+                                  f"it cannot be resumed")
         return state
 
     def _save_config(self, state: dict[str, Any] | None) -> None:
         """Write the effective config; resuming needs the saved model and data sections."""
         if state is not None:
-            saved = load_config(self.run_dir / CONFIG)
+            saved = load_config(self.rundir.config)
             for section in ("model", "data"):
                 old = dataclasses.asdict(getattr(saved, section))
                 new = dataclasses.asdict(getattr(self.config, section))
                 for key in old:
                     if old[key] != new[key]:
                         raise ConfigError(f"{section}.{key}: {new[key]!r} differs from {old[key]!r} in the run being "
-                                          f"resumed ({self.run_dir / CONFIG}); the model and data cannot change")
-        self.config.save(self.run_dir / CONFIG)
+                                          f"resumed ({self.rundir.config}); the model and data cannot change")
+        self.config.save(self.rundir.config)
 
     def _optimizer(self) -> torch.optim.Optimizer:
         # Weight decay on matrices only: biases, LayerNorm gains and embeddings' scale stay free.
         # A pretrained encoder learns at lr × pretrained_lr_scale: a new decoder needs a far larger
         # step than weights that are already good.
-        from detr.heads import PretrainedEncoder
-
         pretrained = {id(p) for m in self.model.modules() if isinstance(m, PretrainedEncoder) for p in m.parameters()}
         new = [p for p in self.model.parameters() if id(p) not in pretrained]
         old = [p for p in self.model.parameters() if id(p) in pretrained]
@@ -285,23 +299,33 @@ class Trainer:
         log.info("resumed %s at step %d (epoch %d)", self.run_dir, self.step, self.stream.epoch + 1)
 
     def _truncate_metrics(self) -> None:
-        """Drop log lines written after the checkpoint: they are about to be written again."""
-        path = self.run_dir / METRICS
+        """Drop log lines written after the checkpoint: they are about to be written again. A line
+        a crash cut off (not valid JSON) is dropped too, with a warning."""
+        path = self.rundir.metrics
         if not path.is_file():
             return
-        kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= self.step]
+        kept = []
+        for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                log.warning("%s:%d: a line cut off by a crash; dropped", path, number)
+                continue
+            if isinstance(entry, dict) and entry.get("step", 0) <= self.step:
+                kept.append(line)
         atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     def save(self) -> Path:
         """Checkpoint: weights first, then the state that points at them, then old weights go."""
-        path = checkpoint_path(self.run_dir, self.step)
+        path = self.rundir.checkpoint(self.step)
         path.parent.mkdir(exist_ok=True)
-        save_weights(self.model, path)
+        save_weights(self.model, path, self.task.fingerprint())
         if not self.valid:
-            save_weights(self.model, self.run_dir / MODEL)  # no validation: the last weights are the ones to use
-        save_trainer_state(self.state_dict(path), self.run_dir / TRAINER_STATE)
-        for _, old in list_checkpoints(self.run_dir)[: -self.tc.keep_last]:
+            save_weights(self.model, self.rundir.model, self.task.fingerprint())  # no validation: the last weights
+        save_trainer_state(self.state_dict(path), self.rundir.trainer_state)
+        for _, old in self.rundir.list_checkpoints()[: -self.tc.keep_last]:
             old.unlink()
         self.saved_step = self.step
         return path
@@ -387,11 +411,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ validation
 
-    def evaluate(self) -> dict[str, float]:
+    def validate(self) -> dict[str, float]:
         """The task's validation metrics (translate: loss, ppl, greedy BLEU; classify/tag: loss, accuracy, F1)."""
         self.model.eval()
         try:
-            return self.task.evaluate(self.model, lambda batch: self.loss_of(batch, 0.0), self.tc.max_tokens,
+            return self.task.validate(self.model, lambda batch: self.loss_of(batch, 0.0), self.tc.max_tokens,
                                       self.tc.eval_max_sentences)
         finally:
             self.model.train()
@@ -404,7 +428,7 @@ class Trainer:
         if better:
             self.best = {"metric": name, "value": value, "step": self.step}
             self.bad_evals = 0
-            save_weights(self.model, self.run_dir / MODEL)
+            save_weights(self.model, self.rundir.model, self.task.fingerprint())
         else:
             self.bad_evals += 1
             if self.tc.patience and self.bad_evals >= self.tc.patience:
@@ -417,7 +441,7 @@ class Trainer:
 
     def result(self) -> TrainResult:
         return TrainResult(self.run_dir, self.step, self.stream.epoch, self.seconds, self.stop_reason() or "",
-                           self.best, self.run_dir / MODEL, self.nonfinite_total)
+                           self.best, self.rundir.model, self.nonfinite_total)
 
     def run(self) -> TrainResult:
         """Train until a stopping condition; save; return the summary.
@@ -433,7 +457,7 @@ class Trainer:
         from torch.utils.tensorboard import SummaryWriter  # slow import: only when training
 
         writer = SummaryWriter(str(self.run_dir), purge_step=self.step + 1 if self.resumed_from else None)
-        metrics_file = open(self.run_dir / METRICS, "a", encoding="utf-8")
+        metrics_file = open(self.rundir.metrics, "a", encoding="utf-8")
         bar = tqdm(total=self.tc.max_steps or None, initial=self.step, disable=not self.progress, unit="step",
                    dynamic_ncols=True, desc="train")
         previous_handlers = self._catch_signals()
@@ -473,29 +497,37 @@ class Trainer:
                     record("grads", self._grad_stats)
                     self._grad_stats = None
                 if self.valid and self.step % self.tc.eval_every == 0:
-                    self._validate(record)
+                    self._validate_and_record(record)
                 if self.step % self.tc.save_every == 0:
                     self.save()
                 if self.signal_received is not None:
                     self.save()
                     raise Interrupted(self.signal_received, self.step, self.run_dir)
             if self.valid and self.evaluated_step != self.step and self.stopped is None:
-                self._validate(record)  # the final weights get their say in choosing the best
+                self._validate_and_record(record)  # the final weights get their say in choosing the best
             if self.saved_step != self.step or self.stopped:
                 self.save()
+        except OSError as err:  # a full disk, a folder made read-only: one line, the last checkpoint intact
+            last = f"the last good checkpoint is step {self.saved_step}" if self.saved_step > 0 \
+                else "no checkpoint was saved"
+            raise TrainingError(f"cannot write to {self.run_dir} at step {self.step}: {err.strerror or err}; {last}; "
+                                f"free the space and continue with --resume") from None
         finally:
             self._restore_signals(previous_handlers)
             bar.close()
-            metrics_file.close()
-            writer.close()
+            with contextlib.suppress(OSError):
+                metrics_file.close()
+            with contextlib.suppress(Exception):
+                writer.close()
+            self.close()
         result = self.result()
         log.info("done: %d steps (%s) in %.0fs%s; model: %s", result.steps, result.stopped, result.seconds,
                  f"; best valid {self.best['metric']} {self.best['value']:.4g} at step {self.best['step']}"
                  if self.best else "", result.model_path)
         return result
 
-    def _validate(self, record) -> None:
-        metrics = self.evaluate()
+    def _validate_and_record(self, record) -> None:
+        metrics = self.validate()
         record("valid", metrics)
         log.info("step %d | valid %s", self.step, " | ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         self._after_eval(metrics)
@@ -517,33 +549,10 @@ class Trainer:
                     signal.Signals(signum).name)
 
 
-def _block(name: str) -> str:
-    """The block a parameter belongs to: an encoder/decoder layer, an embedding, a final norm."""
-    parts = name.split(".")
-    return ".".join(parts[:3]) if len(parts) > 2 and parts[1] == "layers" else ".".join(parts[:2])
-
-
-def gradient_norms(model: torch.nn.Module) -> dict[str, float]:
-    """L2 norm of the gradient per block (see `_block`)."""
-    squares: dict[str, float] = {}
-    for name, p in model.named_parameters():
-        if p.grad is not None:
-            squares[_block(name)] = squares.get(_block(name), 0.0) + float(p.grad.float().pow(2).sum())
-    return {block: math.sqrt(s) for block, s in squares.items()}
-
-
-def update_ratios(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> dict[str, float]:
-    """‖Δw‖ / ‖w‖ per block for one optimiser step: about 1e-3 is healthy; far above, the
-    learning rate is too high for that block; far below, it barely learns."""
-    change: dict[str, float] = {}
-    size: dict[str, float] = {}
-    for name, p in model.named_parameters():
-        block = _block(name)
-        change[block] = change.get(block, 0.0) + float((p.detach() - before[name]).float().pow(2).sum())
-        size[block] = size.get(block, 0.0) + float(before[name].float().pow(2).sum())
-    return {block: math.sqrt(change[block] / size[block]) if size[block] else 0.0 for block in change}
-
-
 def train(config: Config, resume: bool = False, progress: bool = False) -> TrainResult:
     """Train a model as `config` describes; see `Trainer`. `progress` shows a tqdm bar."""
-    return Trainer(config, resume, progress).run()
+    trainer = Trainer(config, resume, progress)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()

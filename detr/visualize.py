@@ -20,8 +20,9 @@ from pathlib import Path
 from torch import Tensor
 
 from detr.analysis import AttentionMaps, attention_maps, label_maps
+from detr.config import DecodeConfig
 from detr.errors import DataError
-from detr.labeller import Labeller
+from detr.labeller import Classifier, Tagger
 from detr.translator import Translator
 
 
@@ -47,16 +48,16 @@ def plot_grid(weights: Tensor, rows: list[str], cols: list[str], title: str, pat
     fig.savefig(path, dpi=90)
 
 
-def inspect(predictor: Translator | Labeller, src_text: str, out: str | Path, ref_text: str | None = None,
-            **options: object) -> list[Path]:
+def inspect(predictor: Translator | Classifier | Tagger, src_text: str, out: str | Path, ref_text: str | None = None,
+            options: DecodeConfig | None = None) -> list[Path]:
     """Attention of every layer and head and saliency for one sentence, written to `out`.
 
     Args:
         predictor: a `Translator` (encoder, decoder and cross-attention; saliency per output
-            token) or a classify/tag `Labeller` (encoder self-attention; saliency for the
+            token), a `Classifier` or a `Tagger` (encoder self-attention; saliency for the
             predicted label, or for each word's predicted tag).
         ref_text: translation only: inspect this reference output; without it, the n-best
-            outputs of the search that `options` describe (`beam_size`, `nbest`, ...).
+            outputs of the search that `options` describe (default: the run's decode settings).
 
     Raises:
         DataError: an empty `src_text` or an unwritable `out`.
@@ -65,14 +66,14 @@ def inspect(predictor: Translator | Labeller, src_text: str, out: str | Path, re
         raise DataError("--src is empty: give the sentence to inspect")
     if ref_text is not None and not ref_text.strip():
         raise DataError("--ref is empty: give the reference output, or leave --ref out to decode")
-    if isinstance(predictor, Labeller):
+    if isinstance(predictor, Translator):
+        n_tokens, limit = len(predictor.tokenizer.src.encode(src_text)) + 1, predictor.max_src_len
+        maps = attention_maps(predictor, src_text, ref_text, options=options)
+    else:
         if ref_text is not None:
             raise DataError("--ref applies to translation runs; a classify/tag run shows its own prediction")
-        n_tokens, limit = len(predictor.task.text.sentence(src_text)[0]), predictor.task.text.max_len
+        n_tokens, limit = len(predictor.text.sentence(src_text)[0]), predictor.text.max_len
         maps = label_maps(predictor, src_text)
-    else:
-        n_tokens, limit = len(predictor.tokenizer.src.encode(src_text)) + 1, predictor.max_src_len
-        maps = attention_maps(predictor, src_text, ref_text, **options)
     note = ""
     if n_tokens > limit:
         note = f"The input has {n_tokens} tokens; only the first {limit} (the model's maximum) were used."
@@ -121,7 +122,9 @@ def write_inspection(maps: list[AttentionMaps], out: str | Path, note: str = "")
 
 def html_page(data: dict) -> str:
     """One self-contained page (inline data, style and script; nothing fetched from the network)."""
-    payload = json.dumps(data).replace("</", "<\\/")  # the data cannot close its <script> element
+    # No "<", ">" or "&" reaches the page raw: text such as "</script>" or "<!--" in a sentence
+    # cannot end the data's <script> element or open a comment; JSON.parse reads the escapes back.
+    payload = json.dumps(data).replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
     return _PAGE.replace("__DATA__", payload)
 
 

@@ -10,7 +10,6 @@ load_config → train → load → evaluate / classify.
 import argparse
 
 import detr
-from detr.cli import format_label_report
 
 
 def main() -> None:
@@ -38,8 +37,8 @@ def main() -> None:
           f"{result.best['value']:.4f} at step {result.best['step']}")
 
     classifier = detr.load(args.run)
-    report = classifier.evaluate(args.test)
-    print(format_label_report(report, "classify"))
+    report = classifier.score_file(args.test)
+    print(classifier.format_report(report))
     for sentence, (label, probs) in zip(["What a wonderful, moving film.", "Profits fell sharply."],
                                         classifier.classify(["What a wonderful, moving film.",
                                                              "Profits fell sharply."])):

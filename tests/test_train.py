@@ -10,10 +10,13 @@ import pytest
 import torch
 
 from detr import ConfigError, DataError, TrainingError, load_config
-from detr.checkpoint import MODEL, TRAINER_STATE, average_checkpoints, list_checkpoints, load_trainer_state
+from detr.checkpoint import average_checkpoints, list_checkpoints, load_trainer_state
+from detr.rundir import RunDir
 from detr.toy import make_toy_corpus
 from detr.trainer import Trainer, learning_rate, train
 from tests.conftest import ROOT
+
+MODEL, TRAINER_STATE = RunDir(".").model.name, RunDir(".").trainer_state.name
 
 
 def toy_config(tmp_path, run="run", **overrides):
@@ -85,7 +88,8 @@ def test_a_run_writes_a_self_describing_directory(tmp_path):
     # A run directory alone is enough to decode.
     import detr.translator
 
-    out = detr.translator.load(run).translate(["we have two red dogs.", ""], beam_size=1)
+    translator = detr.load(run)
+    out = translator.translate(["we have two red dogs.", ""], translator.options(beam_size=1))
     assert len(out) == 2 and out[1] == ""
 
 
@@ -165,7 +169,7 @@ def test_accumulation_equals_one_big_batch(tmp_path):
     start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     accumulated = trainer.train_step(a + b)
 
-    from detr.data import Batch, pad
+    from detr.batching import Batch, pad
 
     def rows(batch, tensor):
         return [[t for t in row if t != 0] for row in getattr(batch, tensor).tolist()]
@@ -282,8 +286,8 @@ def test_a_small_model_learns_to_copy_and_to_reverse_exactly(tmp_path, task, ste
         "train.max_steps": steps, "train.schedule": "cosine", "train.lr": 5e-3, "train.warmup_steps": 50,
         "train.max_tokens": 512, "train.label_smoothing": 0.0, "train.save_every": 10000, "train.threads": 1})
     train(config)
-    out = detr.translator.load(tmp_path / "run").translate((tmp_path / "test.src").read_text().splitlines(),
-                                                           beam_size=1)
+    translator = detr.load(tmp_path / "run")
+    out = translator.translate((tmp_path / "test.src").read_text().splitlines(), translator.options(beam_size=1))
     expected = (tmp_path / "test.tgt").read_text().splitlines()
     correct = sum(o == e for hyp, ref in zip(out, expected) for o, e in zip(hyp.split(), ref.split()))
     total = sum(len(ref.split()) for ref in expected)

@@ -24,17 +24,18 @@ def run(toy_run):
 
 def test_translate_keeps_line_i_for_input_i_and_empty_lines_stay_empty(run):
     lines = ["we have two red dogs.", "", "she counts one old cat.", "   ", "they buy three new books."]
-    out = cli("translate", str(run), "--beam", "2", stdin="\n".join(lines).encode() + b"\n")
+    out = cli("translate", str(run), "--beam-size", "2", stdin="\n".join(lines).encode() + b"\n")
     assert out.returncode == 0, out.stderr
     got = out.stdout.decode().split("\n")[:-1]
     assert len(got) == 5 and got[1] == "" and got[0] and got[2]
-    assert got == detr.load(run).translate(lines, beam_size=2)
+    translator = detr.load(run)
+    assert got == translator.translate(lines, translator.options(beam_size=2))
 
 
 def test_nbest_prints_text_and_score(run, tmp_path):
     (tmp_path / "in.txt").write_text("we have two red dogs.\nyou paint one big boat.\n")
     out = cli("translate", str(run), "-i", str(tmp_path / "in.txt"), "-o", str(tmp_path / "out.txt"),
-              "--beam", "3", "--nbest", "3")
+              "--beam-size", "3", "--nbest", "3")
     assert out.returncode == 0, out.stderr
     rows = [line.split("\t") for line in (tmp_path / "out.txt").read_text().splitlines()]
     assert len(rows) == 6 and all(len(r) == 2 and float(r[1]) <= 0 for r in rows)
