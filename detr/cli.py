@@ -31,7 +31,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 import detr
 from detr.analysis import alignment_of
 from detr.checkpoint import average_checkpoints, load_run
-from detr.config import DecodeConfig, load_config
+from detr.config import DecodeConfig, ServeConfig, load_config
 from detr.download import MULTI30K_URL, fetch_multi30k
 from detr.errors import ConfigError, DetrError
 from detr.evaluate import score_files, score_table
@@ -230,6 +230,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from detr.serve import model_names, serve  # the serving extra (fastapi, uvicorn): needed only here
+    except ImportError as err:
+        raise ConfigError(f"detr serve needs the serving extra ({err.name} is missing): "
+                          f"pip install 'torch==2.13.0' -e '.[serve]'") from None
+    config = config_from_flags(args, ServeConfig, "serve")
+    serve(model_names(args.runs), config, device=args.device)
+    return 0
+
+
 def cmd_classify(args: argparse.Namespace) -> int:
     classifier = _load(args, Classifier, "classify")
     with _output(args.output) as out:
@@ -299,15 +310,32 @@ class _Deprecated(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
+def add_config_flags(group: Any, cls: type, section: str, default_note: str) -> None:
+    """One flag per field of the config dataclass `cls` (`beam_size` → `--beam-size`), with the field's
+    help text, stored as `{section}_{field}`; an unset flag stays None (the default applies)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag, dest = "--" + f.name.replace("_", "-"), f"{section}_{f.name}"
+        text = f"{f.metadata['help']} ({section}.{f.name}; {default_note}: {f.default})"
+        if hints[f.name] is bool:
+            group.add_argument(flag, dest=dest, action="store_true", default=None, help=text)
+        else:
+            group.add_argument(flag, dest=dest, type=_flag_type(hints[f.name]), metavar=f.name.upper(), help=text)
+
+
+def config_from_flags(args: argparse.Namespace, cls: type, section: str) -> Any:
+    """The dataclass `cls` with the fields the user gave as flags."""
+    given = {f.name: getattr(args, f"{section}_{f.name}") for f in dataclasses.fields(cls)
+             if getattr(args, f"{section}_{f.name}", None) is not None}
+    return cls(**given)
+
+
 def add_decode_flags(p: argparse.ArgumentParser) -> None:
     """One flag per `DecodeConfig` field (`--beam-size`, `--top-p`, ...), with the field's help text;
     unset flags keep the run's own `decode` settings."""
     group = p.add_argument_group("decoding (default: the run's decode section in config.yaml)")
+    add_config_flags(group, DecodeConfig, "decode", "new runs")
     hints = typing.get_type_hints(DecodeConfig)
-    for f in dataclasses.fields(DecodeConfig):
-        group.add_argument("--" + f.name.replace("_", "-"), dest=f"decode_{f.name}", type=_flag_type(hints[f.name]),
-                           metavar=f.name.upper(),
-                           help=f"{f.metadata['help']} (decode.{f.name}; new runs: {f.default})")
     for old, name in DEPRECATED_FLAGS.items():
         group.add_argument(old, dest=f"decode_{name}", type=_flag_type(hints[name]), action=_Deprecated,
                            help=argparse.SUPPRESS)
@@ -402,6 +430,13 @@ def build_parser() -> argparse.ArgumentParser:
     inspect_p.add_argument("--weights", help="a .safetensors file to use instead of RUN/model.safetensors")
     inspect_p.add_argument("--device", default="cpu")
     inspect_p.set_defaults(func=cmd_inspect)
+
+    serve_p = sub.add_parser("serve", help="serve runs over HTTP: batched translate/generate/classify/tag/inspect, "
+                                           "a web page, Prometheus metrics (loopback unless told otherwise)")
+    serve_p.add_argument("runs", nargs="+", metavar="RUN", help="run directory, or NAME=RUN to name the model")
+    serve_p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default: cpu)")
+    add_config_flags(serve_p.add_argument_group("serving"), ServeConfig, "serve", "default")
+    serve_p.set_defaults(func=cmd_serve)
 
     model = sub.add_parser("model", help="build a model from a config or preset; print its size and a forward pass")
     model.add_argument("config", help="a YAML config file, or a preset name (tiny, small, base, big)")

@@ -270,6 +270,38 @@ class DecodeConfig:
 
 
 @dataclass
+class ServeConfig:
+    """`detr serve`: where it listens, who may call it, and how requests are batched and bounded.
+    The command's flags are generated from these fields (`--max-batch-tokens`, ...)."""
+
+    host: str = option("127.0.0.1", "address to listen on; anything but loopback needs --api-key-file or "
+                                    "--insecure-public")
+    port: int = option(8000, "TCP port")
+    api_key_file: str | None = option(None, "file with one API key per line; requests must send "
+                                            "'Authorization: Bearer KEY' (/health stays open)")
+    insecure_public: bool = option(False, "allow a non-loopback host without API keys")
+    max_batch_tokens: int = option(4096, "source tokens of the requests one model step serves together")
+    max_wait_ms: float = option(10.0, "how long a request waits for others to share its batch")
+    max_queue: int = option(256, "requests waiting per model; beyond it the answer is 429")
+    threads: int = option(0, "CPU threads for the model's math; 0: PyTorch's default")
+    max_texts: int = option(64, "texts per request (413 beyond)")
+    max_chars: int = option(5000, "characters per text (413 beyond)")
+    max_body_bytes: int = option(1_000_000, "bytes per request body (413 beyond)")
+    grace_seconds: float = option(30.0, "on SIGTERM: how long in-flight requests may take to finish")
+
+    def validate(self) -> None:
+        _check_types(self, "serve")
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"serve.port must be in 1..65535, got {self.port}")
+        for name in ("max_batch_tokens", "max_queue", "max_texts", "max_chars", "max_body_bytes"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"serve.{name} must be positive, got {getattr(self, name)}")
+        for name in ("max_wait_ms", "grace_seconds", "threads"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"serve.{name} must not be negative, got {getattr(self, name)}")
+
+
+@dataclass
 class Config:
     """A whole run: what to learn, from which data, with which model and settings."""
 

@@ -69,10 +69,14 @@ def _next_logp(model: Seq2Seq, last: Tensor, memory: Tensor, src_mask: Tensor, c
     return logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
 
 
+OnStep = Callable[[list[int], list[int]], None]  # (rows still running, the token each chose) after every step
+
+
 @torch.no_grad()
-def _one_per_sentence(model: Seq2Seq, src: Tensor, decode: DecodeConfig,
-                      pick: Callable[[Tensor], Tensor]) -> list[Hypothesis]:
-    """Greedy and sampling: one running output per sentence; `pick` maps log-probs (N, V) to ids (N,)."""
+def _one_per_sentence(model: Seq2Seq, src: Tensor, decode: DecodeConfig, pick: Callable[[Tensor], Tensor],
+                      on_step: OnStep | None = None) -> list[Hypothesis]:
+    """Greedy and sampling: one running output per sentence; `pick` maps log-probs (N, V) to ids (N,);
+    `on_step` hears each step's tokens as they are chosen (</s> included), for streaming."""
     B = src.size(0)
     memory, src_mask, budget = _start(model, src, decode)
     cache = model.new_cache()
@@ -93,6 +97,8 @@ def _one_per_sentence(model: Seq2Seq, src: Tensor, decode: DecodeConfig,
             scores[row] += s
             if not eos:
                 out[row].append(tok)
+        if on_step is not None:
+            on_step(alive.tolist(), token.tolist())
         if bool(finished.all()):
             break
         history = torch.cat([history, token.unsqueeze(1)], dim=1)
@@ -112,10 +118,10 @@ def greedy(model: Seq2Seq, src: Tensor, decode: DecodeConfig | None = None) -> l
 
 
 def sample(model: Seq2Seq, src: Tensor, decode: DecodeConfig | None = None,
-           generator: torch.Generator | None = None) -> list[Hypothesis]:
+           generator: torch.Generator | None = None, on_step: OnStep | None = None) -> list[Hypothesis]:
     """Draw each token from the model's distribution, sharpened or flattened by `decode.temperature`
     and cut to the `top_k` most probable tokens and/or the smallest set holding `top_p` of the mass.
-    One draw per row of `src` (repeat rows for several samples)."""
+    One draw per row of `src` (repeat rows for several samples); `on_step` hears every step's tokens."""
     decode = decode or DecodeConfig()
     temperature, top_k, top_p = decode.temperature, decode.top_k, decode.top_p
 
@@ -132,7 +138,7 @@ def sample(model: Seq2Seq, src: Tensor, decode: DecodeConfig | None = None,
         probs = scaled.softmax(-1)
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
-    return _one_per_sentence(model, src, decode, pick)
+    return _one_per_sentence(model, src, decode, pick, on_step)
 
 
 def length_penalty(length: int, alpha: float) -> float:

@@ -24,7 +24,7 @@ from detr.errors import ConfigError, DataError, DetrError
 from detr.loss import mean_token_loss, seq2seq_loss
 from detr.model import Seq2Seq
 from detr.readers import Example
-from detr.search import Hypothesis, beam_search, greedy, sample
+from detr.search import Hypothesis, OnStep, beam_search, greedy, sample
 from detr.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -143,6 +143,19 @@ class Translator:
             return [drawn[i:i + n] for i in range(0, len(drawn), n)]
 
         yield from self._iter_chunks(lines, config, n, n, search)
+
+    def sample_streaming(self, line: str, on_step: OnStep, options: DecodeConfig | None = None
+                         ) -> list[tuple[str, float]]:
+        """`num_samples` samples of one line, as `iter_samples` draws them (same seed, same outputs),
+        calling `on_step(samples still running, their new token ids)` after every token."""
+        config = self.checked(options or self.decode)
+        ids = self.encode_line(1, line)
+        if len(ids) <= 1:
+            return [("", 0.0)] * config.num_samples
+        generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        src = pad([ids]).to(self.device).repeat_interleave(config.num_samples, dim=0)  # (n, S)
+        drawn = sample(self.model, src, config, generator, on_step)
+        return [(text, h.score) for text, h in zip(self.tokenizer.tgt.decode_batch([h.tokens for h in drawn]), drawn)]
 
     def batches(self, ids: list[list[int]], config: DecodeConfig, rows_per_sentence: int) -> list[list[int]]:
         """Indices of non-empty inputs, sorted by length, grouped under the token and sentence budgets."""

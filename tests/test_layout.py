@@ -15,9 +15,11 @@ from detr.config import DecodeConfig
 from tests.conftest import ROOT
 
 PACKAGE = ROOT / "detr"
-# Third-party modules that stay imported inside functions: heavy, and needed only by one feature
-# (pretrained encoders, TensorBoard logging, plots, ROUGE, the entity report).
-OPTIONAL = ("transformers", "torch.utils.tensorboard", "matplotlib", "rouge_score", "seqeval", "sklearn")
+# Modules that stay imported inside functions: heavy, and needed only by one feature (pretrained
+# encoders, TensorBoard logging, plots, ROUGE, the entity report), or the serving extra (fastapi and
+# uvicorn, which detr.serve needs: the CLI imports it only for `detr serve`).
+OPTIONAL = ("transformers", "torch.utils.tensorboard", "matplotlib", "rouge_score", "seqeval", "sklearn", "uvicorn",
+            "detr.serve")
 
 
 def module_name(path: Path) -> str:
@@ -150,6 +152,6 @@ def test_readme_says_this_is_not_the_object_detector():
 
 
 def test_import_detr_alone_starts_without_the_heavy_optional_libraries():
-    code = "import sys, detr; print(any(m in sys.modules for m in ('transformers', 'matplotlib')))"
+    code = "import sys, detr.cli; print(any(m in sys.modules for m in ('transformers', 'matplotlib', 'fastapi')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr

@@ -1,0 +1,105 @@
+"""`detr serve`: trained runs as an HTTP service, with dynamic batching and a web page.
+
+    from detr.serve import serve
+    serve({"de": "runs/tiny"}, ServeConfig(port=8000))     # blocks until SIGTERM / SIGINT
+
+Built only on the public API: `detr.load_run`, the predictors, `DecodeConfig`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import signal
+import socket
+from pathlib import Path
+
+import torch
+
+from detr.checkpoint import Run, load_run
+from detr.config import ServeConfig
+from detr.errors import ConfigError
+from detr.serve.app import create_app, read_api_keys
+
+log = logging.getLogger(__name__)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` names only this machine (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def model_names(specs: list[str]) -> dict[str, Path]:
+    """`RUN` or `NAME=RUN` → {name: run directory}; a bare run is named after its directory.
+
+    Raises:
+        ConfigError: two models with one name.
+    """
+    out: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = Path(spec).resolve().name, spec
+        if name in out:
+            raise ConfigError(f"two models are named {name!r}: name them NAME=RUN")
+        out[name] = Path(path)
+    return out
+
+
+def check_binding(config: ServeConfig) -> list[str] | None:
+    """The API keys, after checking that the address is safe to listen on.
+
+    Raises:
+        ConfigError: a non-loopback host without keys and without --insecure-public.
+    """
+    keys = read_api_keys(config.api_key_file) if config.api_key_file else None
+    if not is_loopback(config.host) and keys is None and not config.insecure_public:
+        raise ConfigError(f"serve.host={config.host} is reachable from other machines: give --api-key-file, "
+                          f"or --insecure-public to serve without keys")
+    return keys
+
+
+def serve(specs: dict[str, str | Path], config: ServeConfig, device: str = "cpu") -> None:
+    """Load the runs and serve them until SIGTERM or SIGINT (in-flight requests finish first).
+
+    Raises:
+        ConfigError: an unsafe address, a bad key file, or a port already in use.
+        CheckpointError: a run that does not load.
+    """
+    import uvicorn  # the serving extra: imported only to serve
+
+    config.validate()
+    keys = check_binding(config)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    runs: dict[str, Run] = {name: load_run(path, device) for name, path in specs.items()}
+    with socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET) as probe:
+        try:
+            probe.bind((config.host, config.port))
+        except OSError as err:
+            raise ConfigError(f"serve: cannot listen on {config.host}:{config.port}: {err.strerror}") from None
+    app = create_app(runs, config, keys)
+    access = "API keys required" if keys else ("no API keys: loopback only" if is_loopback(config.host)
+                                                else "no API keys, public (--insecure-public)")
+    log.info("detr serve: http://%s:%d (models: %s; %s)", config.host, config.port, ", ".join(runs), access)
+    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
+                                           timeout_graceful_shutdown=config.grace_seconds, access_log=False,
+                                           # longer than clients' usual 5 s, so a client never reuses a
+                                           # connection the server is closing at that moment
+                                           timeout_keep_alive=30))
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal it caught; with this handler
+    # in place that last signal is a no-op and a graceful stop exits 0.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        server.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    log.info("detr serve: stopped")
+
+
+__all__ = ["ServeConfig", "check_binding", "create_app", "is_loopback", "model_names", "serve"]

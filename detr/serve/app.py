@@ -1,0 +1,462 @@
+"""The HTTP service: FastAPI routes over the predictors, each model behind its own `Batcher`.
+
+    POST /v1/translate   {model?, text | texts, decode?, alignment?}  → translations, n-best, alignments
+    POST /v1/generate    {model?, text | texts, decode?, stream?}     → samples (server-sent events with stream)
+    POST /v1/classify    {model?, text | texts, probs?}               → labels (and probabilities)
+    POST /v1/tag         {model?, text | texts}                       → (word, tag) pairs
+    POST /v1/inspect     {model?, text, reference?, decode?}          → attention of every layer/head, saliency
+    GET  /v1/models  /health  /ready  /metrics  /  (the page)
+
+Errors are JSON `{"error": {"type", "message"}}`: 401 no or wrong API key, 404 unknown model,
+409 an endpoint that does not fit the model's task, 413 a request over a size limit, 422 a
+malformed request or decoding option, 429 a full queue (with Retry-After), 503 shutting down.
+The server reads no file a client names: model names resolve only to the runs it was given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from detr.analysis import alignment_of, attention_maps, label_maps
+from detr.checkpoint import Run
+from detr.config import DecodeConfig, ServeConfig
+from detr.errors import ConfigError, DetrError
+from detr.labeller import Classifier, Labeller, Tagger
+from detr.serve.batcher import Batcher, BatchRecord, Job, QueueFull
+from detr.serve.page import PAGE
+from detr.translator import Translator
+
+log = logging.getLogger(__name__)
+
+DECODE_FIELDS = {f.name for f in dataclasses.fields(DecodeConfig)}
+
+
+class ApiError(Exception):
+    """A request the server refuses: an HTTP status and one line saying why."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+# ----------------------------------------------------------------------------- request bodies
+
+
+class Texts(BaseModel):
+    """One `text` or a list of `texts` for a `model` (default: the first model served)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = Field(None, description="a served model's name (GET /v1/models); default: the first")
+    text: str | None = Field(None, description="one input")
+    texts: list[str] | None = Field(None, description="several inputs; results come back in the same order")
+
+
+class TranslateBody(Texts):
+    decode: dict[str, Any] | None = Field(None, description="DecodeConfig fields: beam_size, nbest, length_penalty, "
+                                                            "max_len_a, max_len_b, min_len, no_repeat_ngram, ...")
+    alignment: bool = Field(False, description="also return source-target word alignments from cross-attention")
+
+
+class GenerateBody(Texts):
+    decode: dict[str, Any] | None = Field(None, description="DecodeConfig fields: num_samples, seed, temperature, "
+                                                            "top_k, top_p, max_len_a, max_len_b, ...")
+    stream: bool = Field(False, description="send tokens as server-sent events as they are drawn (one text only)")
+
+
+class ClassifyBody(Texts):
+    probs: bool = Field(False, description="also return every label's probability")
+
+
+class ErrorDetail(BaseModel):
+    type: str = Field(description="unauthorized, not_found, wrong_task, length_required, too_large, invalid, "
+                                  "overloaded, unavailable")
+    message: str = Field(description="one line saying what is wrong, naming the field")
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+ERRORS = {status: {"model": ErrorBody, "description": text} for status, text in (
+    (401, "missing or wrong API key"), (404, "no such model"), (409, "the model's task does not fit the endpoint"),
+    (411, "a chunked body"), (413, "a request over a size limit"), (422, "a malformed request or option"),
+    (429, "the model's queue is full (see Retry-After)"), (503, "shutting down"))}
+
+
+class InspectBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    text: str = Field(description="the input to look inside")
+    reference: str | None = Field(None, description="translation runs: an output to inspect instead of the model's")
+    decode: dict[str, Any] | None = None
+
+
+# ----------------------------------------------------------------------------- models and metrics
+
+
+class Metrics:
+    """Prometheus metrics of one app (its own registry, so several apps never collide)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("detr_requests", "HTTP requests by endpoint and status", ["endpoint", "status"],
+                                registry=self.registry)
+        self.latency = Histogram("detr_request_seconds", "request latency", ["endpoint"], registry=self.registry,
+                                 buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+        self.queue = Gauge("detr_queue_depth", "requests waiting for a batch", ["model"], registry=self.registry)
+        self.batch_requests = Histogram("detr_batch_requests", "requests served by one model call", ["model"],
+                                        registry=self.registry, buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+        self.batch_inputs = Histogram("detr_batch_inputs", "texts in one model call", ["model"],
+                                      registry=self.registry, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        self.tokens = Counter("detr_source_tokens", "source tokens served", ["model"], registry=self.registry)
+        self.busy = Counter("detr_model_seconds", "seconds the model computed", ["model"], registry=self.registry)
+
+    def on_batch(self, model: str) -> Callable[[BatchRecord], None]:
+        def record(batch: BatchRecord) -> None:
+            self.batch_requests.labels(model).observe(batch.requests)
+            self.batch_inputs.labels(model).observe(batch.inputs)
+            self.tokens.labels(model).inc(batch.tokens)
+            self.busy.labels(model).inc(batch.seconds)
+
+        return record
+
+
+@dataclasses.dataclass
+class Served:
+    """One model the server answers for."""
+
+    name: str
+    run: Run
+    predictor: Translator | Classifier | Tagger
+    batcher: Batcher
+
+    def describe(self) -> dict[str, Any]:
+        config = self.run.config
+        info: dict[str, Any] = {
+            "name": self.name, "task": config.task,
+            "parameters": sum(p.numel() for p in self.run.model.parameters()),
+            "decode": dataclasses.asdict(config.decode)}
+        if isinstance(self.predictor, Translator):
+            info["languages"] = {"src": config.data.src_lang, "tgt": config.data.tgt_lang}
+        else:
+            info["labels"] = self.predictor.labels
+        return info
+
+
+# ----------------------------------------------------------------------------- the app
+
+
+def create_app(runs: dict[str, Run], config: ServeConfig, api_keys: list[str] | None = None) -> FastAPI:
+    """The ASGI app serving `runs` (name → loaded run) as `config` says; `api_keys`: required bearer keys."""
+    metrics = Metrics()
+    models = {name: Served(name, run, run.predictor(),
+                           Batcher(name, config.max_batch_tokens, config.max_wait_ms / 1000, config.max_queue,
+                                   metrics.on_batch(name)))
+              for name, run in runs.items()}
+    state = {"ready": True}
+    keys = [k.encode() for k in api_keys or []]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        state["ready"] = False
+        for served in models.values():  # uvicorn has let the in-flight requests finish
+            await asyncio.to_thread(served.batcher.stop, config.grace_seconds)
+
+    app = FastAPI(title="detr", version="1", lifespan=lifespan, responses=ERRORS,
+                  description="Translate, generate, classify, tag and look inside trained detr runs.")
+
+    async def authorized(request: Request) -> None:
+        if not keys:
+            return
+        header = request.headers.get("authorization", "")
+        given = header[7:].strip().encode() if header.lower().startswith("bearer ") else b""
+        # compare_digest against every key, always: the time taken says nothing about the keys
+        if not any([hmac.compare_digest(given, key) for key in keys]) or not given:
+            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                           {"WWW-Authenticate": "Bearer"})
+
+    guarded = [Depends(authorized)]
+
+    @app.middleware("http")
+    async def count(request: Request, call_next):
+        start = time.perf_counter()
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > config.max_body_bytes):
+            response = error_response(ApiError(413, f"request body larger than {config.max_body_bytes} bytes "
+                                                    f"(--max-body-bytes)"))
+        elif length is None and request.method == "POST" and "chunked" in request.headers.get("transfer-encoding", ""):
+            response = error_response(ApiError(411, "send a Content-Length header (chunked bodies are not read)"))
+        else:
+            response = await call_next(request)
+        route = request.scope.get("route")
+        endpoint = getattr(route, "path", "other")
+        metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+        return response
+
+    @app.exception_handler(ApiError)
+    async def on_api_error(request: Request, err: ApiError) -> JSONResponse:
+        return error_response(err)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        if err.status_code == 400:  # a body FastAPI cannot even decode (not UTF-8): malformed, like bad JSON
+            return error_response(ApiError(422, f"body: not valid JSON ({err.detail})"))
+        return error_response(ApiError(err.status_code, str(err.detail), dict(err.headers or {})))
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0] if err.errors() else {}
+        if first.get("type") == "json_invalid":
+            reason = first.get("ctx", {}).get("error", "parse error")
+            return error_response(ApiError(422, f"body: not valid JSON ({reason})"))
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
+        return error_response(ApiError(422, f"{where}: {first.get('msg', 'invalid request')}"))
+
+    # -- helpers that turn a request into work
+
+    def model_for(name: str | None, kind: type | tuple[type, ...], endpoint: str) -> Served:
+        if name is None:
+            name = next(iter(models))
+        served = models.get(name)
+        if served is None:
+            raise ApiError(404, f"model: no model named {name!r} (served: {', '.join(models)})")
+        if not isinstance(served.predictor, kind):
+            raise ApiError(409, f"model: {name!r} is a {served.run.config.task} model; {endpoint} does not apply")
+        return served
+
+    def inputs_of(body: Texts) -> list[str]:
+        if (body.text is None) == (body.texts is None):
+            raise ApiError(422, "give exactly one of 'text' and 'texts'")
+        texts = [body.text] if body.text is not None else body.texts
+        if not texts:
+            raise ApiError(422, "texts: the list is empty")
+        if len(texts) > config.max_texts:
+            raise ApiError(413, f"texts: {len(texts)} texts, more than the {config.max_texts} allowed (--max-texts)")
+        for i, t in enumerate(texts):
+            if len(t) > config.max_chars:
+                raise ApiError(413, f"{'text' if body.text is not None else f'texts[{i}]'}: {len(t)} characters, "
+                                    f"more than the {config.max_chars} allowed (--max-chars)")
+        return texts
+
+    def decode_of(translator: Translator, changes: dict[str, Any] | None) -> DecodeConfig:
+        changes = changes or {}
+        unknown = sorted(set(changes) - DECODE_FIELDS)
+        if unknown:
+            raise ApiError(422, f"decode.{unknown[0]}: not a decoding option "
+                                f"(options: {', '.join(sorted(DECODE_FIELDS))})")
+        try:
+            return translator.options(**changes)
+        except ConfigError as err:
+            raise ApiError(422, str(err)) from None
+
+    def cost(served: Served, texts: list[str], rows: int = 1) -> int:
+        if isinstance(served.predictor, Translator):
+            return sum(len(served.predictor.tokenizer.src.encode(t)) + 1 for t in texts) * rows
+        return sum(len(served.predictor.text.sentence(t)[0]) for t in texts)
+
+    async def submit(served: Served, job: Job) -> list[Any]:
+        try:
+            future = served.batcher.submit(job)
+        except QueueFull:
+            raise ApiError(429, f"model {served.name!r} has {config.max_queue} requests waiting (--max-queue); "
+                                f"retry later", {"Retry-After": "1"}) from None
+        except RuntimeError:
+            raise ApiError(503, "the server is shutting down") from None
+        finally:
+            metrics.queue.labels(served.name).set(served.batcher.depth)
+        try:
+            return await asyncio.wrap_future(future)
+        except DetrError as err:
+            raise ApiError(422, str(err)) from None
+        except asyncio.CancelledError:
+            future.cancel()  # the caller went away: the batch goes on without it
+            raise
+
+    # -- routes
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(PAGE)
+
+    @app.get("/health", summary="liveness: the process answers")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready", summary="readiness: every model is loaded", dependencies=guarded)
+    async def ready() -> JSONResponse:
+        ok = state["ready"]
+        return JSONResponse({"ready": ok, "models": list(models)}, status_code=200 if ok else 503)
+
+    @app.get("/metrics", summary="Prometheus metrics (text format)", dependencies=guarded,
+             response_class=PlainTextResponse)
+    async def prometheus() -> Response:
+        for name, served in models.items():
+            metrics.queue.labels(name).set(served.batcher.depth)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", summary="the served models", dependencies=guarded)
+    async def list_models() -> dict[str, Any]:
+        return {"models": [served.describe() for served in models.values()]}
+
+    @app.post("/v1/translate", summary="translate (beam search or greedy; n-best; alignments)", dependencies=guarded)
+    async def translate(body: TranslateBody) -> dict[str, Any]:
+        served = model_for(body.model, Translator, "/v1/translate")
+        texts, options = inputs_of(body), decode_of(served.predictor, body.decode)
+        translator, align = served.predictor, body.alignment
+
+        def run(batch: list[str]) -> list[Any]:
+            results = translator.translate_nbest(batch, options)
+            if align:
+                return [(nbest, alignment_of(translator, src, nbest[0][0])) for src, nbest in zip(batch, results)]
+            return [(nbest, None) for nbest in results]
+
+        key = ("translate", dataclasses.astuple(options), align)
+        results = await submit(served, Job(key, texts, cost(served, texts, options.beam_size), run))
+        out: dict[str, Any] = {"model": served.name, "translations": [nbest[0][0] for nbest, _ in results],
+                               "nbest": [[{"text": t, "score": s} for t, s in nbest] for nbest, _ in results]}
+        if align:
+            out["alignments"] = [a for _, a in results]
+        return out
+
+    @app.post("/v1/generate", summary="sample outputs (temperature, top-k, top-p); streams with stream: true",
+              dependencies=guarded, response_model=None)
+    async def generate(body: GenerateBody) -> dict[str, Any] | StreamingResponse:
+        served = model_for(body.model, Translator, "/v1/generate")
+        texts, options = inputs_of(body), decode_of(served.predictor, body.decode)
+        translator = served.predictor
+        if body.stream:
+            if len(texts) != 1:
+                raise ApiError(422, "stream: give one 'text' to stream")
+            return StreamingResponse(stream_samples(served, texts[0], options), media_type="text/event-stream")
+
+        def run(batch: list[str]) -> list[Any]:
+            return translator.generate(batch, options)
+
+        # own key: a request's samples depend on its seed and its own lines only
+        job = Job(("generate", id(body)), texts, cost(served, texts, options.num_samples), run)
+        samples = await submit(served, job)
+        return {"model": served.name, "samples": [[{"text": t, "score": s} for t, s in one] for one in samples]}
+
+    async def stream_samples(served: Served, text: str, options: DecodeConfig) -> AsyncIterator[str]:
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[str | None] = asyncio.Queue()
+        translator = served.predictor
+        ids: list[list[int]] = [[] for _ in range(options.num_samples)]
+        sent = [""] * options.num_samples
+
+        def on_step(rows: list[int], tokens: list[int]) -> None:
+            for row, token in zip(rows, tokens):
+                if token == translator.tokenizer.tgt.eos:
+                    continue
+                ids[row].append(token)
+                text_now = translator.tokenizer.tgt.decode(ids[row])
+                if text_now.startswith(sent[row]) and not text_now.endswith("\ufffd"):  # whole characters only
+                    delta, sent[row] = text_now[len(sent[row]):], text_now
+                    if delta:
+                        loop.call_soon_threadsafe(events.put_nowait, sse({"sample": row, "delta": delta}))
+
+        def run(batch: list[str]) -> list[Any]:
+            return [translator.sample_streaming(batch[0], on_step, options)]
+
+        async def finish() -> None:
+            try:
+                (samples,) = await submit(served, Job(("stream", id(events)), [text], cost(served, [text]), run))
+                await events.put(sse({"samples": [{"text": t, "score": s} for t, s in samples]}, "done"))
+            except ApiError as err:
+                await events.put(sse({"error": {"status": err.status, "message": err.message}}, "error"))
+            await events.put(None)
+
+        task = asyncio.create_task(finish())
+        try:
+            while (event := await events.get()) is not None:
+                yield event
+        finally:
+            task.cancel()
+
+    def labelling_route(path: str, kind: type[Labeller], summary: str) -> None:
+        @app.post(path, summary=summary, dependencies=guarded, name=path.rsplit("/", 1)[1])
+        async def label(body: ClassifyBody) -> dict[str, Any]:
+            served = model_for(body.model, kind, path)
+            texts = inputs_of(body)
+            predictor = served.predictor
+            if isinstance(predictor, Classifier):
+                results = await submit(served, Job(("classify",), texts, cost(served, texts), predictor.classify))
+                out: dict[str, Any] = {"model": served.name, "labels": [label for label, _ in results]}
+                if body.probs:
+                    out["probabilities"] = [probs for _, probs in results]
+                return out
+            results = await submit(served, Job(("tag",), texts, cost(served, texts), predictor.tag))
+            return {"model": served.name, "tags": [[{"word": w, "tag": t} for w, t in pairs] for pairs in results]}
+
+    labelling_route("/v1/classify", Classifier, "label each text (classify runs)")
+    labelling_route("/v1/tag", Tagger, "tag the words of each text (tag runs)")
+
+    @app.post("/v1/inspect", summary="attention of every layer and head, and saliency, of one input",
+              dependencies=guarded)
+    async def inspect(body: InspectBody) -> dict[str, Any]:
+        served = model_for(body.model, (Translator, Classifier, Tagger), "/v1/inspect")
+        inputs_of(Texts(text=body.text))
+        if not body.text.strip():
+            raise ApiError(422, "text: empty")
+        predictor = served.predictor
+        if isinstance(predictor, Translator):
+            options = decode_of(predictor, body.decode)
+            reference = body.reference if body.reference and body.reference.strip() else None
+
+            def run(batch: list[str]) -> list[Any]:
+                return [attention_maps(predictor, batch[0], reference, options=options)]
+        else:
+            def run(batch: list[str]) -> list[Any]:
+                return [label_maps(predictor, batch[0])]
+
+        (maps,) = await submit(served, Job(("inspect", id(body)), [body.text], cost(served, [body.text]), run))
+        return {"model": served.name, "outputs": [m.to_dict() for m in maps]}
+
+    return app
+
+
+def error_response(err: ApiError) -> JSONResponse:
+    kinds = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 409: "wrong_task",
+             411: "length_required", 413: "too_large", 422: "invalid", 429: "overloaded", 503: "unavailable"}
+    return JSONResponse({"error": {"type": kinds.get(err.status, "error"), "message": err.message}},
+                        status_code=err.status, headers=err.headers)
+
+
+def sse(data: dict[str, Any], event: str | None = None) -> str:
+    """One server-sent event."""
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def read_api_keys(path: str | Path) -> list[str]:
+    """The keys of an API key file, one per line (blank lines and # comments skipped).
+
+    Raises:
+        ConfigError: the file is missing, unreadable or holds no key.
+    """
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"serve.api_key_file: cannot read {path}: {getattr(err, 'strerror', err)}") from None
+    keys = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not keys:
+        raise ConfigError(f"serve.api_key_file: {path} holds no key")
+    return keys

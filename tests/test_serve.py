@@ -1,0 +1,243 @@
+"""`detr serve`: a real server process on a free loopback port, every endpoint, errors, batching,
+the queue bound, API keys, SIGTERM, and the page in headless Chromium."""
+
+import concurrent.futures
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.importorskip("fastapi", reason="needs the serving extra: pip install -e '.[serve]'")
+httpx = pytest.importorskip("httpx", reason="needs httpx (the test extra)")
+
+import detr  # noqa: E402
+from detr import load_config  # noqa: E402
+from tests.conftest import ROOT  # noqa: E402
+from tests.test_tasks import labelled_config  # noqa: E402
+
+SENTENCES = ["we have two red dogs.", "she counts one old cat.", "they buy three new books.", "you paint one big boat.",
+             "we see four small birds.", "he has a green car."]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A `detr serve` process on a free loopback port."""
+
+    def __init__(self, *args: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "detr", "serve", *args, "--port", str(self.port)],
+                                     cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(self.proc.stderr.read().decode())
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.2)
+        raise RuntimeError("the server did not start")
+
+    def post(self, path: str, body, **kw) -> httpx.Response:
+        return httpx.post(self.url + path, json=body, timeout=60, **kw)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def runs(toy_run, tmp_path_factory):
+    out = {"de": toy_run / "run"}
+    for task in ("classify", "tag"):
+        tmp = tmp_path_factory.mktemp(f"serve_{task}")
+        detr.train(load_config(labelled_config(tmp, task, **{"train.max_steps": 40, "train.eval_every": 40})))
+        out[task] = tmp / "run"
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(runs):
+    srv = Server(*(f"{name}={path}" for name, path in runs.items()), "--max-wait-ms", "50")
+    yield srv
+    srv.stop()
+
+
+def test_models_health_ready_and_openapi(server):
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    assert httpx.get(server.url + "/ready").json() == {"ready": True, "models": ["de", "classify", "tag"]}
+    models = {m["name"]: m for m in httpx.get(server.url + "/v1/models").json()["models"]}
+    assert models["de"]["task"] == "translate" and models["de"]["languages"] == {"src": "en", "tgt": "de"}
+    assert models["classify"]["labels"] == ["neg", "pos"] and models["de"]["decode"]["beam_size"] == 4
+    schema = httpx.get(server.url + "/openapi.json").json()
+    assert {"/v1/translate", "/v1/generate", "/v1/classify", "/v1/tag", "/v1/inspect"} <= set(schema["paths"])
+
+
+def test_translate_equals_the_offline_translator(server, runs):
+    translator = detr.load(runs["de"])
+    got = server.post("/v1/translate", {"model": "de", "texts": SENTENCES + [""]}).json()
+    assert got["translations"] == translator.translate(SENTENCES + [""])
+    nbest = server.post("/v1/translate", {"text": SENTENCES[0], "decode": {"beam_size": 3, "nbest": 3}}).json()
+    offline = translator.translate_nbest([SENTENCES[0]], translator.options(beam_size=3, nbest=3))[0]
+    assert [(h["text"], round(h["score"], 4)) for h in nbest["nbest"][0]] == [(t, round(s, 4)) for t, s in offline]
+    aligned = server.post("/v1/translate", {"text": SENTENCES[0], "alignment": True}).json()
+    assert aligned["alignments"][0] and "-" in aligned["alignments"][0]
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server, runs):
+    translator = detr.load(runs["de"])
+    expected = {s: translator.translate([s])[0] for s in SENTENCES}
+    before = batch_counts(server)
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(lambda i: server.post("/v1/translate", {"text": SENTENCES[i % 6]}).json(), range(32)))
+    assert [a["translations"][0] for a in answers] == [expected[SENTENCES[i % 6]] for i in range(32)]
+    calls, requests = (a - b for a, b in zip(batch_counts(server), before))
+    assert requests == 32 and calls < 32  # fewer model calls than requests: the batcher shared them
+
+
+def batch_counts(server) -> tuple[float, float]:
+    text = httpx.get(server.url + "/metrics").text
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line.startswith("detr_")}
+    return values.get('detr_batch_requests_count{model="de"}', 0), values.get('detr_batch_requests_sum{model="de"}', 0)
+
+
+def test_generate_and_its_stream_equal_the_offline_samples(server, runs):
+    translator = detr.load(runs["de"])
+    options = {"num_samples": 2, "seed": 5, "temperature": 1.5, "max_len_b": 8}
+    offline = translator.generate([SENTENCES[1]], translator.options(**options))[0]
+    got = server.post("/v1/generate", {"text": SENTENCES[1], "decode": options}).json()
+    assert [s["text"] for s in got["samples"][0]] == [t for t, _ in offline]
+    with httpx.stream("POST", server.url + "/v1/generate", timeout=60,
+                      json={"text": SENTENCES[1], "decode": options, "stream": True}) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [block for block in response.read().decode().split("\n\n") if block.strip()]
+    deltas = [json.loads(e.split("data: ", 1)[1]) for e in events if not e.startswith("event:")]
+    done = json.loads(events[-1].split("data: ", 1)[1])
+    assert events[-1].startswith("event: done") and [s["text"] for s in done["samples"]] == [t for t, _ in offline]
+    for row in (0, 1):  # the pieces sent as they were drawn add up to the final text
+        assert "".join(d["delta"] for d in deltas if d["sample"] == row) == offline[row][0]
+
+
+def test_classify_tag_and_inspect(server, runs):
+    labels = server.post("/v1/classify", {"model": "classify", "texts": ["the film was superb", ""],
+                                          "probs": True}).json()
+    offline = detr.load(runs["classify"]).classify(["the film was superb", ""])
+    assert labels["labels"] == [label for label, _ in offline]
+    assert labels["probabilities"][0] == pytest.approx(offline[0][1])
+    tags = server.post("/v1/tag", {"model": "tag", "text": "Anna visited Paris ."}).json()
+    assert [p["word"] for p in tags["tags"][0]] == ["Anna", "visited", "Paris", "."]
+    maps = server.post("/v1/inspect", {"model": "de", "text": SENTENCES[0]}).json()["outputs"][0]
+    assert len(maps["cross"]) == 2 and len(maps["cross"][0][0]) == len(maps["tgt_tokens"])
+
+
+@pytest.mark.parametrize("path,body,status,message", [
+    ("/v1/translate", {"model": "nope", "text": "x"}, 404, "no model named 'nope'"),
+    ("/v1/translate", {"text": "x", "decode": {"beam": 2}}, 422, "decode.beam: not a decoding option"),
+    ("/v1/translate", {"text": "x", "decode": {"beam_size": 0}}, 422, "decode.beam_size must be positive"),
+    ("/v1/translate", {"text": "x", "texts": ["y"]}, 422, "exactly one of 'text' and 'texts'"),
+    ("/v1/translate", {"text": "x", "colour": "red"}, 422, "colour"),
+    ("/v1/translate", {"text": "x" * 5001}, 413, "text: 5001 characters"),
+    ("/v1/translate", {"texts": ["x"] * 65}, 413, "texts: 65 texts"),
+    ("/v1/translate", {"texts": ["x", "y" * 6000]}, 413, "texts[1]"),
+    ("/v1/classify", {"model": "de", "text": "x"}, 409, "is a translate model"),
+    ("/v1/generate", {"texts": ["a", "b"], "stream": True}, 422, "stream"),
+])
+def test_bad_requests_get_a_status_and_a_json_error(server, path, body, status, message):
+    response = server.post(path, body)
+    assert response.status_code == status and message in response.json()["error"]["message"]
+
+
+def test_malformed_and_oversized_bodies(server):
+    for body in (b"{not json", b"\xff\xfe"):  # bad JSON, and bytes that are not even UTF-8 (found by fuzzing)
+        bad = httpx.post(server.url + "/v1/translate", content=body, headers={"content-type": "application/json"})
+        assert bad.status_code == 422 and "not valid JSON" in bad.json()["error"]["message"]
+    missing = httpx.get(server.url + "/v2/nothing")
+    assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found"
+    big = httpx.post(server.url + "/v1/translate", content=b" " * 1_000_001,
+                     headers={"content-type": "application/json"})
+    assert big.status_code == 413 and big.json()["error"]["type"] == "too_large"
+
+
+def test_a_client_that_goes_away_does_not_stall_the_server(server):
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.url + "/v1/translate", json={"texts": SENTENCES * 10, "decode": {"beam_size": 4}},
+                   timeout=0.05)
+    assert server.post("/v1/translate", {"text": SENTENCES[0]}).status_code == 200
+
+
+def test_api_keys_a_full_queue_and_sigterm(runs, tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("# one key per line\nsecret-one\nsecret-two\n")
+    srv = Server(str(runs["de"]), "--api-key-file", str(keys), "--max-queue", "1", "--max-wait-ms", "1500")
+    try:
+        assert httpx.get(srv.url + "/health").status_code == 200  # open without a key
+        assert srv.post("/v1/translate", {"text": "x"}).status_code == 401
+        wrong = srv.post("/v1/translate", {"text": "x"}, headers={"Authorization": "Bearer secret"})
+        assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "unauthorized"
+        auth = {"Authorization": "Bearer secret-two"}
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            first = pool.submit(srv.post, "/v1/translate", {"text": SENTENCES[0]}, headers=auth)
+            time.sleep(0.4)  # the first request now waits up to 1.5 s for company, filling the queue of 1
+            second = srv.post("/v1/translate", {"text": SENTENCES[1]}, headers=auth)
+            assert second.status_code == 429 and second.headers["retry-after"] == "1"
+            assert first.result().status_code == 200
+            in_flight = pool.submit(srv.post, "/v1/translate", {"text": SENTENCES[2]}, headers=auth)
+            time.sleep(0.4)
+            srv.proc.send_signal(signal.SIGTERM)  # graceful: the request in flight is answered first
+            assert in_flight.result().status_code == 200
+        assert srv.proc.wait(30) == 0
+    finally:
+        srv.stop()
+
+
+def test_a_public_address_needs_a_key(runs):
+    out = subprocess.run([sys.executable, "-m", "detr", "serve", str(runs["de"]), "--host", "0.0.0.0"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1] == (
+        "detr: error: serve.host=0.0.0.0 is reachable from other machines: give --api-key-file, or "
+        "--insecure-public to serve without keys")
+
+
+def test_the_page_translates_and_draws_the_heatmap_in_chromium(server, runs):
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if chromium is None or driver is None:
+        pytest.skip("chromium and chromedriver are not installed (.ci/run installs Debian's chromium, chromium-driver)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (the test extra)")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
+                 "--disable-dev-shm-usage"):
+        options.add_argument(flag)
+    browser = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
+    try:
+        browser.get(server.url + "/")
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "ready")
+        browser.find_element(By.ID, "src").send_keys(SENTENCES[0])
+        browser.find_element(By.ID, "go").click()
+        wait.until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-state") in ("done", "error"))
+        assert browser.find_element(By.ID, "out").text == detr.load(runs["de"]).translate([SENTENCES[0]])[0]
+        cells = browser.find_elements(By.CSS_SELECTOR, "#heat td")
+        tokens = browser.find_elements(By.CSS_SELECTOR, "#tgtToks .tok")
+        assert len(cells) > 0 and len(tokens) > 0
+        webdriver.ActionChains(browser).move_to_element(tokens[0]).perform()  # hover: the source is shaded
+        shaded = [t.value_of_css_property("background-color") for t in
+                  browser.find_elements(By.CSS_SELECTOR, "#srcToks .tok")]
+        assert any(color != "rgba(0, 0, 0, 0)" for color in shaded)
+    finally:
+        browser.quit()
