@@ -1,0 +1,185 @@
+"""`detr serve` under load: throughput against offline `translate`, latency, overload, fuzzing.
+
+For a trained translation run and its test sentences:
+1. offline: `Translator.translate` of all sentences in one call (greedy, beam 4), sentences/s;
+2. load: `detr serve` on loopback, `--clients` concurrent clients (an httpx/asyncio script) for
+   `--seconds` each sending one sentence per request: greedy, beam 4, and greedy with batching
+   off (`--max-batch-tokens 1`: every request alone); sentences/s, p50/p95/p99 latency, failures,
+   and the mean requests per model call (from /metrics);
+3. overload: `--overload-clients` clients against `--max-queue 32`: only 200 and 429 answers,
+   the server's peak RSS (VmHWM) and its RSS before and after;
+4. fuzz (`--fuzz N`): schemathesis against /openapi.json, N examples per operation: no 5xx, and
+   every status, content type, header and body as the schema declares.
+
+    python benchmarks/serve_load.py --run runs/multi30k_en_de \
+        --sentences ../shared/data/translation/multi30k/test2016.en [--fuzz 50]
+
+Not part of the test run. Measure alone: the clients share the machine with the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import detr  # noqa: E402
+
+FUZZ_CHECKS = ("not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,"
+               "response_schema_conformance")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mb(pid: int, field: str) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class Server:
+    def __init__(self, run: str, threads: int, *flags: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "detr", "serve", run, "--port", str(self.port),
+                                      "--threads", str(threads), *flags], cwd=ROOT,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(600):
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.1)
+        raise RuntimeError("server did not start")
+
+    def batch_mean(self) -> float:
+        values = {}
+        for line in httpx.get(self.url + "/metrics").text.splitlines():
+            if line.startswith("detr_batch_requests_"):
+                name, value = line.rsplit(" ", 1)
+                values[name.split("{")[0]] = float(value)
+        return values.get("detr_batch_requests_sum", 0) / max(values.get("detr_batch_requests_count", 1), 1)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(60)
+
+
+async def load(url: str, sentences: list[str], clients: int, seconds: float, decode: dict) -> dict:
+    """`clients` loops, each posting one sentence at a time until `seconds` pass."""
+    latencies, statuses = [], {}
+    stop_at = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+        async def worker(k: int) -> None:
+            i = k
+            while time.perf_counter() < stop_at:
+                start = time.perf_counter()
+                try:
+                    r = await client.post("/v1/translate", json={"text": sentences[i % len(sentences)],
+                                                                 "decode": decode})
+                    code = r.status_code
+                except httpx.HTTPError as err:
+                    code = type(err).__name__
+                statuses[code] = statuses.get(code, 0) + 1
+                if code == 200:
+                    latencies.append(time.perf_counter() - start)
+                i += clients
+
+        began = time.perf_counter()
+        await asyncio.gather(*(worker(k) for k in range(clients)))
+        elapsed = time.perf_counter() - began
+    ok = statuses.get(200, 0)
+    q = statistics.quantiles(latencies, n=100) if len(latencies) >= 2 else [float("nan")] * 99
+    return {"ok": ok, "failed": sum(v for k, v in statuses.items() if k not in (200, 429)),
+            "statuses": statuses, "seconds": elapsed, "sentences_per_s": ok / elapsed,
+            "p50": q[49], "p95": q[94], "p99": q[98]}
+
+
+def offline(run: str, sentences: list[str], beam: int, threads: int) -> float:
+    torch.set_num_threads(threads)
+    translator = detr.load(run)
+    options = translator.options(beam_size=beam)
+    translator.translate(sentences[:16], options)  # warm-up
+    start = time.perf_counter()
+    translator.translate(sentences, options)
+    return len(sentences) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run", required=True)
+    parser.add_argument("--sentences", required=True, help="one source sentence per line")
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--threads", type=int, default=2, help="offline translation's threads")
+    parser.add_argument("--server-threads", type=int, default=1,
+                        help="the server's model threads (on 2 cores, 1 leaves a core to the event loop and clients)")
+    parser.add_argument("--overload-clients", type=int, default=256)
+    parser.add_argument("--overload-seconds", type=float, default=30)
+    parser.add_argument("--fuzz", type=int, default=0, help="schemathesis examples per operation (0: no fuzzing)")
+    parser.add_argument("--skip", default="", help="comma-separated: offline, load, overload")
+    args = parser.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    sentences = [line.strip() for line in Path(args.sentences).read_text(encoding="utf-8").splitlines() if line.strip()]
+    report: dict = {"sentences": len(sentences), "clients": args.clients, "seconds": args.seconds}
+    if "offline" not in skip:
+        report["offline"] = {f"beam {b}": offline(args.run, sentences, b, args.threads) for b in (1, 4)}
+        print("offline sentences/s:", report["offline"], flush=True)
+    if "load" not in skip:
+        for label, beam, flags in (("greedy", 1, []), ("beam 4", 4, []),
+                                   ("greedy, batching off", 1, ["--max-batch-tokens", "1"])):
+            server = Server(args.run, args.server_threads, *flags)
+            try:
+                result = asyncio.run(load(server.url, sentences, args.clients, args.seconds, {"beam_size": beam}))
+                result["requests_per_model_call"] = server.batch_mean()
+            finally:
+                server.stop()
+            report[label] = result
+            print(label, json.dumps(result), flush=True)
+    if "overload" not in skip:
+        server = Server(args.run, args.server_threads, "--max-queue", "32")
+        try:
+            before = rss_mb(server.proc.pid, "VmRSS")
+            result = asyncio.run(load(server.url, sentences, args.overload_clients, args.overload_seconds,
+                                      {"beam_size": 1}))
+            result.update(rss_before_mb=before, rss_after_mb=rss_mb(server.proc.pid, "VmRSS"),
+                          peak_rss_mb=rss_mb(server.proc.pid, "VmHWM"))
+        finally:
+            server.stop()
+        report["overload"] = result
+        print("overload", json.dumps(result), flush=True)
+    if args.fuzz:
+        server = Server(args.run, args.server_threads)
+        try:
+            out = subprocess.run([str(Path(sys.executable).parent / "schemathesis"), "run",
+                                  server.url + "/openapi.json", "--checks", FUZZ_CHECKS, "--max-examples",
+                                  str(args.fuzz), "--no-color", "--workers", "1", "--request-timeout", "120"],
+                                 capture_output=True, text=True, cwd=ROOT)
+        finally:
+            server.stop()
+        report["fuzz"] = {"exit": out.returncode, "summary": out.stdout.strip().splitlines()[-12:]}
+        print(out.stdout[-4000:], flush=True)
+    print(json.dumps(report, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
