@@ -17,16 +17,10 @@ from detr.errors import CheckpointError, ConfigError, DataError, DetrError, Trai
 from detr.labeller import Classifier, Tagger
 from detr.layers import AttentionRecord
 from detr.model import KVCache, Seq2Seq, build_model
-from detr.trainer import TrainResult
-from detr.trainer import train as _train
+from detr.trainer import TrainResult, train
 from detr.translator import Translator
 
 __version__ = "0.1.0"
-
-
-def train(config: Config, resume: bool = False, progress: bool = False) -> TrainResult:
-    """Train as `config` describes; returns a `detr.trainer.TrainResult`. See `detr.trainer.Trainer`."""
-    return _train(config, resume, progress)
 
 
 def load(run_dir: str | Path, device: str = "cpu", weights: str | Path | None = None) -> Any:

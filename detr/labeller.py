@@ -61,8 +61,9 @@ class Labeller(ABC):
                 out[i] = probs[row]
         return out  # type: ignore[return-value]
 
+    @staticmethod
     @abstractmethod
-    def read(self, data: DataConfig, split: str) -> Iterator[Any]:
+    def read(data: DataConfig, split: str) -> Iterator[Any]:
         """The labelled examples of a split, read like the training data."""
 
     @staticmethod
@@ -110,7 +111,8 @@ class Classifier(Labeller):
         """The predicted label of each example."""
         return [label for label, _ in self.classify([e.text for e in examples])]
 
-    def read(self, data: DataConfig, split: str) -> Iterator[Classified]:
+    @staticmethod
+    def read(data: DataConfig, split: str) -> Iterator[Classified]:
         return read_classified(data, split)
 
     @staticmethod
@@ -175,7 +177,8 @@ class Tagger(Labeller):
         """The predicted tags of each example's words."""
         return self.predict_words([e.words for e in examples])
 
-    def read(self, data: DataConfig, split: str) -> Iterator[Tagged]:
+    @staticmethod
+    def read(data: DataConfig, split: str) -> Iterator[Tagged]:
         return read_tagged(data, split)
 
     @staticmethod

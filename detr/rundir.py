@@ -34,10 +34,10 @@ _STEP_FILE = re.compile(r"step_(\d+)\.safetensors$")
 class RunDir:
     """Paths inside one run directory."""
 
-    root: Path
+    root: Path  # a str is accepted and made a Path
 
-    def __init__(self, root: str | Path) -> None:
-        object.__setattr__(self, "root", Path(root))
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
 
     @property
     def config(self) -> Path:

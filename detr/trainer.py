@@ -165,6 +165,7 @@ class Trainer:
             state = self._prepare_run_dir(resume)
             vocab = self.task.setup(self.rundir, resuming=state is not None)
             self.config = config.with_vocab(*vocab)  # the effective config: vocabulary sizes from the tokenizer
+            self.fingerprint = self.task.fingerprint()  # stored with every weights file of the run
             self._save_config(state)
 
             seed_everything(self.tc.seed)
@@ -321,9 +322,9 @@ class Trainer:
         """Checkpoint: weights first, then the state that points at them, then old weights go."""
         path = self.rundir.checkpoint(self.step)
         path.parent.mkdir(exist_ok=True)
-        save_weights(self.model, path, self.task.fingerprint())
+        save_weights(self.model, path, self.fingerprint)
         if not self.valid:
-            save_weights(self.model, self.rundir.model, self.task.fingerprint())  # no validation: the last weights
+            save_weights(self.model, self.rundir.model, self.fingerprint)  # no validation: the last weights
         save_trainer_state(self.state_dict(path), self.rundir.trainer_state)
         for _, old in self.rundir.list_checkpoints()[: -self.tc.keep_last]:
             old.unlink()
@@ -428,7 +429,7 @@ class Trainer:
         if better:
             self.best = {"metric": name, "value": value, "step": self.step}
             self.bad_evals = 0
-            save_weights(self.model, self.rundir.model, self.task.fingerprint())
+            save_weights(self.model, self.rundir.model, self.fingerprint)
         else:
             self.bad_evals += 1
             if self.tc.patience and self.bad_evals >= self.tc.patience:

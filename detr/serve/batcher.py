@@ -105,9 +105,8 @@ class Batcher:
                     if job.key == first.key and (not batch or tokens + job.tokens <= self.max_tokens):
                         batch.append(job)
                         tokens += job.tokens
-                full = tokens >= self.max_tokens or len(batch) == len(self._queue) and self._stopping
                 wait = deadline - time.monotonic()
-                if full or wait <= 0 or self._stopping:
+                if tokens >= self.max_tokens or wait <= 0 or self._stopping:
                     break
                 self._cv.wait(wait)
             for job in batch:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import ClassVar
 
 import torch
@@ -12,7 +11,7 @@ from detr.config import ModelConfig
 from detr.heads import SequenceClassifier, head_encoder
 from detr.labeller import Classifier
 from detr.loss import IGNORE
-from detr.readers import Classified, read_classified
+from detr.readers import Classified
 from detr.tasks.labelled import LabelTask
 
 
@@ -24,12 +23,6 @@ class ClassifyTask(LabelTask):
     unit: ClassVar[str] = "sentences"
     default_metric: ClassVar[str] = "accuracy"
     predictor_class = Classifier
-
-    def read(self, split: str) -> Iterator[Classified]:
-        return read_classified(self.config.data, split)
-
-    def targets(self, example: Classified) -> list[str]:
-        return [example.label]
 
     def training_text(self, example: Classified) -> str:
         return example.text

@@ -74,13 +74,13 @@ class LabelTask(ABC):
 
     # -- what classify and tag each define
 
-    @abstractmethod
     def read(self, split: str) -> Iterator[Any]:
-        """The labelled examples of `split` ("train", "valid", "test")."""
+        """The labelled examples of `split` ("train", "valid", "test"), read as the predictor reads them."""
+        return self.predictor_class.read(self.config.data, split)
 
-    @abstractmethod
     def targets(self, example: Any) -> list[str]:
         """The labels an example carries (one for a sentence, one per word)."""
+        return self.predictor_class.targets(example)
 
     @abstractmethod
     def training_text(self, example: Any) -> str:

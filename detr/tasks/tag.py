@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import ClassVar
 
 from torch import Tensor, nn
@@ -11,7 +10,7 @@ from detr.config import ModelConfig
 from detr.heads import TokenTagger, head_encoder
 from detr.labeller import Tagger
 from detr.loss import IGNORE
-from detr.readers import Tagged, read_tagged
+from detr.readers import Tagged
 from detr.tasks.labelled import LabelTask, pad_labels
 
 
@@ -23,12 +22,6 @@ class TagTask(LabelTask):
     unit: ClassVar[str] = "words"
     default_metric: ClassVar[str] = "f1"
     predictor_class = Tagger
-
-    def read(self, split: str) -> Iterator[Tagged]:
-        return read_tagged(self.config.data, split)
-
-    def targets(self, example: Tagged) -> list[str]:
-        return example.tags
 
     def training_text(self, example: Tagged) -> str:
         return " ".join(example.words)
