@@ -17,6 +17,7 @@ import collections
 import contextlib
 import dataclasses
 import errno
+import itertools
 import json
 import logging
 import os
@@ -32,8 +33,9 @@ import detr
 from detr.analysis import alignment_of
 from detr.checkpoint import average_checkpoints, load_run
 from detr.config import DecodeConfig, ServeConfig, load_config
+from detr.constraints import Constraints, read_constraints
 from detr.download import MULTI30K_URL, fetch_multi30k
-from detr.errors import ConfigError, DetrError
+from detr.errors import ConfigError, DataError, DetrError
 from detr.evaluate import score_files, score_table
 from detr.labeller import Classifier, Tagger
 from detr.prepare import prepare
@@ -46,6 +48,7 @@ from detr.visualize import inspect
 
 # Old spellings of decoding flags, kept working (with a warning) for one release.
 DEPRECATED_FLAGS = {"--beam": "beam_size"}
+CHUNK_PAIRS = 1024  # pairs `detr score` reads, scores and writes at a time
 
 
 def cmd_model(args: argparse.Namespace) -> int:
@@ -133,21 +136,27 @@ def _output(path: str | None) -> Iterator[TextIO]:
         yield f
 
 
-def _load(args: argparse.Namespace, kind: type | tuple[type, ...], command: str) -> Any:
-    """The run's predictor, which must be of `kind` (one clear line naming the run's task otherwise)."""
-    run = load_run(args.run, device=args.device, weights=getattr(args, "weights", None))
+def _load(args: argparse.Namespace, kind: type | tuple[type, ...], command: str, path: str | None = None) -> Any:
+    """The predictor of run `path` (default `args.run`), which must be of `kind` (one clear line
+    naming the run's task otherwise)."""
+    path = path or args.run
+    run = load_run(path, device=args.device, weights=getattr(args, "weights", None))
     predictor = run.predictor()
     if not isinstance(predictor, kind):
         task = run.config.task
-        verbs = {Translator: "detr translate, generate or evaluate", Classifier: "detr classify or evaluate",
+        verbs = {Translator: "detr translate, generate, score or evaluate", Classifier: "detr classify or evaluate",
                  Tagger: "detr tag or evaluate"}
-        raise ConfigError(f"{args.run} is a {task} run; `detr {command}` does not apply to it "
+        raise ConfigError(f"{path} is a {task} run; `detr {command}` does not apply to it "
                           f"(use {verbs[type(predictor)]})")
     return predictor
 
 
 def _translator(args: argparse.Namespace, command: str) -> Translator:
-    translator = _load(args, Translator, command)
+    """The run's translator, or with several runs their ensemble."""
+    if len(args.runs) > 1 and getattr(args, "weights", None):
+        raise ConfigError("--weights applies to one run, not to an ensemble of several")
+    members = [_load(args, Translator, command, path) for path in args.runs]
+    translator = members[0] if len(members) == 1 else Translator.ensemble(members, args.runs)
     translator.on_overlong = "error" if args.strict_length else "truncate"
     if _interactive(args):
         translator.read_ahead = 1  # interactive: answer each line as it is typed
@@ -161,6 +170,25 @@ def decode_options(args: argparse.Namespace, base: DecodeConfig) -> DecodeConfig
     return dataclasses.replace(base, **changes)
 
 
+def _constraints(args: argparse.Namespace) -> Iterator[Constraints] | None:
+    """Each input line's constraints from --constraints (JSON lines) and --prefix (text lines)."""
+    if not args.constraints and not args.prefix:
+        return None
+    wishes = read_constraints(read_lines(args.constraints, args.invalid), args.constraints) \
+        if args.constraints else itertools.repeat(Constraints())
+    prefixes = read_lines(args.prefix, args.invalid) if args.prefix else None
+    return _with_prefixes(wishes, prefixes, args.prefix)
+
+
+def _with_prefixes(wishes: Iterator[Constraints], prefixes: Iterator[tuple[int, str]] | None,
+                   name: str | None) -> Iterator[Constraints]:
+    if prefixes is None:
+        yield from wishes
+        return
+    for (number, prefix), wish in zip(prefixes, wishes):
+        yield wish.with_prefix(prefix, f"{name}:{number}")
+
+
 def cmd_translate(args: argparse.Namespace) -> int:
     translator = _translator(args, "translate")
     config = translator.checked(decode_options(args, translator.decode))
@@ -172,7 +200,8 @@ def cmd_translate(args: argparse.Namespace) -> int:
             yield line
 
     with _output(args.output) as out:
-        for nbest in translator.iter_nbest(remembered(_input_lines(args.input, args.invalid)), config):
+        for nbest in translator.iter_nbest(remembered(_input_lines(args.input, args.invalid)), config,
+                                           _constraints(args)):
             src = sources.popleft()
             lines = []
             for text, score in nbest:
@@ -188,9 +217,31 @@ def cmd_generate(args: argparse.Namespace) -> int:
     translator = _translator(args, "generate")
     config = translator.checked(decode_options(args, translator.decode))
     with _output(args.output) as out:
-        for samples in translator.iter_samples(_input_lines(args.input, args.invalid), config):
+        for samples in translator.iter_samples(_input_lines(args.input, args.invalid), config, _constraints(args)):
             _write(out, "".join(one_line(text) + "\n" for text, _ in samples))
     return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    translator = _translator(args, "score")
+    sources = _input_lines(args.src, args.invalid)
+    targets = _input_lines(args.tgt, args.invalid)
+    max_tokens = decode_options(args, translator.decode).max_tokens
+    with _output(args.output) as out:
+        for batch in _chunked(zip_pairs(sources, targets, args.src, args.tgt), CHUNK_PAIRS):
+            scores = translator.score([s for s, _ in batch], [t for _, t in batch], max_tokens)
+            _write(out, "".join(f"{s.per_token if args.normalize else s.total:.6f}\n" for s in scores))
+    return 0
+
+
+def zip_pairs(sources: Iterator[str], targets: Iterator[str], src_name: str, tgt_name: str
+              ) -> Iterator[tuple[str, str]]:
+    """(source, target) lines; files of different lengths are an error naming the shorter one."""
+    for number, (src, tgt) in enumerate(itertools.zip_longest(sources, targets), start=1):
+        if src is None or tgt is None:
+            short = src_name if src is None else tgt_name
+            raise DataError(f"{short}: ends at line {number - 1}, before the other file")
+        yield src, tgt
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -319,6 +370,8 @@ def add_config_flags(group: Any, cls: type, section: str, default_note: str) -> 
         text = f"{f.metadata['help']} ({section}.{f.name}; {default_note}: {f.default})"
         if hints[f.name] is bool:
             group.add_argument(flag, dest=dest, action="store_true", default=None, help=text)
+        elif typing.get_origin(hints[f.name]) is typing.Literal:
+            group.add_argument(flag, dest=dest, choices=typing.get_args(hints[f.name]), help=text)
         else:
             group.add_argument(flag, dest=dest, type=_flag_type(hints[f.name]), metavar=f.name.upper(), help=text)
 
@@ -341,8 +394,12 @@ def add_decode_flags(p: argparse.ArgumentParser) -> None:
                            help=argparse.SUPPRESS)
 
 
-def _add_decoding(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", help="run directory written by detr train")
+def _add_decoding(p: argparse.ArgumentParser, ensemble: bool = False) -> None:
+    if ensemble:
+        p.add_argument("runs", nargs="+", metavar="RUN",
+                       help="run directory written by detr train; several: an ensemble (one tokenizer)")
+    else:
+        p.add_argument("run", help="run directory written by detr train")
     p.add_argument("-i", "--input", help="input file, one sentence per line (default: standard input)")
     p.add_argument("-o", "--output", help="output file (default: standard output)")
     p.add_argument("--weights", help="a .safetensors file to use instead of RUN/model.safetensors")
@@ -352,6 +409,13 @@ def _add_decoding(p: argparse.ArgumentParser) -> None:
     p.add_argument("--invalid", choices=["error", "replace"], default="error",
                    help="invalid UTF-8 in the input: stop with an error naming the line, or replace it")
     add_decode_flags(p)
+
+
+def _add_steering(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--constraints", metavar="FILE",
+                   help='one JSON object per input line: {"include": [phrases], "exclude": [phrases], '
+                        '"prefix": text}; a blank line: none')
+    p.add_argument("--prefix", metavar="FILE", help="one target prefix per input line; the output continues it")
 
 
 def _add_labelling(sub: Any, name: str, helptext: str, func: Any) -> argparse.ArgumentParser:
@@ -391,15 +455,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     translate = sub.add_parser("translate", help="translate lines with a trained run (the run's decode.beam_size: "
                                                  "beam search, or greedy at 1); N-best as TEXT<tab>SCORE lines")
-    _add_decoding(translate)
+    _add_decoding(translate, ensemble=True)
+    _add_steering(translate)
     translate.add_argument("--alignment", action="store_true",
                            help="append a tab and source-target word alignments from cross-attention (0-0 1-2 ...)")
     translate.set_defaults(func=cmd_translate)
 
     generate = sub.add_parser("generate", help="sample --num-samples outputs per line (temperature, top-k, top-p, "
                                                "seed) from a trained run")
-    _add_decoding(generate)
+    _add_decoding(generate, ensemble=True)
+    _add_steering(generate)
     generate.set_defaults(func=cmd_generate)
+
+    score = sub.add_parser("score", help="the log-probability of each target line given its source line "
+                                         "(forced decoding), one number per line: for filtering and reranking")
+    _add_decoding(score, ensemble=True)
+    score.add_argument("--src", required=True, help="source file, one sentence per line")
+    score.add_argument("--tgt", required=True, help="target file, the same number of lines")
+    score.add_argument("--normalize", action="store_true",
+                       help="per target subword (</s> included) instead of the sum")
+    score.set_defaults(func=cmd_score)
 
     evaluate = sub.add_parser("evaluate", help="score a run: BLEU/chrF/ROUGE (translate), accuracy/F1 reports "
                                                "(classify, tag)")

@@ -248,6 +248,11 @@ class DecodeConfig:
     top_p: float = option(1.0, "sampling: draw from the smallest set of tokens holding this much probability")
     num_samples: int = option(1, "sampling: outputs drawn per input")
     seed: int = option(0, "sampling: random seed (the same seed draws the same outputs)")
+    mbr: int = option(0, "minimum Bayes risk decoding: of this many candidates, output the one with the "
+                         "highest expected utility against the others; 0: off")
+    mbr_metric: Literal["chrf", "bleu"] = option("chrf", "MBR: the utility (sacrebleu's sentence-level metric)")
+    mbr_candidates: Literal["sample", "beam"] = option(
+        "sample", "MBR: candidates drawn by sampling (temperature, top-k, top-p, seed) or the beam's n-best")
     max_tokens: int = option(4096, "source tokens per prediction batch (rows x longest row)")
     batch_size: int = option(64, "inputs per prediction batch")
 
@@ -267,6 +272,13 @@ class DecodeConfig:
                 raise ConfigError(f"decode.{name} must not be negative, got {getattr(self, name)}")
         if self.max_len_a < 0:
             raise ConfigError(f"decode.max_len_a must not be negative, got {self.max_len_a}")
+        if self.mbr < 0:
+            raise ConfigError(f"decode.mbr must not be negative, got {self.mbr}")
+        if self.mbr and self.nbest > self.mbr:
+            raise ConfigError(f"decode.nbest={self.nbest} cannot exceed decode.mbr={self.mbr} candidates")
+        if self.mbr and self.mbr_candidates == "beam" and self.beam_size < self.mbr:
+            raise ConfigError(f"decode.mbr={self.mbr} beam candidates need decode.beam_size >= {self.mbr}, "
+                              f"got {self.beam_size}")
 
 
 @dataclass

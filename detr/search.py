@@ -7,40 +7,120 @@ still running. What a sentence gets does not depend on which other sentences sha
 batch: every choice is made per row.
 
 Every setting comes from one `DecodeConfig` (beam size, n-best, length penalty, length
-limits, sampling); the functions have no defaults of their own.
+limits, sampling); the functions have no defaults of their own. `model` may be one model
+or several (an ensemble: their log-probabilities are averaged at every step, see
+`Decoding`). `guides` steer single sentences: a forced prefix and phrases that must not
+appear (`Guide`); phrases that must appear need `detr.constraints.constrained_beam_search`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from detr.config import DecodeConfig
-from detr.model import Seq2Seq, padding_mask
+from detr.model import KVCache, Seq2Seq, padding_mask
 from detr.tokenizer import BOS, EOS, PAD
+
+Models = Seq2Seq | Sequence[Seq2Seq]
 
 
 @dataclass
 class Hypothesis:
     tokens: list[int]  # output ids, </s> excluded
     score: float  # greedy/sampling: sum of log-probabilities; beam: that sum ÷ GNMT length penalty
+    unmet: tuple[int, ...] = ()  # constrained search: indices of the `include` phrases it lacks
 
 
-def max_lengths(decode: DecodeConfig, src: Tensor, cap: int) -> Tensor:
+@dataclass(frozen=True)
+class Guide:
+    """Steering of one sentence's output, in target ids: it starts with `prefix`, contains
+    every phrase of `include` (constrained beam search only) and none of `exclude`."""
+
+    prefix: tuple[int, ...] = ()
+    include: tuple[tuple[int, ...], ...] = ()
+    exclude: tuple[tuple[int, ...], ...] = ()
+
+
+Guides = Sequence[Guide | None] | None  # one per source row
+
+
+class Decoding:
+    """The state of one model, or of an ensemble, over a batch of running outputs.
+
+    It encodes the source once per model, keeps each model's key/value cache, and gives the
+    next token's log-probabilities. An ensemble's are the mean of its members'
+    log-probabilities, renormalised (a product of experts): an ensemble of one model, or of
+    a model with itself, gives exactly that model's log-probabilities.
+    """
+
+    def __init__(self, model: Models, src: Tensor) -> None:
+        self.models: list[Seq2Seq] = [model] if isinstance(model, Seq2Seq) else list(model)
+        self.src_mask = padding_mask(src)  # (B, 1, 1, S)
+        self.memories = [m.encode(src, self.src_mask) for m in self.models]  # each (B, S, D)
+        self.caches: list[KVCache] = [m.new_cache() for m in self.models]
+
+    @property
+    def max_positions(self) -> int:
+        return min(m.config.max_positions for m in self.models)
+
+    def repeat(self, k: int) -> None:
+        """Make room for `k` running outputs per sentence (beam search), before the first step."""
+        self.src_mask = self.src_mask.repeat_interleave(k, dim=0)
+        self.memories = [memory.repeat_interleave(k, dim=0) for memory in self.memories]
+
+    def next_logp(self, last: Tensor) -> Tensor:
+        """Log-probabilities (N, V) of the token after `last` (N, 1), normalised in place: at a
+        large vocabulary and batch a fresh (N, V) tensor per step costs more than the softmax."""
+        total = None
+        for model, memory, cache in zip(self.models, self.memories, self.caches):
+            logits = model.decode(last, memory, self.src_mask, cache)[:, -1].float()  # (N, V)
+            logp = logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
+            total = logp if total is None else total.add_(logp)
+        if len(self.models) == 1:
+            return total
+        total.div_(len(self.models))
+        return total.sub_(torch.logsumexp(total, dim=-1, keepdim=True))
+
+    def select(self, index: Tensor, cross_index: Tensor | None = None) -> None:
+        """Keep running outputs `index` (N',) in that order. `cross_index` selects the rows of the
+        encoder memory separately (beam search reorders outputs within a sentence, which share
+        one memory, and only drops whole sentences); by default it follows `index`."""
+        cross_index = index if cross_index is None else cross_index
+        for cache in self.caches:
+            cache.select(index, cross_index)
+        if cross_index.numel() != self.src_mask.size(0) or not bool(
+                (cross_index == torch.arange(cross_index.numel(), device=cross_index.device)).all()):
+            self.src_mask = self.src_mask.index_select(0, cross_index)
+            self.memories = [memory.index_select(0, cross_index) for memory in self.memories]
+
+
+def max_lengths(decode: DecodeConfig, src: Tensor, cap: int, guides: Guides = None) -> Tensor:
     """(B,) output budgets for source ids `src` (B, S): `max_len_a` · source length + `max_len_b`
-    (its </s> not counted), at most `cap`; then </s> is forced."""
+    (its </s> not counted), at least room for a guide's prefix and phrases, at most `cap`; then
+    </s> is forced."""
     src_len = (src != PAD).sum(1) - 1
-    return (decode.max_len_a * src_len.double() + decode.max_len_b).floor().long().clamp(min=1, max=cap)
+    budget = (decode.max_len_a * src_len.double() + decode.max_len_b).floor().long()
+    if guides is not None:
+        needed = torch.tensor([len(g.prefix) + sum(map(len, g.include)) + 1 if g else 0 for g in guides],
+                              device=src.device)
+        budget = torch.maximum(budget, needed)
+    return budget.clamp(min=1, max=cap)
 
 
-def constrain(decode: DecodeConfig, logp: Tensor, history: Tensor, at_limit: Tensor) -> None:
+def constrain(decode: DecodeConfig, logp: Tensor, history: Tensor, at_limit: Tensor, guides: Guides = None) -> None:
     """Edit `logp` (N, V) in place for rows whose outputs so far are `history` (N, t): no </s>
-    before `min_len`, no repeated n-gram of size `no_repeat_ngram`, only </s> at the length limit."""
+    before `min_len`, no repeated n-gram of size `no_repeat_ngram`, no excluded phrase, the guide's
+    prefix while it lasts (at the probability the model gives it), only </s> at the length limit.
+    `guides`: one per row, or None."""
     t = history.size(1)
+    forced = [] if guides is None else [(row, g.prefix[t]) for row, g in enumerate(guides)
+                                        if g is not None and t < len(g.prefix)]
+    kept = [float(logp[row, token]) for row, token in forced]
     if t < decode.min_len:
         logp[:, EOS] = -torch.inf
     n = decode.no_repeat_ngram
@@ -50,44 +130,53 @@ def constrain(decode: DecodeConfig, logp: Tensor, history: Tensor, at_limit: Ten
             banned = [seq[i + n - 1] for i in range(t - n + 1) if tuple(seq[i:i + n - 1]) == prefix]
             if banned:
                 logp[row, banned] = -torch.inf
+    if guides is not None and any(g is not None and g.exclude for g in guides):
+        _exclude(logp, history, guides)
+    for (row, token), value in zip(forced, kept):
+        logp[row] = -torch.inf
+        logp[row, token] = value
     if bool(at_limit.any()):
         eos_only = torch.full_like(logp[0], -torch.inf)
         eos_only[EOS] = 0.0
         logp[at_limit] = eos_only
 
 
-def _start(model: Seq2Seq, src: Tensor, decode: DecodeConfig) -> tuple[Tensor, Tensor, Tensor]:
-    src_mask = padding_mask(src)  # (B, 1, 1, S)
-    memory = model.encode(src, src_mask)  # (B, S, D)
-    return memory, src_mask, max_lengths(decode, src, model.config.max_positions - 1)
+def _exclude(logp: Tensor, history: Tensor, guides: Sequence[Guide | None]) -> None:
+    """Ban, per row, the last token of every excluded phrase whose other tokens end the history."""
+    t = history.size(1)
+    for row, (g, seq) in enumerate(zip(guides, history.tolist())):
+        if g is None:
+            continue
+        banned = [phrase[-1] for phrase in g.exclude
+                  if t >= len(phrase) - 1 and tuple(seq[t - len(phrase) + 1:]) == phrase[:-1]]
+        if banned:
+            logp[row, banned] = -torch.inf
 
 
-def _next_logp(model: Seq2Seq, last: Tensor, memory: Tensor, src_mask: Tensor, cache) -> Tensor:
-    """Log-probabilities (N, V) of the next token, normalised in place: at a large vocabulary
-    and batch a fresh (N, V) tensor per step costs more than the softmax itself."""
-    logits = model.decode(last, memory, src_mask, cache)[:, -1].float()  # (N, V)
-    return logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
+def guides_for(guides: Guides, index: Tensor) -> Guides:
+    """The guides of rows `index` (None stays None)."""
+    return None if guides is None else [guides[i] for i in index.tolist()]
 
 
 OnStep = Callable[[list[int], list[int]], None]  # (rows still running, the token each chose) after every step
 
 
 @torch.no_grad()
-def _one_per_sentence(model: Seq2Seq, src: Tensor, decode: DecodeConfig, pick: Callable[[Tensor], Tensor],
-                      on_step: OnStep | None = None) -> list[Hypothesis]:
+def _one_per_sentence(model: Models, src: Tensor, decode: DecodeConfig, pick: Callable[[Tensor], Tensor],
+                      on_step: OnStep | None = None, guides: Guides = None) -> list[Hypothesis]:
     """Greedy and sampling: one running output per sentence; `pick` maps log-probs (N, V) to ids (N,);
     `on_step` hears each step's tokens as they are chosen (</s> included), for streaming."""
     B = src.size(0)
-    memory, src_mask, budget = _start(model, src, decode)
-    cache = model.new_cache()
+    state = Decoding(model, src)
+    budget = max_lengths(decode, src, state.max_positions - 1, guides)
     alive = torch.arange(B, device=src.device)  # original row of each running sentence
     history = torch.empty((B, 0), dtype=torch.long, device=src.device)  # (b, t)
     last = torch.full((B, 1), BOS, dtype=torch.long, device=src.device)
     out: list[list[int]] = [[] for _ in range(B)]
     scores = [0.0] * B
     for t in range(int(budget.max()) + 1):
-        logp = _next_logp(model, last, memory, src_mask, cache)  # (b, V)
-        constrain(decode, logp, history, budget[alive] <= t)
+        logp = state.next_logp(last)  # (b, V)
+        constrain(decode, logp, history, budget[alive] <= t, guides_for(guides, alive))
         token = pick(logp)  # (b,)
         chosen = logp.gather(1, token.unsqueeze(1)).squeeze(1)
         ended = token == EOS
@@ -105,20 +194,21 @@ def _one_per_sentence(model: Seq2Seq, src: Tensor, decode: DecodeConfig, pick: C
         if bool(finished.any()):
             keep = (~finished).nonzero().squeeze(1)  # (b',)
             alive, token, history = alive[keep], token[keep], history[keep]
-            memory, src_mask = memory.index_select(0, keep), src_mask.index_select(0, keep)
-            cache.select(keep)
+            state.select(keep)
         last = token.unsqueeze(1)  # (b, 1)
     return [Hypothesis(o, s) for o, s in zip(out, scores)]
 
 
-def greedy(model: Seq2Seq, src: Tensor, decode: DecodeConfig | None = None) -> list[Hypothesis]:
+def greedy(model: Models, src: Tensor, decode: DecodeConfig | None = None, guides: Guides = None
+           ) -> list[Hypothesis]:
     """The most probable token at each step. `src`: (B, S) ids ending in </s>, right-padded;
     `decode` gives the length limits (default: `DecodeConfig()`)."""
-    return _one_per_sentence(model, src, decode or DecodeConfig(), lambda logp: logp.argmax(-1))
+    return _one_per_sentence(model, src, decode or DecodeConfig(), lambda logp: logp.argmax(-1), guides=guides)
 
 
-def sample(model: Seq2Seq, src: Tensor, decode: DecodeConfig | None = None,
-           generator: torch.Generator | None = None, on_step: OnStep | None = None) -> list[Hypothesis]:
+def sample(model: Models, src: Tensor, decode: DecodeConfig | None = None,
+           generator: torch.Generator | None = None, on_step: OnStep | None = None,
+           guides: Guides = None) -> list[Hypothesis]:
     """Draw each token from the model's distribution, sharpened or flattened by `decode.temperature`
     and cut to the `top_k` most probable tokens and/or the smallest set holding `top_p` of the mass.
     One draw per row of `src` (repeat rows for several samples); `on_step` hears every step's tokens."""
@@ -138,7 +228,7 @@ def sample(model: Seq2Seq, src: Tensor, decode: DecodeConfig | None = None,
         probs = scaled.softmax(-1)
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
-    return _one_per_sentence(model, src, decode, pick, on_step)
+    return _one_per_sentence(model, src, decode, pick, on_step, guides)
 
 
 def length_penalty(length: int, alpha: float) -> float:
@@ -147,7 +237,8 @@ def length_penalty(length: int, alpha: float) -> float:
 
 
 @torch.no_grad()
-def beam_search(model: Seq2Seq, src: Tensor, decode: DecodeConfig | None = None) -> list[list[Hypothesis]]:
+def beam_search(model: Models, src: Tensor, decode: DecodeConfig | None = None, guides: Guides = None
+                ) -> list[list[Hypothesis]]:
     """Keep the `decode.beam_size` best partial outputs per sentence; return each sentence's
     `decode.nbest` finished ones, best first, scored by log-probability ÷
     length_penalty(length + 1, `decode.length_penalty`).
@@ -157,10 +248,9 @@ def beam_search(model: Seq2Seq, src: Tensor, decode: DecodeConfig | None = None)
     """
     decode = decode or DecodeConfig()
     K, B, nbest, alpha = decode.beam_size, src.size(0), decode.nbest, decode.length_penalty
-    memory, src_mask, budget = _start(model, src, decode)
-    rows = torch.arange(B, device=src.device).repeat_interleave(K)
-    memory, src_mask = memory.index_select(0, rows), src_mask.index_select(0, rows)  # (B·K, ...)
-    cache = model.new_cache()
+    state = Decoding(model, src)
+    budget = max_lengths(decode, src, state.max_positions - 1, guides)
+    state.repeat(K)  # (B·K, ...)
     alive = torch.arange(B, device=src.device)  # original sentence of each running group of K rows
     scores = torch.full((B, K), -torch.inf, device=src.device)
     scores[:, 0] = 0.0  # one live beam at the start: the others would duplicate it
@@ -169,9 +259,9 @@ def beam_search(model: Seq2Seq, src: Tensor, decode: DecodeConfig | None = None)
     finished: list[list[Hypothesis]] = [[] for _ in range(B)]
     for t in range(int(budget.max()) + 1):
         b = alive.numel()
-        logp = _next_logp(model, last, memory, src_mask, cache)  # (b·K, V)
+        logp = state.next_logp(last)  # (b·K, V)
         at_limit = budget[alive] <= t  # (b,)
-        constrain(decode, logp, history, at_limit.repeat_interleave(K))
+        constrain(decode, logp, history, at_limit.repeat_interleave(K), guides_for(guides, alive.repeat_interleave(K)))
         # The 2K best continuations of each hypothesis hold the 2K best of the sentence: rank those only.
         row_scores, row_tokens = logp.topk(min(2 * K, logp.size(1)), dim=1)  # (b·K, 2K)
         row_scores += scores.view(-1, 1)
@@ -204,10 +294,7 @@ def beam_search(model: Seq2Seq, src: Tensor, decode: DecodeConfig | None = None)
             break
         keep_sentences = (~done).nonzero().squeeze(1)  # (b',)
         keep_rows = (keep_sentences.unsqueeze(1) * K + torch.arange(K, device=src.device)).view(-1)
-        rows = parent.index_select(0, keep_rows)  # cache rows to carry, in the new beam order
-        cache.select(rows, cross_index=keep_rows)  # hypotheses of a sentence share its memory
-        if keep_sentences.numel() < b:
-            memory, src_mask = memory.index_select(0, keep_rows), src_mask.index_select(0, keep_rows)
+        state.select(parent.index_select(0, keep_rows), cross_index=keep_rows)  # new beam order; shared memory
         alive, scores = alive[keep_sentences], scores[keep_sentences]
         history, token = history.index_select(0, keep_rows), token.index_select(0, keep_rows)
         last = token.unsqueeze(1)

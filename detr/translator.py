@@ -3,9 +3,13 @@
     translator = detr.load("runs/tiny")
     translator.translate(["three red dogs"])                                 # → ["drei rote Hunde"]
     translator.translate_nbest(["one cat"], translator.options(beam_size=4, nbest=2))
+    translator.translate(["one cat"], constraints=[Constraints(include=("Katze",))])
+    translator.score(["one cat"], ["eine Katze"])                            # → [Score(-1.2, 3)]
+    Translator.ensemble([detr.load("runs/a"), detr.load("runs/b")])          # one translator, two models
 
 Decoding settings travel as one `DecodeConfig`: the run's own (`config.yaml`'s `decode`
-section) unless a call passes another, usually made with `options(...)`.
+section) unless a call passes another, usually made with `options(...)`. Per-line steering
+(a forced prefix, phrases to include or exclude) travels as one `Constraints` per line.
 """
 
 from __future__ import annotations
@@ -18,20 +22,36 @@ from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
+from dataclasses import dataclass
+
 from detr.batching import pack_by_tokens, pad
 from detr.config import DecodeConfig
+from detr.constraints import Constraints, constrained_beam_search
 from detr.errors import ConfigError, DataError, DetrError
 from detr.loss import mean_token_loss, seq2seq_loss
-from detr.model import Seq2Seq
+from detr.mbr import mbr_rank
+from detr.model import Seq2Seq, padding_mask
 from detr.readers import Example
-from detr.search import Hypothesis, OnStep, beam_search, greedy, sample
-from detr.tokenizer import Tokenizer
+from detr.search import Guides, Hypothesis, OnStep, beam_search, greedy, sample
+from detr.tokenizer import BOS, PAD, Tokenizer
 
 log = logging.getLogger(__name__)
 
 CHUNK_BATCHES = 8  # lines read ahead = this × decode.batch_size: enough to sort by length, little to lose
 
-Search = Callable[[torch.Tensor], list[list[Hypothesis]]]
+Search = Callable[[torch.Tensor, Guides], list[list[Hypothesis]]]
+
+
+@dataclass
+class Score:
+    """The log-probability a model gives one target given its source (forced decoding)."""
+
+    total: float  # sum over the target's subwords, </s> included
+    tokens: int  # how many: the target's subwords + </s>
+
+    @property
+    def per_token(self) -> float:
+        return self.total / self.tokens
 
 
 class Translator:
@@ -51,11 +71,35 @@ class Translator:
             max_src_len: subword tokens per source, </s> included (the run's `data.max_len`).
         """
         self.model = model.eval()
+        self.models = [self.model]  # more than one: an ensemble (see `ensemble`)
         self.tokenizer = tokenizer
         self.decode = decode or DecodeConfig()
         self.max_src_len = min(max_src_len or model.config.max_positions, model.config.max_positions)
         self.on_overlong = "truncate"  # or "error"
         self.read_ahead: int | None = None  # lines decoded together; None: CHUNK_BATCHES × batch_size
+
+    @classmethod
+    def ensemble(cls, members: list[Translator], names: list[str] | None = None) -> Translator:
+        """One translator whose models' log-probabilities are averaged at every step (greedy, beam,
+        sampling, constraints, scoring). The first member's decode settings apply.
+
+        Raises:
+            ConfigError: the members' vocabularies differ (source or target; `names` name them),
+                or their models are on different devices.
+        """
+        names = names or [f"member {i + 1}" for i in range(len(members))]
+        first = members[0]
+        for name, other in zip(names[1:], members[1:]):
+            for side in ("tgt", "src"):
+                if getattr(other.tokenizer, side).hf.to_str() != getattr(first.tokenizer, side).hf.to_str():
+                    what = "target" if side == "tgt" else "source"
+                    raise ConfigError(f"{name}: its {what} vocabulary differs from {names[0]}'s; an ensemble "
+                                      f"needs runs with one tokenizer")
+            if other.device != first.device:
+                raise ConfigError(f"{name}: on {other.device}, but {names[0]} is on {first.device}")
+        out = cls(first.model, first.tokenizer, first.decode, min(m.max_src_len for m in members))
+        out.models = [m.model for m in members]
+        return out
 
     @property
     def device(self) -> torch.device:
@@ -72,24 +116,65 @@ class Translator:
     def checked(self, config: DecodeConfig) -> DecodeConfig:
         """`config`, validated for this model (ConfigError names the key)."""
         config.validate()
-        if 2 * config.beam_size > self.model.config.tgt_vocab_size:
+        if 2 * max(config.beam_size, config.mbr) > self.model.config.tgt_vocab_size:
             raise ConfigError(f"decode.beam_size={config.beam_size} is too large for a target vocabulary of "
                               f"{self.model.config.tgt_vocab_size}")
         return config
 
-    def translate(self, lines: Iterable[str], options: DecodeConfig | None = None) -> list[str]:
-        """Best output for each line (beam search when `beam_size` > 1, else greedy)."""
+    def translate(self, lines: Iterable[str], options: DecodeConfig | None = None,
+                  constraints: Iterable[Constraints] | None = None) -> list[str]:
+        """Best output for each line (beam search when `beam_size` > 1, else greedy; MBR when `mbr`
+        is set), under each line's `constraints` if given."""
         config = dataclasses.replace(options or self.decode, nbest=1)
-        return [nbest[0][0] for nbest in self.iter_nbest(lines, config)]
+        return [nbest[0][0] for nbest in self.iter_nbest(lines, config, constraints)]
 
-    def translate_nbest(self, lines: Iterable[str],
-                        options: DecodeConfig | None = None) -> list[list[tuple[str, float]]]:
-        """The `nbest` best (text, score) pairs for each line, best first."""
-        return list(self.iter_nbest(lines, options))
+    def translate_nbest(self, lines: Iterable[str], options: DecodeConfig | None = None,
+                        constraints: Iterable[Constraints] | None = None) -> list[list[tuple[str, float]]]:
+        """The `nbest` best (text, score) pairs for each line, best first (with MBR the score is the
+        expected utility)."""
+        return list(self.iter_nbest(lines, options, constraints))
 
-    def generate(self, lines: Iterable[str], options: DecodeConfig | None = None) -> list[list[tuple[str, float]]]:
+    def generate(self, lines: Iterable[str], options: DecodeConfig | None = None,
+                 constraints: Iterable[Constraints] | None = None) -> list[list[tuple[str, float]]]:
         """`num_samples` sampled (text, log-probability) outputs per line (temperature, top_k, top_p, seed)."""
-        return list(self.iter_samples(lines, options))
+        return list(self.iter_samples(lines, options, constraints))
+
+    @torch.no_grad()
+    def score(self, sources: Iterable[str], targets: Iterable[str], max_tokens: int | None = None) -> list[Score]:
+        """The log-probability of each target given its source (forced decoding, </s> included),
+        from the parallel forward, batched under `max_tokens` (default `decode.max_tokens`); an
+        ensemble's is the sum of its averaged per-step log-probabilities. Each pair's score does
+        not depend on the others in its batch.
+
+        Raises:
+            DataError: sources and targets differ in number, or (with `on_overlong="error"`) an
+                over-long line.
+        """
+        pairs = []
+        for n, (src, tgt) in enumerate(itertools.zip_longest(sources, targets), start=1):
+            if src is None or tgt is None:
+                raise DataError(f"pair {n}: there are more {'targets' if src is None else 'sources'} than "
+                                f"{'sources' if src is None else 'targets'}")
+            pairs.append((self.encode_line(n, src), [BOS] + self.encode_target(n, tgt)))
+        lengths = [(len(s), len(t)) for s, t in pairs]
+        order = sorted(range(len(pairs)), key=lambda i: lengths[i])
+        out: list[Score] = [Score(0.0, 0)] * len(pairs)
+        for batch in pack_by_tokens(lengths, max_tokens or self.decode.max_tokens, order):
+            src = pad([pairs[i][0] for i in batch]).to(self.device)
+            tgt = pad([pairs[i][1] for i in batch]).to(self.device)  # <s> y </s>
+            src_mask = padding_mask(src)
+            total = None
+            for model in self.models:
+                logits = model.decode(tgt[:, :-1], model.encode(src, src_mask), src_mask).float()
+                logp = torch.log_softmax(logits, dim=-1)
+                total = logp if total is None else total + logp
+            if len(self.models) > 1:
+                total = torch.log_softmax(total / len(self.models), dim=-1)
+            gold = total.gather(2, tgt[:, 1:].unsqueeze(2)).squeeze(2)  # (B, T)
+            real = tgt[:, 1:] != PAD
+            for i, row, mask in zip(batch, gold, real):
+                out[i] = Score(float(row[mask].sum()), int(mask.sum()))
+        return out
 
     def perplexity(self, sources: list[str], targets: list[str]) -> float:
         """Perplexity of `targets` given `sources` (teacher forcing, per target subword, </s> included),
@@ -100,6 +185,18 @@ class Translator:
         return math.exp(min(loss, 100.0))
 
     # ------------------------------------------------------------------ streaming core
+
+    def encode_target(self, number: int, line: str) -> list[int]:
+        """Target ids + </s> of line `number` (scoring), cut to what the decoder can take."""
+        ids = self.tokenizer.tgt.encode(line) if line.strip() else []
+        limit = min(m.config.max_positions for m in self.models) - 1
+        if len(ids) > limit - 1:
+            if self.on_overlong == "error":
+                raise DataError(f"line {number}: target of {len(ids)} subword tokens, more than the model's "
+                                f"maximum {limit - 1}")
+            log.warning("line %d: target of %d subword tokens, truncated to %d", number, len(ids), limit - 1)
+            ids = ids[: limit - 1]
+        return ids + [self.tokenizer.tgt.eos]
 
     def encode_line(self, number: int, line: str) -> list[int]:
         """Source ids + </s> of input line `number`; a blank line gives just </s> (and empty outputs).
@@ -119,30 +216,50 @@ class Translator:
             ids = ids[: self.max_src_len - 1]
         return ids + [eos]
 
-    def iter_nbest(self, lines: Iterable[str], options: DecodeConfig | None = None
-                   ) -> Iterator[list[tuple[str, float]]]:
-        """Lazily decode `lines`, a chunk at a time, yielding `nbest` results per line in input order."""
+    def iter_nbest(self, lines: Iterable[str], options: DecodeConfig | None = None,
+                   constraints: Iterable[Constraints] | None = None) -> Iterator[list[tuple[str, float]]]:
+        """Lazily decode `lines`, a chunk at a time, yielding `nbest` results per line in input order.
+        `constraints`: one per line (a prefix, phrases to include or exclude), or None."""
         config = self.checked(options or self.decode)
+        if config.mbr:
+            yield from self._iter_mbr(lines, config, constraints)
+            return
 
-        def search(src: torch.Tensor) -> list[list[Hypothesis]]:
+        def search(src: torch.Tensor, guides: Guides) -> list[list[Hypothesis]]:
+            if guides is not None and any(g is not None and g.include for g in guides):
+                return constrained_beam_search(self.models, src, config, guides)
             if config.beam_size == 1:
-                return [[h] for h in greedy(self.model, src, config)]
-            return beam_search(self.model, src, config)
+                return [[h] for h in greedy(self.models, src, config, guides)]
+            return beam_search(self.models, src, config, guides)
 
-        yield from self._iter_chunks(lines, config, config.beam_size, config.nbest, search)
+        yield from self._iter_chunks(lines, config, config.beam_size, config.nbest, search, constraints)
 
-    def iter_samples(self, lines: Iterable[str], options: DecodeConfig | None = None
-                     ) -> Iterator[list[tuple[str, float]]]:
-        """Lazily sample `num_samples` outputs per line; the same seed draws the same outputs."""
+    def iter_samples(self, lines: Iterable[str], options: DecodeConfig | None = None,
+                     constraints: Iterable[Constraints] | None = None) -> Iterator[list[tuple[str, float]]]:
+        """Lazily sample `num_samples` outputs per line; the same seed draws the same outputs.
+        Constraints may force a prefix and exclude phrases (including phrases needs beam search)."""
         config = self.checked(options or self.decode)
         n = config.num_samples
         generator = torch.Generator(device=self.device).manual_seed(config.seed)
 
-        def search(src: torch.Tensor) -> list[list[Hypothesis]]:
-            drawn = sample(self.model, src.repeat_interleave(n, dim=0), config, generator)  # (B·n) rows
+        def search(src: torch.Tensor, guides: Guides) -> list[list[Hypothesis]]:
+            rows = None if guides is None else [g for g in guides for _ in range(n)]
+            drawn = sample(self.models, src.repeat_interleave(n, dim=0), config, generator, guides=rows)  # (B·n)
             return [drawn[i:i + n] for i in range(0, len(drawn), n)]
 
-        yield from self._iter_chunks(lines, config, n, n, search)
+        yield from self._iter_chunks(lines, config, n, n, search, constraints, sampling=True)
+
+    def _iter_mbr(self, lines: Iterable[str], config: DecodeConfig, constraints: Iterable[Constraints] | None
+                  ) -> Iterator[list[tuple[str, float]]]:
+        """`nbest` outputs per line, ranked by expected utility against `config.mbr` candidates."""
+        if config.mbr_candidates == "sample":
+            candidates = self.iter_samples(lines, dataclasses.replace(config, mbr=0, num_samples=config.mbr),
+                                           constraints)
+        else:
+            candidates = self.iter_nbest(lines, dataclasses.replace(config, mbr=0, nbest=config.mbr), constraints)
+        for found in candidates:
+            ranked = mbr_rank([text for text, _ in found], config.mbr_metric)[:config.nbest]
+            yield ranked + [("", 0.0)] * (config.nbest - len(ranked))
 
     def sample_streaming(self, line: str, on_step: OnStep, options: DecodeConfig | None = None
                          ) -> list[tuple[str, float]]:
@@ -154,7 +271,7 @@ class Translator:
             return [("", 0.0)] * config.num_samples
         generator = torch.Generator(device=self.device).manual_seed(config.seed)
         src = pad([ids]).to(self.device).repeat_interleave(config.num_samples, dim=0)  # (n, S)
-        drawn = sample(self.model, src, config, generator, on_step)
+        drawn = sample(self.models, src, config, generator, on_step)
         return [(text, h.score) for text, h in zip(self.tokenizer.tgt.decode_batch([h.tokens for h in drawn]), drawn)]
 
     def batches(self, ids: list[list[int]], config: DecodeConfig, rows_per_sentence: int) -> list[list[int]]:
@@ -164,8 +281,9 @@ class Translator:
                               config.batch_size)
 
     def _iter_chunks(self, lines: Iterable[str], config: DecodeConfig, rows_per_sentence: int, per_input: int,
-                     search: Search) -> Iterator[list[tuple[str, float]]]:
-        numbered = enumerate(lines, start=1)
+                     search: Search, constraints: Iterable[Constraints] | None = None, sampling: bool = False
+                     ) -> Iterator[list[tuple[str, float]]]:
+        numbered = enumerate(_paired(lines, constraints), start=1)
         size = self.read_ahead or CHUNK_BATCHES * config.batch_size
         failure: DetrError | None = None
         while not failure:
@@ -174,23 +292,54 @@ class Translator:
                 chunk.extend(itertools.islice(numbered, size))
             except DetrError as err:  # unreadable input: finish the lines read before it, then report
                 failure = err
-            ids = []
-            for n, line in chunk:
+            ids, wanted = [], []
+            for n, (line, wish) in chunk:
                 try:
+                    if sampling and wish.include:
+                        raise ConfigError(f"line {n}: phrases to include need beam search (detr translate); "
+                                          f"sampling takes only a prefix and phrases to exclude")
                     ids.append(self.encode_line(n, line.rstrip("\n")))
+                    wanted.append(wish)
                 except DetrError as err:  # an over-long line under on_overlong="error"
                     failure = err
                     break
             if not ids:
                 break
+            guides = [wish.guide(self.tokenizer.tgt) for wish in wanted]
             empty = [("", 0.0)] * per_input  # a blank input gets as many (empty) outputs as any other
             results: list[list[tuple[str, float]]] = [list(empty) for _ in ids]
             for batch in self.batches(ids, config, rows_per_sentence):
                 src = pad([ids[i] for i in batch]).to(self.device)
-                for i, hyps in zip(batch, search(src)):
+                steer = [guides[i] for i in batch] if any(guides[i] for i in batch) else None
+                for i, hyps in zip(batch, search(src, steer)):
                     texts = self.tokenizer.tgt.decode_batch([h.tokens for h in hyps])
                     found = [(text, h.score) for text, h in zip(texts, hyps)]
                     results[i] = found + empty[len(found):]  # fewer finished hypotheses than asked: pad
+                    if wanted[i] and found:
+                        _warn_unmet(chunk[i][0], wanted[i], found[0][0])
             yield from results
         if failure:
             raise failure
+
+
+def _paired(lines: Iterable[str], constraints: Iterable[Constraints] | None) -> Iterator[tuple[str, Constraints]]:
+    """(line, its constraints); a constraints stream of another length is an error at the first line
+    without a partner."""
+    if constraints is None:
+        for line in lines:
+            yield line, Constraints()
+        return
+    for n, (line, wish) in enumerate(itertools.zip_longest(lines, constraints), start=1):
+        if line is None or wish is None:
+            raise DataError(f"line {n}: there are {'more' if line is None else 'fewer'} constraint lines "
+                            f"than input lines")
+        yield line, wish
+
+
+def _warn_unmet(number: int, wish: Constraints, text: str) -> None:
+    for phrase in wish.unmet(text):
+        log.warning("line %d: the output lacks the phrase %r (no output within the length limit holds "
+                    "every phrase)", number, phrase)
+    for phrase in wish.violated(text):
+        log.warning("line %d: the output holds the excluded phrase %r (made of other subwords than it "
+                    "is alone)", number, phrase)

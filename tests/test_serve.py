@@ -16,6 +16,7 @@ pytest.importorskip("fastapi", reason="needs the serving extra: pip install -e '
 httpx = pytest.importorskip("httpx", reason="needs httpx (the test extra)")
 
 import detr  # noqa: E402
+from detr.constraints import Constraints  # noqa: E402
 from detr import load_config  # noqa: E402
 from tests.conftest import ROOT  # noqa: E402
 from tests.test_tasks import labelled_config  # noqa: E402
@@ -94,6 +95,23 @@ def test_translate_equals_the_offline_translator(server, runs):
     assert [(h["text"], round(h["score"], 4)) for h in nbest["nbest"][0]] == [(t, round(s, 4)) for t, s in offline]
     aligned = server.post("/v1/translate", {"text": SENTENCES[0], "alignment": True}).json()
     assert aligned["alignments"][0] and "-" in aligned["alignments"][0]
+
+
+def test_translate_with_constraints_and_score_equal_the_offline_translator(server, runs):
+    translator = detr.load(runs["de"])
+    wishes = [{"include": ["Hunde"]}, {"prefix": "wir"}, {"exclude": ["sie"]}]
+    got = server.post("/v1/translate", {"texts": SENTENCES[:3], "constraints": wishes}).json()
+    offline = translator.translate(SENTENCES[:3], None, [Constraints.from_dict(w, "x") for w in wishes])
+    assert got["translations"] == offline and "Hunde" in offline[0] and offline[1].startswith("wir")
+    bad = server.post("/v1/translate", {"texts": SENTENCES[:2], "constraints": wishes})
+    assert bad.status_code == 422 and "constraints: 3 entries for 2 texts" in bad.json()["error"]["message"]
+    bad = server.post("/v1/translate", {"text": "x", "constraints": [{"include": ["ab"], "exclude": ["ab"]}]})
+    assert bad.status_code == 422 and "constraints[0]: the included phrase 'ab'" in bad.json()["error"]["message"]
+    scores = server.post("/v1/score", {"sources": SENTENCES[:2], "targets": offline[:2]}).json()["scores"]
+    expected = translator.score(SENTENCES[:2], offline[:2])
+    assert [s["logprob"] for s in scores] == pytest.approx([s.total for s in expected], abs=1e-5)
+    bad = server.post("/v1/score", {"sources": SENTENCES[:2], "targets": offline[:1]})
+    assert bad.status_code == 422 and "1 targets for 2 sources" in bad.json()["error"]["message"]
 
 
 def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server, runs):

@@ -1,6 +1,7 @@
 """The HTTP service: FastAPI routes over the predictors, each model behind its own `Batcher`.
 
-    POST /v1/translate   {model?, text | texts, decode?, alignment?}  → translations, n-best, alignments
+    POST /v1/translate   {model?, text | texts, decode?, alignment?, constraints?}  → translations, n-best, alignments
+    POST /v1/score       {model?, sources, targets}  → log-probability of each target (forced decoding)
     POST /v1/generate    {model?, text | texts, decode?, stream?}     → samples (server-sent events with stream)
     POST /v1/classify    {model?, text | texts, probs?}               → labels (and probabilities)
     POST /v1/tag         {model?, text | texts}                       → (word, tag) pairs
@@ -36,7 +37,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from detr.analysis import alignment_of, attention_maps, label_maps
 from detr.checkpoint import Run
 from detr.config import DecodeConfig, ServeConfig
-from detr.errors import ConfigError, DetrError
+from detr.constraints import Constraints
+from detr.errors import ConfigError, DataError, DetrError
 from detr.labeller import Classifier, Labeller, Tagger
 from detr.serve.batcher import Batcher, BatchRecord, Job, QueueFull
 from detr.serve.page import PAGE
@@ -67,10 +69,28 @@ class Texts(BaseModel):
     texts: list[str] | None = Field(None, description="several inputs; results come back in the same order")
 
 
+class ConstraintsBody(BaseModel):
+    """What one output must and must not contain, and how it starts (target text)."""
+
+    model_config = ConfigDict(extra="forbid")
+    include: list[str] = Field([], description="phrases every output must contain (constrained beam search)")
+    exclude: list[str] = Field([], description="phrases no output may contain")
+    prefix: str = Field("", description="the output starts with this text; the model continues it")
+
+
 class TranslateBody(Texts):
     decode: dict[str, Any] | None = Field(None, description="DecodeConfig fields: beam_size, nbest, length_penalty, "
-                                                            "max_len_a, max_len_b, min_len, no_repeat_ngram, ...")
+                                                            "max_len_a, max_len_b, min_len, no_repeat_ngram, mbr, ...")
     alignment: bool = Field(False, description="also return source-target word alignments from cross-attention")
+    constraints: list[ConstraintsBody] | None = Field(
+        None, description="one per input (in the order of the texts): terminology, excluded words, a prefix")
+
+
+class ScoreBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = Field(None, description="a served model's name (GET /v1/models); default: the first")
+    sources: list[str] = Field(description="source sentences")
+    targets: list[str] = Field(description="target sentences, one per source")
 
 
 class GenerateBody(Texts):
@@ -245,14 +265,19 @@ def create_app(runs: dict[str, Run], config: ServeConfig, api_keys: list[str] | 
     def inputs_of(body: Texts) -> list[str]:
         if (body.text is None) == (body.texts is None):
             raise ApiError(422, "give exactly one of 'text' and 'texts'")
-        texts = [body.text] if body.text is not None else body.texts
+        if body.text is not None:
+            return checked([body.text], "text")
+        return checked(body.texts, "texts")
+
+    def checked(texts: list[str], name: str) -> list[str]:
+        """`texts` (the request's field `name`) within the size limits."""
         if not texts:
-            raise ApiError(422, "texts: the list is empty")
+            raise ApiError(422, f"{name}: the list is empty")
         if len(texts) > config.max_texts:
-            raise ApiError(413, f"texts: {len(texts)} texts, more than the {config.max_texts} allowed (--max-texts)")
+            raise ApiError(413, f"{name}: {len(texts)} texts, more than the {config.max_texts} allowed (--max-texts)")
         for i, t in enumerate(texts):
             if len(t) > config.max_chars:
-                raise ApiError(413, f"{'text' if body.text is not None else f'texts[{i}]'}: {len(t)} characters, "
+                raise ApiError(413, f"{name if name == 'text' else f'{name}[{i}]'}: {len(t)} characters, "
                                     f"more than the {config.max_chars} allowed (--max-chars)")
         return texts
 
@@ -265,6 +290,16 @@ def create_app(runs: dict[str, Run], config: ServeConfig, api_keys: list[str] | 
         try:
             return translator.options(**changes)
         except ConfigError as err:
+            raise ApiError(422, str(err)) from None
+
+    def constraints_of(given: list[ConstraintsBody] | None, n: int) -> list[Constraints]:
+        if given is None:
+            return [Constraints()] * n
+        if len(given) != n:
+            raise ApiError(422, f"constraints: {len(given)} entries for {n} texts (one per text)")
+        try:
+            return [Constraints.from_dict(c.model_dump(), f"constraints[{i}]") for i, c in enumerate(given)]
+        except DataError as err:
             raise ApiError(422, str(err)) from None
 
     def cost(served: Served, texts: list[str], rows: int = 1) -> int:
@@ -321,20 +356,41 @@ def create_app(runs: dict[str, Run], config: ServeConfig, api_keys: list[str] | 
         served = model_for(body.model, Translator, "/v1/translate")
         texts, options = inputs_of(body), decode_of(served.predictor, body.decode)
         translator, align = served.predictor, body.alignment
+        wishes = constraints_of(body.constraints, len(texts))
 
-        def run(batch: list[str]) -> list[Any]:
-            results = translator.translate_nbest(batch, options)
+        def run(batch: list[tuple[str, Constraints]]) -> list[Any]:
+            sources = [src for src, _ in batch]
+            results = translator.translate_nbest(sources, options, [wish for _, wish in batch])
             if align:
-                return [(nbest, alignment_of(translator, src, nbest[0][0])) for src, nbest in zip(batch, results)]
+                return [(nbest, alignment_of(translator, src, nbest[0][0])) for src, nbest in zip(sources, results)]
             return [(nbest, None) for nbest in results]
 
         key = ("translate", dataclasses.astuple(options), align)
-        results = await submit(served, Job(key, texts, cost(served, texts, options.beam_size), run))
+        job = Job(key, list(zip(texts, wishes)), cost(served, texts, options.beam_size), run)
+        results = await submit(served, job)
         out: dict[str, Any] = {"model": served.name, "translations": [nbest[0][0] for nbest, _ in results],
                                "nbest": [[{"text": t, "score": s} for t, s in nbest] for nbest, _ in results]}
         if align:
             out["alignments"] = [a for _, a in results]
         return out
+
+    @app.post("/v1/score", summary="log-probability of each target given its source (forced decoding)",
+              dependencies=guarded)
+    async def score(body: ScoreBody) -> dict[str, Any]:
+        served = model_for(body.model, Translator, "/v1/score")
+        if len(body.sources) != len(body.targets):
+            raise ApiError(422, f"targets: {len(body.targets)} targets for {len(body.sources)} sources")
+        checked(body.sources, "sources")
+        checked(body.targets, "targets")
+        translator = served.predictor
+
+        def run(batch: list[tuple[str, str]]) -> list[Any]:
+            return translator.score([s for s, _ in batch], [t for _, t in batch])
+
+        job = Job(("score",), list(zip(body.sources, body.targets)), cost(served, body.sources + body.targets), run)
+        scores = await submit(served, job)
+        return {"model": served.name, "scores": [{"logprob": s.total, "tokens": s.tokens,
+                                                  "per_token": s.per_token} for s in scores]}
 
     @app.post("/v1/generate", summary="sample outputs (temperature, top-k, top-p); streams with stream: true",
               dependencies=guarded, response_model=None)
