@@ -118,7 +118,10 @@ class Encoded:
         tgts = self.tokenizer.tgt.encode_batch([e.tgt for e in examples])
         out: list[tuple[list[int], list[int]] | None] = []
         limit = self.max_len - 1  # room for </s>
-        for s, t in zip(srcs, tgts):
+        tags = self.tokenizer.src.languages() if any(e.lang for e in examples) else {}
+        for e, s, t in zip(examples, srcs, tgts):
+            if e.lang is not None:
+                s = [tags[e.lang]] + s  # multilingual: the target language's tag starts the source
             if len(s) > limit or len(t) > limit:
                 if self.overlong == "filter":
                     self.filtered += 1

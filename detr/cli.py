@@ -226,10 +226,10 @@ def cmd_score(args: argparse.Namespace) -> int:
     translator = _translator(args, "score")
     sources = _input_lines(args.src, args.invalid)
     targets = _input_lines(args.tgt, args.invalid)
-    max_tokens = decode_options(args, translator.decode).max_tokens
+    options = translator.checked(decode_options(args, translator.decode))
     with _output(args.output) as out:
         for batch in _chunked(zip_pairs(sources, targets, args.src, args.tgt), CHUNK_PAIRS):
-            scores = translator.score([s for s, _ in batch], [t for _, t in batch], max_tokens)
+            scores = translator.score([s for s, _ in batch], [t for _, t in batch], options)
             _write(out, "".join(f"{s.per_token if args.normalize else s.total:.6f}\n" for s in scores))
     return 0
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -127,7 +128,10 @@ class DataConfig:
     """Where the text is and how it becomes token ids and batches.
 
     Parallel text: `train: data/train` with `src_lang: en`, `tgt_lang: de` reads
-    `data/train.en` and `data/train.de`. A `.tsv` or `.jsonl` path is read by column or
+    `data/train.en` and `data/train.de`. A list of target languages (`tgt_lang: [de, fr]`)
+    makes one multilingual run: it reads `data/train.de` and `data/train.fr` against
+    `data/train.en`, and a tag token (`<2de>`, `<2fr>`) starts each source to say which
+    language to produce (Johnson et al., 2017). A `.tsv` or `.jsonl` path is read by column or
     field name (`src_field`, `tgt_field`).
     """
 
@@ -136,7 +140,7 @@ class DataConfig:
     test: str | None = None
     format: Literal["auto", "parallel", "tsv", "jsonl", "conll"] = "auto"
     src_lang: str = "src"
-    tgt_lang: str = "tgt"
+    tgt_lang: str | list[str] = "tgt"
     src_field: str = "src"
     tgt_field: str = "tgt"
     label_field: str = "label"  # classify: the TSV column / JSONL field of the label (text: src_field)
@@ -162,6 +166,21 @@ class DataConfig:
                 raise ConfigError(f"data.{name} must be positive, got {getattr(self, name)}")
         if self.vocab_size < 300:
             raise ConfigError(f"data.vocab_size must be at least 300 (256 bytes + specials), got {self.vocab_size}")
+        if isinstance(self.tgt_lang, list):
+            bad = [lang for lang in self.tgt_lang if not re.fullmatch(r"[A-Za-z0-9_-]+", lang)]
+            if not self.tgt_lang or bad or len(set(self.tgt_lang)) < len(self.tgt_lang):
+                raise ConfigError(f"data.tgt_lang: a list of distinct language names (letters, digits, - and _), "
+                                  f"got {self.tgt_lang}")
+
+    @property
+    def multilingual(self) -> bool:
+        """A list of target languages: one run into each, chosen by a tag token."""
+        return isinstance(self.tgt_lang, list)
+
+    @property
+    def languages(self) -> list[str]:
+        """The target languages (one for a bilingual run)."""
+        return list(self.tgt_lang) if isinstance(self.tgt_lang, list) else [self.tgt_lang]
 
 
 @dataclass
@@ -248,6 +267,8 @@ class DecodeConfig:
     top_p: float = option(1.0, "sampling: draw from the smallest set of tokens holding this much probability")
     num_samples: int = option(1, "sampling: outputs drawn per input")
     seed: int = option(0, "sampling: random seed (the same seed draws the same outputs)")
+    tgt_lang: str | None = option(None, "multilingual runs: the language to translate into (one of the run's "
+                                        "data.tgt_lang)")
     mbr: int = option(0, "minimum Bayes risk decoding: of this many candidates, output the one with the "
                          "highest expected utility against the others; 0: off")
     mbr_metric: Literal["chrf", "bleu"] = option("chrf", "MBR: the utility (sacrebleu's sentence-level metric)")

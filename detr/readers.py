@@ -14,7 +14,7 @@ import json
 import logging
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ class Example:
     src: str
     tgt: str
     where: str
+    lang: str | None = None  # multilingual runs: the target language (its tag starts the source)
 
 
 def read_lines(path: str | Path, invalid: str = "error") -> Iterator[tuple[int, str]]:
@@ -249,9 +250,17 @@ def read_examples(config: DataConfig, split: str, stats: dict | None = None) -> 
     if path is None:
         raise DataError(f"data.{split} is not set")
     fmt = data_format(config, path)
+    if fmt == "parallel" and config.multilingual:
+        for lang in config.languages:
+            for example in read_parallel(f"{path}.{config.src_lang}", f"{path}.{lang}", stats):
+                yield replace(example, lang=lang)
+        return
     if fmt == "parallel":
         yield from read_parallel(f"{path}.{config.src_lang}", f"{path}.{config.tgt_lang}", stats)
         return
+    if config.multilingual:
+        raise DataError(f"{path}: data.tgt_lang is a list of languages, which needs parallel files "
+                        f"({path}.{config.src_lang}, {path}.{config.languages[0]}, ...), not {fmt}")
     reader = read_tsv if fmt == "tsv" else read_jsonl
     for where, (src, tgt) in reader(path, [config.src_field, config.tgt_field]):
         if not src.strip() or not tgt.strip():
@@ -283,7 +292,7 @@ def split_files(config: DataConfig, split: str) -> list[Path]:
     """The files a split reads (to check they exist before any work starts)."""
     path = getattr(config, split)
     if data_format(config, path) == "parallel":
-        return [Path(f"{path}.{config.src_lang}"), Path(f"{path}.{config.tgt_lang}")]
+        return [Path(f"{path}.{lang}") for lang in [config.src_lang] + config.languages]
     return [Path(path)]
 
 
@@ -292,12 +301,12 @@ def check_split(config: DataConfig, split: str) -> None:
     files = split_files(config, split)
     for f in files:
         check_file(f, f"data.{split}")
-    if len(files) == 2:
+    if len(files) >= 2:
         counts = [count_lines(f) for f in files]
-        if counts[0] != counts[1]:
-            raise DataError(
-                f"parallel files differ in length: {files[0]} has {counts[0]} lines, {files[1]} has {counts[1]}"
-            )
+        for other, count in zip(files[1:], counts[1:]):
+            if count != counts[0]:
+                raise DataError(
+                    f"parallel files differ in length: {files[0]} has {counts[0]} lines, {other} has {count}")
 
 
 # ----------------------------------------------------------------------------- labelled examples

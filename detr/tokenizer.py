@@ -12,6 +12,8 @@ reachable only by id. (Runs trained before this rule keep loading; only such lit
 strings encode differently now.)
 
 A `Tokenizer` has a `src` and a `tgt` side; with a joint vocabulary they are one object.
+A multilingual run's source vocabulary also holds one tag per target language (`<2de>`),
+added after learning the subwords; like the other special tokens it is reachable only by id.
 `build_tokenizer` learns one from a config's training data; `TextIds` turns text or words
 into an encoder's ids for the classify and tag tasks.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,11 +33,17 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
 from detr.atomic import atomic_write_text
 from detr.config import DataConfig
-from detr.errors import CheckpointError
+from detr.errors import CheckpointError, ConfigError
 from detr.readers import check_split, read_examples
 
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+LANGUAGE_TAG = re.compile(r"<2([A-Za-z0-9_-]+)>")
+
+
+def language_tag(lang: str) -> str:
+    """The token that asks a multilingual model for target language `lang`."""
+    return f"<2{lang}>"
 FORMAT = "detr-tokenizer/1"
 
 
@@ -54,6 +63,19 @@ class Subwords:
     @property
     def vocab_size(self) -> int:
         return self.hf.get_vocab_size()
+
+    def add_language_tags(self, languages: list[str]) -> None:
+        """Add a tag token per target language (multilingual runs), after the learned vocabulary."""
+        self.hf.add_special_tokens([language_tag(lang) for lang in languages])
+
+    def languages(self) -> dict[str, int]:
+        """The target languages this vocabulary has tags for, and each tag's id (none: not multilingual)."""
+        found = {}
+        for token in self.hf.get_added_tokens_decoder().values():
+            match = LANGUAGE_TAG.fullmatch(token.content)
+            if match:
+                found[match.group(1)] = self.hf.token_to_id(token.content)
+        return found
 
     def encode(self, text: str) -> list[int]:
         """Subword ids of `text`, without <s> or </s>."""
@@ -254,11 +276,17 @@ def build_tokenizer(config: DataConfig, pretrained: Path | None = None) -> Token
             yield getattr(e, name)
 
     if pretrained is not None:
+        if config.multilingual:
+            raise ConfigError("data.tgt_lang: a multilingual run needs detr's own source vocabulary, "
+                              "not a pretrained encoder's")
         return Tokenizer(PretrainedVocab.from_folder(pretrained),
                          train_subwords(side("tgt"), config.vocab_size, config.subword, config.lowercase,
                                         config.normalization))
-    return train_tokenizer(side("src"), side("tgt"), config.vocab_size, config.subword, config.joint_vocab,
-                           config.lowercase, config.normalization)
+    tokenizer = train_tokenizer(side("src"), side("tgt"), config.vocab_size, config.subword, config.joint_vocab,
+                                config.lowercase, config.normalization)
+    if config.multilingual:
+        tokenizer.src.add_language_tags(config.languages)
+    return tokenizer
 
 
 class TextIds:

@@ -75,6 +75,7 @@ class Translator:
         self.tokenizer = tokenizer
         self.decode = decode or DecodeConfig()
         self.max_src_len = min(max_src_len or model.config.max_positions, model.config.max_positions)
+        self.languages = tokenizer.src.languages()  # a multilingual run's target languages → tag ids
         self.on_overlong = "truncate"  # or "error"
         self.read_ahead: int | None = None  # lines decoded together; None: CHUNK_BATCHES × batch_size
 
@@ -116,6 +117,7 @@ class Translator:
     def checked(self, config: DecodeConfig) -> DecodeConfig:
         """`config`, validated for this model (ConfigError names the key)."""
         config.validate()
+        self.language_tag(config.tgt_lang)
         if 2 * max(config.beam_size, config.mbr) > self.model.config.tgt_vocab_size:
             raise ConfigError(f"decode.beam_size={config.beam_size} is too large for a target vocabulary of "
                               f"{self.model.config.tgt_vocab_size}")
@@ -140,26 +142,28 @@ class Translator:
         return list(self.iter_samples(lines, options, constraints))
 
     @torch.no_grad()
-    def score(self, sources: Iterable[str], targets: Iterable[str], max_tokens: int | None = None) -> list[Score]:
+    def score(self, sources: Iterable[str], targets: Iterable[str], options: DecodeConfig | None = None
+              ) -> list[Score]:
         """The log-probability of each target given its source (forced decoding, </s> included),
-        from the parallel forward, batched under `max_tokens` (default `decode.max_tokens`); an
-        ensemble's is the sum of its averaged per-step log-probabilities. Each pair's score does
-        not depend on the others in its batch.
+        from the parallel forward, batched under `options.max_tokens` (and for target language
+        `options.tgt_lang`); an ensemble's is the sum of its averaged per-step log-probabilities.
+        Each pair's score does not depend on the others in its batch.
 
         Raises:
             DataError: sources and targets differ in number, or (with `on_overlong="error"`) an
                 over-long line.
         """
+        config = self.checked(options or self.decode)
         pairs = []
         for n, (src, tgt) in enumerate(itertools.zip_longest(sources, targets), start=1):
             if src is None or tgt is None:
                 raise DataError(f"pair {n}: there are more {'targets' if src is None else 'sources'} than "
                                 f"{'sources' if src is None else 'targets'}")
-            pairs.append((self.encode_line(n, src), [BOS] + self.encode_target(n, tgt)))
+            pairs.append((self.encode_line(n, src, config.tgt_lang), [BOS] + self.encode_target(n, tgt)))
         lengths = [(len(s), len(t)) for s, t in pairs]
         order = sorted(range(len(pairs)), key=lambda i: lengths[i])
         out: list[Score] = [Score(0.0, 0)] * len(pairs)
-        for batch in pack_by_tokens(lengths, max_tokens or self.decode.max_tokens, order):
+        for batch in pack_by_tokens(lengths, config.max_tokens, order):
             src = pad([pairs[i][0] for i in batch]).to(self.device)
             tgt = pad([pairs[i][1] for i in batch]).to(self.device)  # <s> y </s>
             src_mask = padding_mask(src)
@@ -198,8 +202,27 @@ class Translator:
             ids = ids[: limit - 1]
         return ids + [self.tokenizer.tgt.eos]
 
-    def encode_line(self, number: int, line: str) -> list[int]:
-        """Source ids + </s> of input line `number`; a blank line gives just </s> (and empty outputs).
+    def language_tag(self, lang: str | None) -> list[int]:
+        """What starts a source for target language `lang`: its tag in a multilingual run, else nothing.
+
+        Raises:
+            ConfigError: a multilingual run without a known `lang`, or a `lang` for a bilingual run;
+                the message lists the run's languages.
+        """
+        if not self.languages:
+            if lang is not None:
+                raise ConfigError(f"decode.tgt_lang={lang}: this run is not multilingual (it has no language tags)")
+            return []
+        if lang not in self.languages:
+            known = ", ".join(sorted(self.languages))
+            if lang is None:
+                raise ConfigError(f"this run translates into {known}: choose one with --tgt-lang (decode.tgt_lang)")
+            raise ConfigError(f"decode.tgt_lang={lang}: unknown language; this run translates into {known}")
+        return [self.languages[lang]]
+
+    def encode_line(self, number: int, line: str, lang: str | None = None) -> list[int]:
+        """Source ids + </s> of input line `number` (after the tag of target language `lang`, default
+        `decode.tgt_lang`, in a multilingual run); a blank line gives just </s> (and empty outputs).
 
         Raises:
             DataError: the line is over-long and `on_overlong` is "error".
@@ -207,14 +230,15 @@ class Translator:
         eos = self.tokenizer.src.eos
         if not line.strip():
             return [eos]
+        tag = self.language_tag(lang or self.decode.tgt_lang)
         ids = self.tokenizer.src.encode(line)
-        if len(ids) > self.max_src_len - 1:
+        room = self.max_src_len - 1 - len(tag)
+        if len(ids) > room:
             if self.on_overlong == "error":
-                raise DataError(f"line {number}: {len(ids)} subword tokens, more than the model's maximum "
-                                f"{self.max_src_len - 1}")
-            log.warning("line %d: %d subword tokens, truncated to %d", number, len(ids), self.max_src_len - 1)
-            ids = ids[: self.max_src_len - 1]
-        return ids + [eos]
+                raise DataError(f"line {number}: {len(ids)} subword tokens, more than the model's maximum {room}")
+            log.warning("line %d: %d subword tokens, truncated to %d", number, len(ids), room)
+            ids = ids[:room]
+        return tag + ids + [eos]
 
     def iter_nbest(self, lines: Iterable[str], options: DecodeConfig | None = None,
                    constraints: Iterable[Constraints] | None = None) -> Iterator[list[tuple[str, float]]]:
@@ -266,7 +290,7 @@ class Translator:
         """`num_samples` samples of one line, as `iter_samples` draws them (same seed, same outputs),
         calling `on_step(samples still running, their new token ids)` after every token."""
         config = self.checked(options or self.decode)
-        ids = self.encode_line(1, line)
+        ids = self.encode_line(1, line, config.tgt_lang)
         if len(ids) <= 1:
             return [("", 0.0)] * config.num_samples
         generator = torch.Generator(device=self.device).manual_seed(config.seed)
@@ -298,7 +322,7 @@ class Translator:
                     if sampling and wish.include:
                         raise ConfigError(f"line {n}: phrases to include need beam search (detr translate); "
                                           f"sampling takes only a prefix and phrases to exclude")
-                    ids.append(self.encode_line(n, line.rstrip("\n")))
+                    ids.append(self.encode_line(n, line.rstrip("\n"), config.tgt_lang))
                     wanted.append(wish)
                 except DetrError as err:  # an over-long line under on_overlong="error"
                     failure = err

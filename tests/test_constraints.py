@@ -218,7 +218,7 @@ def test_mbr_of_one_sample_is_that_sample_and_beam_candidates_work(toy):
 def test_score_is_the_sum_of_forced_decoding_steps_and_does_not_depend_on_the_batch(toy):
     translator, sources, references = toy
     scores = translator.score(sources[:30], references[:30])
-    small = translator.score(sources[:30], references[:30], max_tokens=40)
+    small = translator.score(sources[:30], references[:30], translator.options(max_tokens=40))
     assert [s.total for s in small] == pytest.approx([s.total for s in scores], abs=1e-5)
     for src_text, ref, got in itertools.islice(zip(sources, references, scores), 8):
         src = pad([translator.encode_line(1, src_text)])

@@ -67,6 +67,11 @@ class TranslateTask:
             if folder is not None:
                 save_pretrained_files(folder, run.pretrained)
             self.tokenizer.save(run.tokenizer)
+        missing = [lang for lang in self.config.data.languages if self.config.data.multilingual
+                   and lang not in self.tokenizer.src.languages()]
+        if missing:
+            raise ConfigError(f"data.tokenizer: no language tag for {', '.join(missing)}; a multilingual run needs "
+                              f"a tokenizer learned with its data.tgt_lang list")
         if self.config.model.share_embeddings and not self.tokenizer.joint:
             raise ConfigError("model.share_embeddings needs a joint vocabulary: set data.joint_vocab: true")
         if self.config.data.valid is not None:
@@ -103,8 +108,13 @@ class TranslateTask:
         data = self.config.data
         loss = mean_token_loss(self.valid, self.tokenizer, data.max_len, max_tokens, loss_of, str(data.valid))
         scored = self.valid[: max_sentences or None]
-        greedy = dataclasses.replace(self.config.decode, beam_size=1, nbest=1)
-        hyps = self.predictor(model, self.config).translate([e.src for e in scored], greedy)
+        translator = self.predictor(model, self.config)
+        hyps = [""] * len(scored)
+        for lang in dict.fromkeys(e.lang for e in scored):  # a multilingual run: each language with its tag
+            index = [i for i, e in enumerate(scored) if e.lang == lang]
+            greedy = dataclasses.replace(self.config.decode, beam_size=1, nbest=1, tgt_lang=lang)
+            for i, hyp in zip(index, translator.translate([scored[i].src for i in index], greedy)):
+                hyps[i] = hyp
         return {"loss": loss, "ppl": math.exp(min(loss, 100.0)), "bleu": bleu(hyps, [[e.tgt for e in scored]]).score}
 
     def predictor(self, model: nn.Module, config: Config) -> Translator:
