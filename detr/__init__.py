@@ -13,6 +13,7 @@ from typing import Any
 
 from detr.checkpoint import Run, load_run
 from detr.config import Config, DataConfig, DecodeConfig, ModelConfig, TrainConfig, load_config
+from detr.constraints import Constraints
 from detr.errors import CheckpointError, ConfigError, DataError, DetrError, TrainingError
 from detr.labeller import Classifier, Tagger
 from detr.layers import AttentionRecord
@@ -39,8 +40,24 @@ def load(run_dir: str | Path, device: str = "cpu", weights: str | Path | None = 
     return load_run(run_dir, device, weights).predictor()
 
 
+def load_ensemble(run_dirs: list[str | Path], device: str = "cpu") -> Translator:
+    """One `Translator` over several translation runs that share a tokenizer: their
+    log-probabilities are averaged at every step (see `Translator.ensemble`).
+
+    Raises:
+        CheckpointError: a missing or corrupt run; ConfigError: a run that is not a translation run,
+            or whose vocabulary differs from the first's.
+    """
+    members = [load(run, device) for run in run_dirs]
+    for run, member in zip(run_dirs, members):
+        if not isinstance(member, Translator):
+            raise ConfigError(f"{run}: not a translation run; an ensemble is made of translation runs")
+    return Translator.ensemble(members, [str(run) for run in run_dirs])
+
+
 __all__ = [
-    "AttentionRecord", "CheckpointError", "Classifier", "Config", "ConfigError", "DataConfig", "DataError",
+    "AttentionRecord", "CheckpointError", "Classifier", "Config", "ConfigError", "Constraints", "DataConfig",
+    "DataError",
     "DecodeConfig", "DetrError", "KVCache", "ModelConfig", "Run", "Seq2Seq", "Tagger", "TrainConfig", "TrainResult",
-    "TrainingError", "Translator", "build_model", "load", "load_config", "load_run", "train", "__version__",
+    "TrainingError", "Translator", "build_model", "load", "load_config", "load_ensemble", "load_run", "train", "__version__",
 ]

@@ -17,7 +17,6 @@ best output is returned anyway and reports the phrases it lacks (`Hypothesis.unm
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Iterable, Iterator
@@ -28,6 +27,7 @@ from torch import Tensor
 
 from detr.config import DecodeConfig
 from detr.errors import DataError
+from detr.readers import json_object
 from detr.search import (Decoding, Guide, Guides, Hypothesis, Models, constrain, guides_for, length_penalty,
                          max_lengths)
 from detr.tokenizer import BOS, EOS, Subwords
@@ -57,13 +57,7 @@ class Constraints:
         """
         if not text.strip():
             return cls()
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{where}: not valid JSON ({err.msg}, column {err.colno})") from None
-        if not isinstance(data, dict):
-            raise DataError(f"{where}: expected a JSON object with {', '.join(FIELDS)}")
-        return cls.from_dict(data, where)
+        return cls.from_dict(json_object(text, where), where)
 
     @classmethod
     def from_dict(cls, data: dict, where: str) -> Constraints:

@@ -162,17 +162,27 @@ def read_jsonl(path: str | Path, fields: list[str]) -> Iterator[tuple[str, list[
         yield where, [v if isinstance(v, str) else json.dumps(v, ensure_ascii=False) for v in values]
 
 
+def json_object(text: str, where: str) -> dict[str, Any]:
+    """The JSON object on one line.
+
+    Raises:
+        DataError: not JSON, or not an object; the message names `where` (file:line).
+    """
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{where}: invalid JSON: {err.msg} (column {err.colno})") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
 def read_jsonl_values(path: str | Path, fields: list[str]) -> Iterator[tuple[str, list[Any]]]:
     """Like `read_jsonl`, with each field's JSON value as it is (list, number, string, ...)."""
     for number, line in read_lines(path):
         if not line.strip():
             continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{number}: invalid JSON: {err.msg} (column {err.colno})") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__}")
+        obj = json_object(line, f"{path}:{number}")
         values = []
         for name in fields:
             if name not in obj:

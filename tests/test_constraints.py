@@ -110,7 +110,7 @@ def test_dynamic_beam_allocation_shares_the_beam_over_the_banks():
     ('["Hund"]', "expected a JSON object"),
     ('{"include": ["roter Hund"], "exclude": ["Hund"]}', "contains the excluded phrase 'Hund'"),
     ('{"prefix": "ein Hund", "exclude": ["Hund"]}', "the prefix contains the excluded phrase"),
-    ("{nope", "not valid JSON"),
+    ("{nope", "invalid JSON"),
 ])
 def test_bad_constraint_lines_name_the_line_and_field(text, message):
     with pytest.raises(DataError, match="c.jsonl:3: ") as err:
@@ -141,9 +141,9 @@ def test_outputs_start_with_the_prefix_and_an_empty_prefix_changes_nothing(toy):
 # ------------------------------------------------------------------ ensembles
 
 
-def test_an_ensemble_of_a_run_with_itself_equals_the_run(toy):
+def test_an_ensemble_of_a_run_with_itself_equals_the_run(toy, toy_run):
     translator, sources, references = toy
-    pair = Translator.ensemble([translator, translator])
+    pair = detr.load_ensemble([toy_run / "run", toy_run / "run"])
     for options in (translator.options(beam_size=1), translator.options(beam_size=4, nbest=2)):
         alone, both = translator.translate_nbest(sources[:40], options), pair.translate_nbest(sources[:40], options)
         assert [[t for t, _ in n] for n in alone] == [[t for t, _ in n] for n in both]
