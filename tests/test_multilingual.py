@@ -7,7 +7,7 @@ from detr import load_config, train
 from detr.errors import ConfigError, DataError
 from detr.readers import read_examples
 from detr.toy import make_toy_corpus
-from tests.conftest import ROOT
+from tests.conftest import ROOT, shared_data
 from tests.test_cli import run
 
 
@@ -73,3 +73,21 @@ def test_bad_multilingual_configs(tmp_path):
     (tmp_path / "train.tsv").write_text("src\ttgt\na\tb\n")
     with pytest.raises(DataError, match="data.tgt_lang is a list of languages, which needs parallel files"):
         list(read_examples(config.data, "train"))
+
+
+def test_the_multilingual_recipe_trains_two_steps_on_40_lines_of_each_language(tmp_path):
+    multi30k = shared_data("translation/multi30k")
+    for split in ("train", "valid"):
+        for lang in ("en", "de", "fr", "cs"):
+            lines = (multi30k / f"{split}.{lang}").read_text(encoding="utf-8").splitlines()[:40]
+            (tmp_path / f"{split}.{lang}").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    config = load_config(ROOT / "configs" / "multi30k_en_multi.yaml", {
+        "run_dir": str(tmp_path / "run"), "data.train": str(tmp_path / "train"), "data.valid": str(tmp_path / "valid"),
+        "data.vocab_size": 600, "train.max_steps": 2, "train.eval_every": 2, "train.max_tokens": 1024,
+        "train.eval_max_sentences": 4, "train.threads": 1, "decode.max_len_b": 4})
+    assert config.data.tgt_lang == ["de", "fr", "cs"]
+    train(config)
+    translator = detr.load(tmp_path / "run")
+    assert sorted(translator.languages) == ["cs", "de", "fr"]
+    for lang in ("de", "fr", "cs"):
+        assert len(translator.translate(["A dog runs."], translator.options(tgt_lang=lang, beam_size=2))) == 1
