@@ -113,7 +113,7 @@ def attention_maps(translator: Translator, src_text: str, ref_text: str | None =
                    options: DecodeConfig | None = None) -> list[AttentionMaps]:
     """Attention (and saliency) for `src_text`: of the reference `ref_text` if given, else of
     each n-best output of the search `options` describe (default: the run's decode settings)."""
-    src_ids = translator.encode_line(1, src_text)
+    src_ids = translator.encode_line(1, src_text, (options or translator.decode).tgt_lang)
     src = torch.tensor([src_ids], device=translator.device)
     if ref_text is not None:
         outputs = [(ref_text, None)]
@@ -174,11 +174,12 @@ def format_alignment(pairs: list[tuple[int, int]]) -> str:
     return " ".join(f"{i}-{j}" for i, j in sorted(pairs))
 
 
-def alignment_of(translator: Translator, src_text: str, output: str) -> str:
-    """"i-j" word alignments of `output` to `src_text` from the last layer's cross-attention."""
+def alignment_of(translator: Translator, src_text: str, output: str, options: DecodeConfig | None = None) -> str:
+    """"i-j" word alignments of `output` to `src_text` from the last layer's cross-attention
+    (`options.tgt_lang`: the target language of a multilingual run)."""
     if not src_text.strip() or not output.strip():
         return ""
-    maps = attention_maps(translator, src_text, output, with_saliency=False)[0]
+    maps = attention_maps(translator, src_text, output, with_saliency=False, options=options)[0]
     return format_alignment(word_alignment(maps))
 
 

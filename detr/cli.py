@@ -207,7 +207,7 @@ def cmd_translate(args: argparse.Namespace) -> int:
             for text, score in nbest:
                 line = one_line(text)
                 if args.alignment:
-                    line += "\t" + alignment_of(translator, src, text)
+                    line += "\t" + alignment_of(translator, src, text, config)
                 lines.append(line if config.nbest == 1 else f"{line}\t{score:.4f}")
             _write(out, "".join(line + "\n" for line in lines))  # flushed: an interrupted run keeps every line
     return 0

@@ -94,7 +94,7 @@ class Subwords:
 
     def token_strings(self, ids: Iterable[int]) -> list[str]:
         """A readable string per id (for attention plots): specials by name, others decoded."""
-        return [SPECIALS[i] if i < len(SPECIALS) else self.hf.decode([i]) for i in ids]
+        return [SPECIALS[i] if i < len(SPECIALS) else self.hf.decode([i], skip_special_tokens=False) for i in ids]
 
     def token_labels(self, ids: Iterable[int]) -> list[str]:
         """`token_strings`, with a subword that starts a word marked "▁" (as SentencePiece shows it)."""

@@ -4,6 +4,7 @@ import pytest
 
 import detr
 from detr import load_config, train
+from detr.analysis import attention_maps
 from detr.errors import ConfigError, DataError
 from detr.readers import read_examples
 from detr.toy import make_toy_corpus
@@ -38,6 +39,8 @@ def test_each_language_is_read_against_the_source_and_tagged(multilingual_run):
     ids = translator.encode_line(1, "three dogs", "up")
     assert ids[0] == translator.languages["up"] and ids[1:] == translator.encode_line(1, "three dogs", "de")[1:]
     assert translator.tokenizer.src.encode("<2up>") != [translator.languages["up"]]  # typed text is never a tag
+    maps = attention_maps(translator, "three dogs", options=translator.options(tgt_lang="up"), with_saliency=False)
+    assert maps[0].src_tokens[0] == "<2up>" and maps[0].output.isupper()
 
 
 def test_the_tag_chooses_the_output_language(multilingual_run):

@@ -362,7 +362,8 @@ def create_app(runs: dict[str, Run], config: ServeConfig, api_keys: list[str] | 
             sources = [src for src, _ in batch]
             results = translator.translate_nbest(sources, options, [wish for _, wish in batch])
             if align:
-                return [(nbest, alignment_of(translator, src, nbest[0][0])) for src, nbest in zip(sources, results)]
+                return [(nbest, alignment_of(translator, src, nbest[0][0], options))
+                        for src, nbest in zip(sources, results)]
             return [(nbest, None) for nbest in results]
 
         key = ("translate", dataclasses.astuple(options), align)
