@@ -319,14 +319,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_classify(args: argparse.Namespace) -> int:
     classifier = _load(args, Classifier, "classify")
+    lines_in = _input_lines(args.input, args.invalid)
+    if classifier.pairs:
+        lines_in = _tab_pairs(lines_in, args.input or "<stdin>")
     with _output(args.output) as out:
-        for chunk in _chunked(_input_lines(args.input, args.invalid), 1 if _interactive(args) else 256):
+        for chunk in _chunked(lines_in, 1 if _interactive(args) else 256):
             lines = []
             for label, probs in classifier.classify(chunk):
                 extra = "\t" + " ".join(f"{k}={v:.4f}" for k, v in probs.items()) if args.probs and probs else ""
                 lines.append(one_line(label) + extra + "\n")
             _write(out, "".join(lines))
     return 0
+
+
+def _tab_pairs(lines: Iterator[str], name: str) -> Iterator[tuple[str, str]]:
+    """A pair classifier's input: each line two texts separated by a tab (a blank line: a blank pair)."""
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            yield "", ""
+            continue
+        first, tab, second = line.partition("\t")
+        if not tab:
+            raise DataError(f"{name}:{number}: this run classifies sentence pairs: give TEXT<TAB>TEXT")
+        yield first, second
 
 
 def cmd_tag(args: argparse.Namespace) -> int:

@@ -144,6 +144,7 @@ class DataConfig:
     src_field: str = "src"
     tgt_field: str = "tgt"
     label_field: str = "label"  # classify: the TSV column / JSONL field of the label (text: src_field)
+    text_pair_field: str | None = None  # classify: a second text column/field; each example is a pair
     tokens_field: str = "tokens"  # tag, JSONL: the field with the word list ...
     tags_field: str = "ner"  # ... and the one with its tags (CoNLL files: the last column)
     # subword tokenizer

@@ -95,11 +95,27 @@ class Labeller(ABC):
 class Classifier(Labeller):
     """Sentence classification: one label per text, with every label's probability."""
 
-    def classify(self, texts: list[str]) -> list[tuple[str, dict[str, float]]]:
-        """(label, {label: probability}) per text; a blank text gets ("", {})."""
-        kept = [i for i, t in enumerate(texts) if t.strip()]
+    @property
+    def pairs(self) -> bool:
+        """Whether the run classifies sentence pairs (`data.text_pair_field`)."""
+        return self.data.text_pair_field is not None
+
+    def classify(self, texts: list[str] | list[tuple[str, str]]) -> list[tuple[str, dict[str, float]]]:
+        """(label, {label: probability}) per text, or per (text, text) pair for a pair run; a blank
+        text (or a pair with a blank side) gets ("", {}).
+
+        Raises:
+            DataError: a pair given to a single-text run, or a single text to a pair run.
+        """
+        for n, t in enumerate(texts, start=1):
+            if isinstance(t, str) == self.pairs:
+                want = "(text, text) pairs" if self.pairs else "single texts"
+                raise DataError(f"input {n}: this run classifies {want}")
+        kept = [i for i, t in enumerate(texts) if all(s.strip() for s in ([t] if isinstance(t, str) else t))]
         out: list[tuple[str, dict[str, float]]] = [("", {}) for _ in texts]
-        for i, probs in zip(kept, self.probabilities([self.text.sentence(texts[i])[0] for i in kept])):
+        ids = [self.text.sentence(texts[i])[0] if isinstance(texts[i], str) else self.text.pair(*texts[i])[0]
+               for i in kept]
+        for i, probs in zip(kept, self.probabilities(ids)):
             out[i] = (self.labels[int(probs.argmax())], {label: float(p) for label, p in zip(self.labels, probs)})
         return out
 
@@ -109,7 +125,8 @@ class Classifier(Labeller):
 
     def predict(self, examples: list[Classified]) -> list[str]:
         """The predicted label of each example."""
-        return [label for label, _ in self.classify([e.text for e in examples])]
+        return [label for label, _ in self.classify([e.text if e.pair is None else (e.text, e.pair)
+                                                     for e in examples])]
 
     @staticmethod
     def read(data: DataConfig, split: str) -> Iterator[Classified]:

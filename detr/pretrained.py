@@ -41,16 +41,21 @@ class PretrainedEncoder(nn.Module):
         super().__init__()
         self.hf = hf_model
         self.d_model = hf_model.config.hidden_size
+        self.sep_id: int | None = None  # set by a task that feeds sentence pairs: segments follow from [SEP]
 
     def forward(self, ids: Tensor, mask: Tensor | None = None, attention: AttentionRecord | None = None) -> Tensor:
         """ids: (B, S); mask: (B, 1, 1, S), True where not padding (default: from the ids). Returns (B, S, D)."""
         mask = (ids != PAD).long() if mask is None else mask.reshape(ids.shape).long()
+        segments = None
+        if self.sep_id is not None:  # BERT's segments: 0 up to and with the first [SEP], then 1
+            sep = (ids == self.sep_id).long()
+            segments = (sep.cumsum(1) - sep).clamp(max=1)
         if attention is None:
-            return self.hf(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, S, D)
+            return self.hf(input_ids=ids, attention_mask=mask, token_type_ids=segments).last_hidden_state  # (B, S, D)
         fused = self.hf.config._attn_implementation
         self.hf.set_attn_implementation("eager")  # only the explicit path hands back its weights
         try:
-            out = self.hf(input_ids=ids, attention_mask=mask, output_attentions=True)
+            out = self.hf(input_ids=ids, attention_mask=mask, token_type_ids=segments, output_attentions=True)
         finally:
             self.hf.set_attn_implementation(fused)
         attention.encoder.extend(out.attentions)  # each (B, H, S, S)

@@ -329,6 +329,7 @@ class Classified:
     text: str
     label: str
     where: str
+    pair: str | None = None  # sentence-pair classification: the second text
 
 
 @dataclass
@@ -359,11 +360,12 @@ def read_classified(data: DataConfig, split: str) -> Iterator[Classified]:
         raise DataError(f"data.{split}: classification reads a .tsv file (with a header) or a .jsonl file with "
                         f"fields '{data.src_field}' and '{data.label_field}'; got {path} ({fmt} format)")
     reader = read_tsv if fmt == "tsv" else read_jsonl
-    for where, (text, label) in reader(path, [data.src_field, data.label_field]):
+    fields = [data.src_field, data.label_field] + ([data.text_pair_field] if data.text_pair_field else [])
+    for where, (text, label, *pair) in reader(path, fields):
         if not label.strip():
             raise DataError(f"{where}: empty label in column '{data.label_field}'")
-        if text.strip():
-            yield Classified(text, label.strip().strip('"'), where)
+        if text.strip() and (not pair or pair[0].strip()):
+            yield Classified(text, label.strip().strip('"'), where, pair[0] if pair else None)
 
 
 def read_tagged(data: DataConfig, split: str) -> Iterator[Tagged]:

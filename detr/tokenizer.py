@@ -310,6 +310,24 @@ class TextIds:
             return ids[: self.max_len - 1] + ids[-1:], True
         return ids, False
 
+    def pair(self, first: str, second: str) -> tuple[list[int], bool]:
+        """Ids of a sentence pair and whether it was truncated: `[CLS] a [SEP] b [SEP]` for a pretrained
+        tokenizer (its segment ids follow from the [SEP]s), `<s> a </s> b </s>` for detr's own; the
+        longer text is cut first."""
+        if self.subwords is not None:
+            a, b = self.subwords.encode(first), self.subwords.encode(second)
+            over = len(a) + len(b) + 3 - self.max_len
+            for _ in range(max(over, 0)):
+                (a if len(a) >= len(b) else b).pop()
+            return [BOS] + a + [EOS] + b + [EOS], over > 0
+        full = len(self.hf(first, second, truncation=False)["input_ids"])
+        ids = self.hf(first, second, truncation="longest_first", max_length=self.max_len)["input_ids"]
+        return ids, full > self.max_len
+
+    def encode(self, text: str, pair: str | None = None) -> tuple[list[int], bool]:
+        """`sentence(text)`, or `pair(text, pair)` when there is a second text."""
+        return self.sentence(text) if pair is None else self.pair(text, pair)
+
     def words(self, words: list[str]) -> tuple[list[int], list[int]]:
         """Ids of a word sequence and, per id, the index of the word it starts (-1: not a first subword)."""
         if self.subwords is not None:

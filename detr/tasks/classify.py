@@ -25,10 +25,10 @@ class ClassifyTask(LabelTask):
     predictor_class = Classifier
 
     def training_text(self, example: Classified) -> str:
-        return example.text
+        return example.text if example.pair is None else f"{example.text} {example.pair}"
 
     def encode(self, example: Classified, index: dict[str, int]) -> tuple[list[int], list[int], bool]:
-        ids, cut = self.text.sentence(example.text)
+        ids, cut = self.text.encode(example.text, example.pair)
         return ids, [index.get(example.label, IGNORE)], cut
 
     def collate_labels(self, targets: list[list[int]], src: Tensor) -> Tensor:

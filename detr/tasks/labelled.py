@@ -173,6 +173,8 @@ class LabelTask(ABC):
 
     def build_model(self, model: ModelConfig, encoder: nn.Module | None = None) -> nn.Module:
         """The task's head with one output per label, on `encoder` (or detr's own encoder of `model`)."""
+        if encoder is not None and self.text is not None and self.text.hf is not None:
+            encoder.sep_id = self.text.hf.sep_token_id  # sentence pairs get BERT's segment ids
         return self.head(encoder, len(self.labels), model)
 
     def collate(self, items: list[tuple[list[int], list[int]]], index: list[int]) -> LabelledBatch:
