@@ -89,12 +89,12 @@ class Decoding:
     def select(self, index: Tensor, cross_index: Tensor | None = None) -> None:
         """Keep running outputs `index` (N',) in that order. `cross_index` selects the rows of the
         encoder memory separately (beam search reorders outputs within a sentence, which share
-        one memory, and only drops whole sentences); by default it follows `index`."""
+        one memory, and only drops whole sentences); by default it follows `index`. Memory rows
+        only ever leave, in order, so a selection of all of them is the identity and copies nothing."""
         cross_index = index if cross_index is None else cross_index
         for cache in self.caches:
             cache.select(index, cross_index)
-        if cross_index.numel() != self.src_mask.size(0) or not bool(
-                (cross_index == torch.arange(cross_index.numel(), device=cross_index.device)).all()):
+        if cross_index.numel() != self.src_mask.size(0):
             self.src_mask = self.src_mask.index_select(0, cross_index)
             self.memories = [memory.index_select(0, cross_index) for memory in self.memories]
 
@@ -261,7 +261,8 @@ def beam_search(model: Models, src: Tensor, decode: DecodeConfig | None = None, 
         b = alive.numel()
         logp = state.next_logp(last)  # (b·K, V)
         at_limit = budget[alive] <= t  # (b,)
-        constrain(decode, logp, history, at_limit.repeat_interleave(K), guides_for(guides, alive.repeat_interleave(K)))
+        constrain(decode, logp, history, at_limit.repeat_interleave(K),
+                  None if guides is None else guides_for(guides, alive.repeat_interleave(K)))
         # The 2K best continuations of each hypothesis hold the 2K best of the sentence: rank those only.
         row_scores, row_tokens = logp.topk(min(2 * K, logp.size(1)), dim=1)  # (b·K, 2K)
         row_scores += scores.view(-1, 1)
