@@ -91,7 +91,7 @@ def ensemble(args: argparse.Namespace) -> list[dict]:
     src, ref = test_set("de", args.limit)
     rows = []
     for run, member in zip(args.runs, members):
-        out, sec = timed(lambda: member.translate(src, member.options(beam_size=5)))
+        out, sec = timed(lambda member=member: member.translate(src, member.options(beam_size=5)))
         rows.append(row(Path(run).name, out, ref, sec))
     pair = Translator.ensemble(members, args.runs)
     out, sec = timed(lambda: pair.translate(src, pair.options(beam_size=5)))
@@ -105,10 +105,10 @@ def mbr(args: argparse.Namespace) -> list[dict]:
     rows = [row("beam 5", out, ref, sec)]
     for n in (int(x) for x in args.n.split(",")):
         options = translator.options(mbr=n, mbr_metric="chrf", top_p=args.top_p, seed=args.seed)
-        out, sec = timed(lambda: translator.translate(src, options))
+        out, sec = timed(lambda options=options: translator.translate(src, options))
         rows.append(row(f"MBR chrF, {n} samples (top-p {args.top_p})", out, ref, sec))
         options = translator.options(mbr=n, mbr_metric="chrf", mbr_candidates="beam", beam_size=n)
-        out, sec = timed(lambda: translator.translate(src, options))
+        out, sec = timed(lambda options=options: translator.translate(src, options))
         rows.append(row(f"MBR chrF, beam {n} n-best", out, ref, sec))
     return rows
 

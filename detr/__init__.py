@@ -59,5 +59,6 @@ __all__ = [
     "AttentionRecord", "CheckpointError", "Classifier", "Config", "ConfigError", "Constraints", "DataConfig",
     "DataError",
     "DecodeConfig", "DetrError", "KVCache", "ModelConfig", "Run", "Seq2Seq", "Tagger", "TrainConfig", "TrainResult",
-    "TrainingError", "Translator", "build_model", "load", "load_config", "load_ensemble", "load_run", "train", "__version__",
+    "TrainingError", "Translator", "build_model", "load", "load_config", "load_ensemble", "load_run", "train",
+    "__version__",
 ]

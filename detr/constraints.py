@@ -28,8 +28,7 @@ from torch import Tensor
 from detr.config import DecodeConfig
 from detr.errors import DataError
 from detr.readers import json_object
-from detr.search import (Decoding, Guide, Guides, Hypothesis, Models, constrain, guides_for, length_penalty,
-                         max_lengths)
+from detr.search import Decoding, Guide, Guides, Hypothesis, Models, constrain, guides_for, length_penalty, max_lengths
 from detr.tokenizer import BOS, EOS, Subwords
 
 FIELDS = ("include", "exclude", "prefix")
@@ -193,6 +192,19 @@ def allocate(candidates: list[Candidate], banks: int, k: int) -> list[Candidate]
     return sorted(chosen, key=lambda c: -c.score)
 
 
+def _candidates(steps: list[tuple[float, int, int]], progress: list[Progress], phrases: tuple[tuple[int, ...], ...]
+                ) -> list[Candidate]:
+    """(score, beam, token) steps as candidates, best first (ties: in the order given), each
+    distinct step once, with the progress it makes; steps that cannot happen (score -inf) dropped."""
+    seen, out = set(), []
+    for score, beam, token in steps:
+        if math.isfinite(score) and (beam, token) not in seen:
+            seen.add((beam, token))
+            after = progress[beam] if token == EOS else progress[beam].advance(token, phrases)
+            out.append(Candidate(score, beam, token, after, after.count(phrases)))
+    return sorted(out, key=lambda c: -c.score)
+
+
 @torch.no_grad()
 def constrained_beam_search(model: Models, src: Tensor, decode: DecodeConfig, guides: Guides
                             ) -> list[list[Hypothesis]]:
@@ -227,11 +239,12 @@ def constrained_beam_search(model: Models, src: Tensor, decode: DecodeConfig, gu
         logp = state.next_logp(last)  # (b·K, V)
         at_limit = budget[alive_t] <= t  # (b,)
         # Only a hypothesis with every phrase in it may end (until the length limit forces </s>).
-        for i, sentence in enumerate(alive):
+        for i in range(b):
             for k in range(K):
                 if not progress[i][k].complete():
                     logp[i * K + k, EOS] = -torch.inf
-        constrain(decode, logp, history, at_limit.repeat_interleave(K), guides_for(guides, alive_t.repeat_interleave(K)))
+        constrain(decode, logp, history, at_limit.repeat_interleave(K),
+                  guides_for(guides, alive_t.repeat_interleave(K)))
         row_scores, row_tokens = logp.topk(min(2 * K, logp.size(1)), dim=1)
         row_scores += scores.view(-1, 1)
         W = row_scores.size(1)
@@ -241,24 +254,15 @@ def constrained_beam_search(model: Models, src: Tensor, decode: DecodeConfig, gu
         new_scores, parents, tokens, new_progress, done = [], [], [], [], []
         for i, sentence in enumerate(alive):
             p, banks = phrases[sentence], sum(map(len, phrases[sentence])) + 1
-            seen, candidates = set(), []
-
-            def add(score: float, beam: int, token: int) -> None:
-                if math.isfinite(score) and (beam, token) not in seen:
-                    seen.add((beam, token))
-                    after = progress[i][beam] if token == EOS else progress[i][beam].advance(token, p)
-                    candidates.append(Candidate(score, beam, token, after, after.count(p)))
-
-            for score, beam, token in zip(top_scores[i].tolist(), top_beam[i].tolist(), top_token[i].tolist()):
-                add(score, beam, token)
+            steps = list(zip(top_scores[i].tolist(), top_beam[i].tolist(), top_token[i].tolist()))
             if p:  # also every step that takes a hypothesis further into its phrases, and its best token
                 rows = logp[i * K:(i + 1) * K]
                 for beam in range(K):
                     base = float(scores[i, beam])
                     if math.isfinite(base):
-                        for token in progress[i][beam].wanted(p) | {int(rows[beam].argmax())}:
-                            add(base + float(rows[beam, token]), beam, token)
-                candidates.sort(key=lambda c: -c.score)
+                        steps += [(base + float(rows[beam, token]), beam, token)
+                                  for token in progress[i][beam].wanted(p) | {int(rows[beam].argmax())}]
+            candidates = _candidates(steps, progress[i], p)
             for c in allocate(candidates, banks, K):
                 if c.token == EOS:
                     finish(sentence, history[i * K + c.beam].tolist(), c.score)

@@ -19,10 +19,9 @@ import itertools
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
-
-from dataclasses import dataclass
 
 from detr.batching import pack_by_tokens, pad
 from detr.config import DecodeConfig

@@ -11,7 +11,7 @@ from sacrebleu import sentence_bleu, sentence_chrf
 import detr
 from detr.batching import pad
 from detr.config import DecodeConfig
-from detr.constraints import Constraints, allocate, Candidate, Progress, constrained_beam_search
+from detr.constraints import Candidate, Constraints, Progress, allocate, constrained_beam_search
 from detr.errors import ConfigError, DataError
 from detr.mbr import mbr_rank
 from detr.search import Decoding, beam_search
@@ -192,7 +192,7 @@ def test_mbr_picks_the_candidate_with_the_highest_expected_utility(toy):
     candidates = translator.generate(sources[:6], options)
     chosen = translator.translate_nbest(sources[:6], translator.options(mbr=n, seed=3, temperature=0.7))
     for metric, score in (("chrf", sentence_chrf), ("bleu", sentence_bleu)):
-        for line, one in zip(sources[:6], candidates):
+        for one in candidates:
             texts = [t for t, _ in one]
             brute = {h: sum(score(h, [r]).score for r in texts) / n for h in texts}
             ranked = mbr_rank(texts, metric)

@@ -49,9 +49,12 @@ def test_the_tag_chooses_the_output_language(multilingual_run):
     sources = (root / "data" / "test.en").read_text().splitlines()
     german = translator.translate(sources, translator.options(tgt_lang="de"))
     capitals = translator.translate(sources, translator.options(tgt_lang="up"))
-    upper = lambda texts: sum(c.isupper() for t in texts for c in t) / max(1, sum(c.isalpha() for t in texts for c in t))  # noqa: E731
+    def upper(texts):
+        return sum(c.isupper() for t in texts for c in t) / max(1, sum(c.isalpha() for t in texts for c in t))
+
     assert upper(capitals) > 0.9 and upper(german) < 0.2
-    out = run("translate", str(root / "run"), "--tgt-lang", "up", "--beam-size", "1", "-i", str(root / "data" / "test.en"))
+    out = run("translate", str(root / "run"), "--tgt-lang", "up", "--beam-size", "1",
+              "-i", str(root / "data" / "test.en"))
     assert out.returncode == 0 and out.stdout.splitlines() == translator.translate(
         sources, translator.options(tgt_lang="up", beam_size=1))
 

@@ -30,7 +30,8 @@ def pairs_tsv(path, n, seed):
 def pair_config(tmp_path, **overrides):
     values = {
         "task": "classify", "run_dir": str(tmp_path / "run"), "model_preset": "tiny",
-        "data.train": str(pairs_tsv(tmp_path / "train.tsv", 600, 1)), "data.valid": str(pairs_tsv(tmp_path / "valid.tsv", 80, 2)),
+        "data.train": str(pairs_tsv(tmp_path / "train.tsv", 600, 1)),
+        "data.valid": str(pairs_tsv(tmp_path / "valid.tsv", 80, 2)),
         "data.src_field": "first", "data.text_pair_field": "second", "data.vocab_size": 300,
         "train.max_steps": 300, "train.eval_every": 300, "train.save_every": 300, "train.lr": 3e-3,
         "train.warmup_steps": 20, "train.max_tokens": 1024, "train.threads": 1, "model.dropout": 0.0}
@@ -96,7 +97,8 @@ def test_a_pretrained_encoder_gets_berts_segment_ids_for_pairs():
 
 
 def test_classify_reads_tab_separated_pairs_on_the_command_line(pair_run, tmp_path):
-    (tmp_path / "in.txt").write_text("the film was great\tthe plot was lovely\n\nthe film was great\tthe plot was awful\n")
+    (tmp_path / "in.txt").write_text(
+        "the film was great\tthe plot was lovely\n\nthe film was great\tthe plot was awful\n")
     out = run("classify", str(pair_run / "run"), "-i", str(tmp_path / "in.txt"))
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == ["same", "", "different"]

@@ -16,8 +16,8 @@ pytest.importorskip("fastapi", reason="needs the serving extra: pip install -e '
 httpx = pytest.importorskip("httpx", reason="needs httpx (the test extra)")
 
 import detr  # noqa: E402
-from detr.constraints import Constraints  # noqa: E402
 from detr import load_config  # noqa: E402
+from detr.constraints import Constraints  # noqa: E402
 from tests.conftest import ROOT  # noqa: E402
 from tests.test_tasks import labelled_config  # noqa: E402
 
