@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 import detr  # noqa: E402
 from detr.constraints import Constraints  # noqa: E402
 from detr.metrics import bleu, chrf  # noqa: E402
+from detr.rundir import RunDir  # noqa: E402
 from detr.translator import Translator  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "translation" / "multi30k"
@@ -113,13 +114,18 @@ def mbr(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def load_at(run: str, step: int) -> Translator:
+    """A run's translator, with the weights of its checkpoint at `step` (0: the run's model)."""
+    return detr.load(run, weights=RunDir(run).checkpoint(step) if step else None)
+
+
 def multilingual(args: argparse.Namespace) -> list[dict]:
-    multi = detr.load(args.runs[0])
+    multi = load_at(args.runs[0], args.step)
     rows = []
     for spec in args.runs[1:]:
         lang, run = spec.split("=", 1)
         src, ref = test_set(lang, args.limit)
-        bilingual = detr.load(run)
+        bilingual = load_at(run, args.step)
         out = bilingual.translate(src, bilingual.options(beam_size=5))
         rows.append(row(f"{lang}: bilingual {Path(run).name}", out, ref))
         out = multi.translate(src, multi.options(beam_size=5, tgt_lang=lang))
@@ -135,6 +141,8 @@ def main() -> None:
     parser.add_argument("--n", default="16,32", help="mbr: candidate counts")
     parser.add_argument("--top-p", type=float, default=0.9, help="mbr: nucleus sampling of the candidates")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--step", type=int, default=0, help="multilingual: compare every run's checkpoint at "
+                                                             "this step (0: each run's model)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
