@@ -120,7 +120,7 @@ def load_at(run: str, step: int) -> Translator:
 
 
 def multilingual(args: argparse.Namespace) -> list[dict]:
-    multi = load_at(args.runs[0], args.step)
+    multi = load_at(args.runs[0], args.multi_step if args.multi_step is not None else args.step)
     rows = []
     for spec in args.runs[1:]:
         lang, run = spec.split("=", 1)
@@ -143,6 +143,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--step", type=int, default=0, help="multilingual: compare every run's checkpoint at "
                                                              "this step (0: each run's model)")
+    parser.add_argument("--multi-step", type=int, help="multilingual: the multilingual run's step (default --step)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
