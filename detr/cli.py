@@ -401,11 +401,15 @@ class _Deprecated(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
-def add_config_flags(group: Any, cls: type, section: str, default_note: str) -> None:
+def add_config_flags(group: Any, cls: type, section: str, default_note: str,
+                     only: set[str] | None = None) -> None:
     """One flag per field of the config dataclass `cls` (`beam_size` → `--beam-size`), with the field's
-    help text, stored as `{section}_{field}`; an unset flag stays None (the default applies)."""
+    help text, stored as `{section}_{field}`; an unset flag stays None (the default applies).
+    `only`: just these fields."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if only is not None and f.name not in only:
+            continue
         flag, dest = "--" + f.name.replace("_", "-"), f"{section}_{f.name}"
         text = f"{f.metadata['help']} ({section}.{f.name}; {default_note}: {f.default})"
         if hints[f.name] is bool:
@@ -591,6 +595,9 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--out", required=True, help="where to write tokenizer.json")
     prep.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config key")
     prep.set_defaults(func=cmd_data_prepare)
+
+    from detr.apps.cli import add_commands  # the applications' commands build on this module's helpers
+    add_commands(sub)
     return parser
 
 

@@ -335,6 +335,70 @@ class ServeConfig:
                 raise ConfigError(f"serve.{name} must not be negative, got {getattr(self, name)}")
 
 
+DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration_seconds(text: str, key: str) -> float:
+    """`30s`, `15m`, `1h`, `1d` in seconds.
+
+    Raises:
+        ConfigError: another form, or not positive (the message names `key`).
+    """
+    match = DURATION.match(text.strip())
+    if not match or float(match.group(1)) <= 0:
+        raise ConfigError(f"{key}: expected a positive duration like 30s, 15m, 1h or 1d, got {text!r}")
+    return float(match.group(1)) * SECONDS[match.group(2)]
+
+
+@dataclass
+class MonitorConfig:
+    """`detr monitor`: how items are classified and windowed, and when a window raises an alert.
+    The command's flags are generated from these fields (`--window`, `--threshold`, ...)."""
+
+    window: str = option("1h", "aggregation window: 30s, 15m, 1h, 1d, ...")
+    every: str | None = option(None, "rolling windows: a new window starts this often (default: the window "
+                                     "length: back-to-back windows)")
+    threshold: float = option(0.5, "alert when a window's share of negative items exceeds this ...")
+    min_count: int = option(10, "... and the window holds at least this many items (both rules)")
+    z: float = option(3.0, "alert when the negative share rises more than this many standard deviations above "
+                           "the trailing baseline")
+    baseline: int = option(24, "K: the baseline is the last K windows before the window (at least 3 with items)")
+    negative: str = option("negative", "the sentiment run's label that counts as negative")
+    positive: str = option("positive", "the sentiment run's label that counts as positive")
+    batch_size: int = option(64, "items classified and committed to the database together")
+    webhook: str | None = option(None, "POST every new alert as JSON to this URL")
+    retries: int = option(4, "webhook: attempts per alert, waiting 0.5 s, 1 s, 2 s, ... between them; alerts "
+                             "still undelivered are tried again at the next ingest")
+    poll: float = option(0.5, "--follow: seconds between looks at the file")
+
+    def validate(self) -> None:
+        _check_types(self, "monitor")
+        self.seconds()
+        for name in ("min_count", "baseline", "batch_size", "retries"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"monitor.{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ConfigError(f"monitor.threshold must be in [0, 1], got {self.threshold}")
+        if self.z <= 0 or self.poll <= 0:
+            raise ConfigError(f"monitor.z and monitor.poll must be positive, got {self.z} and {self.poll}")
+        if self.webhook is not None and not self.webhook.startswith(("http://", "https://")):
+            raise ConfigError(f"monitor.webhook: expected an http:// or https:// URL, got {self.webhook!r}")
+
+    def seconds(self) -> tuple[float, float]:
+        """(window length, step between window starts) in seconds.
+
+        Raises:
+            ConfigError: a malformed duration, or a step longer than the window or not dividing it.
+        """
+        size = duration_seconds(self.window, "monitor.window")
+        step = size if self.every is None else duration_seconds(self.every, "monitor.every")
+        ratio = size / step
+        if step > size or abs(ratio - round(ratio)) > 1e-9:
+            raise ConfigError(f"monitor.every={self.every} must divide monitor.window={self.window}")
+        return size, step
+
+
 @dataclass
 class Config:
     """A whole run: what to learn, from which data, with which model and settings."""
