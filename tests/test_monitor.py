@@ -20,7 +20,6 @@ import pytest
 import detr
 from detr import load_config
 from detr.apps.monitor import Grid, Monitor, MonitorStore, aggregate, follow, parse_time
-from detr.apps.report import write_report
 from detr.config import MonitorConfig
 from detr.errors import ConfigError
 from tests.conftest import ROOT

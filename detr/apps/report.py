@@ -48,7 +48,8 @@ def chart_png(windows: list[WindowStats], alerts: list[Alert]) -> bytes:
         ax.set_ylabel("share")
         ax.set_title(f"topic: {topic}", loc="left", fontsize=10)
         ax.legend(loc="upper left", fontsize=8)
-    axes[-1].set_xlabel("time (UTC); one point per window, at its middle; shaded: alert windows, ▼ the negative share when the alert fired")
+    axes[-1].set_xlabel("time (UTC); one point per window, at its middle; shaded: alert windows, "
+                       "▼ the negative share when the alert fired")
     out = io.BytesIO()
     figure.savefig(out, format="png", dpi=100)
     return out.getvalue()
