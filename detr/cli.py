@@ -34,7 +34,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 import detr
 from detr.analysis import alignment_of
 from detr.checkpoint import average_checkpoints, load_run
-from detr.config import DecodeConfig, ServeConfig, load_config
+from detr.config import DecodeConfig, MonitorConfig, ServeConfig, load_config
 from detr.constraints import Constraints, read_constraints
 from detr.download import MULTI30K_URL, fetch_multi30k
 from detr.embed import Embedder
@@ -313,7 +313,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"detr serve needs the serving extra ({err.name} is missing): "
                           f"pip install 'torch==2.13.0' -e '.[serve]'") from None
     config = config_from_flags(args, ServeConfig, "serve")
-    serve(model_names(args.runs), config, device=args.device)
+    monitoring = config_from_flags(args, MonitorConfig, "monitor")
+    monitoring.validate()
+    serve(model_names(args.runs), config, device=args.device, monitoring=monitoring)
     return 0
 
 
@@ -567,6 +569,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve_p.add_argument("runs", nargs="+", metavar="RUN", help="run directory, or NAME=RUN to name the model")
     serve_p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default: cpu)")
     add_config_flags(serve_p.add_argument_group("serving"), ServeConfig, "serve", "default")
+    add_config_flags(serve_p.add_argument_group("/v1/monitor windows and alerts (with --monitor-db)"), MonitorConfig,
+                     "monitor", "default", {"window", "every", "threshold", "min_count", "z", "baseline", "negative",
+                                            "positive", "webhook", "retries"})
     serve_p.set_defaults(func=cmd_serve)
 
     model = sub.add_parser("model", help="build a model from a config or preset; print its size and a forward pass")

@@ -322,6 +322,10 @@ class ServeConfig:
     max_chars: int = option(5000, "characters per text (413 beyond)")
     max_body_bytes: int = option(1_000_000, "bytes per request body (413 beyond)")
     grace_seconds: float = option(30.0, "on SIGTERM: how long in-flight requests may take to finish")
+    monitor_db: str | None = option(None, "serve /v1/monitor: the monitor's SQLite database (with --monitor-sentiment; "
+                                          "windows and alerts as the monitor flags say)")
+    monitor_sentiment: str | None = option(None, "/v1/monitor: the served classify model that scores sentiment")
+    monitor_topic: str | None = option(None, "/v1/monitor: the served classify model that gives items their topic")
 
     def validate(self) -> None:
         _check_types(self, "serve")
@@ -333,6 +337,10 @@ class ServeConfig:
         for name in ("max_wait_ms", "grace_seconds", "threads"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"serve.{name} must not be negative, got {getattr(self, name)}")
+        if (self.monitor_db is None) != (self.monitor_sentiment is None) or (
+                self.monitor_topic is not None and self.monitor_db is None):
+            raise ConfigError("serve.monitor_db and serve.monitor_sentiment go together (and --monitor-topic "
+                              "needs both): give the database and the sentiment model's name")
 
 
 DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")

@@ -300,3 +300,32 @@ def test_monitor_commands_say_what_is_wrong_in_one_line(sentiment, tmp_path):
     (tmp_path / "junk.sqlite").write_text("not a database" * 100)
     out = run("monitor", "alerts", "--db", str(tmp_path / "junk.sqlite"))
     assert out.returncode == 2 and out.stderr.startswith(f"detr: error: {tmp_path / 'junk.sqlite'}: not a usable")
+
+
+def test_serve_ingests_items_and_lists_alerts(sentiment, tmp_path):
+    pytest.importorskip("fastapi", reason="needs the serving extra: pip install -e '.[serve]'")
+    from tests.test_serve import Server
+
+    db = tmp_path / "m.sqlite"
+    server = Server(f"sentiment={sentiment}", "--monitor-db", str(db), "--monitor-sentiment", "sentiment",
+                    "--threshold", "0.6", "--min-count", "8")
+    try:
+        items = [json.loads(line) for line in
+                 stream(tmp_path / "burst.jsonl", hours=2, per_hour=10, burst=(0, 30)).read_text().splitlines()]
+        first = server.post("/v1/monitor/items", {"items": items[40:] + [{"id": "b", "text": "acme"}]}).json()
+        assert (first["stored"], first["duplicates"]) == (10, 0) and first["alerts"] == []  # hour 1: calm
+        assert first["bad"] == [{"item": "items[10]", "reason": "no 'time' field"}]
+        second = server.post("/v1/monitor/items", {"items": items}).json()  # hour 0 holds the burst
+        assert (second["stored"], second["duplicates"]) == (40, 10)
+        assert [a["rule"] for a in second["alerts"]] == ["threshold"]
+        import httpx
+
+        listed = httpx.get(server.url + "/v1/monitor/alerts").json()["alerts"]
+        assert listed == second["alerts"] and httpx.get(server.url + "/v1/monitor/alerts?after=1").json() == {
+            "alerts": []}
+        assert server.post("/v1/monitor/items", {"items": "x"}).status_code == 422
+    finally:
+        server.stop()
+    assert count_rows(db) == 50
+    off = run("serve", f"s={sentiment}", "--monitor-db", str(db))
+    assert off.returncode == 2 and "serve.monitor_db and serve.monitor_sentiment go together" in off.stderr

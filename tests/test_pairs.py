@@ -106,3 +106,19 @@ def test_classify_reads_tab_separated_pairs_on_the_command_line(pair_run, tmp_pa
     bad = run("classify", str(pair_run / "run"), "-i", str(tmp_path / "bad.txt"))
     assert bad.returncode == 2 and "bad.txt:2: this run classifies sentence pairs" in bad.stderr
     assert bad.stdout.splitlines() == ["same"]  # the line before the bad one was answered
+
+
+def test_serve_classifies_pairs(pair_run):
+    pytest.importorskip("fastapi", reason="needs the serving extra: pip install -e '.[serve]'")
+    from tests.test_serve import Server
+
+    server = Server(f"pairs={pair_run / 'run'}")
+    try:
+        pairs = [["the film was great", "the plot was lovely"], ["the film was great", "the plot was awful"]]
+        got = server.post("/v1/classify", {"pairs": pairs, "probs": True}).json()
+        assert got["labels"] == ["same", "different"] and set(got["probabilities"][0]) == {"same", "different"}
+        wrong = server.post("/v1/classify", {"text": "the film was great"})
+        assert wrong.status_code == 422
+        assert "classifies sentence pairs: give 'pairs'" in wrong.json()["error"]["message"]
+    finally:
+        server.stop()

@@ -2,7 +2,7 @@
 and time window, and raise an alert when negative items surge.
 
     store = MonitorStore("monitor.sqlite")
-    monitor = Monitor(store, detr.load("runs/fpb_minilm"), topic=None, config=MonitorConfig(window="1h"))
+    monitor = Monitor(store, detr.load("runs/fpb_minilm"), MonitorConfig(window="1h"), topic=None)
     report = monitor.ingest(numbered_lines, on_alert=print)    # → IngestReport(read, stored, duplicates, bad)
     windows = aggregate(store, MonitorConfig(window="1h"))       # → [WindowStats(topic, start, count, ...)]
 

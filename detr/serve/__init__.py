@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from detr.checkpoint import Run, load_run
-from detr.config import ServeConfig
+from detr.config import MonitorConfig, ServeConfig
 from detr.errors import ConfigError
 from detr.serve.app import create_app, read_api_keys
 
@@ -64,8 +64,10 @@ def check_binding(config: ServeConfig) -> list[str] | None:
     return keys
 
 
-def serve(specs: dict[str, str | Path], config: ServeConfig, device: str = "cpu") -> None:
+def serve(specs: dict[str, str | Path], config: ServeConfig, device: str = "cpu",
+          monitoring: MonitorConfig | None = None) -> None:
     """Load the runs and serve them until SIGTERM or SIGINT (in-flight requests finish first).
+    `monitoring`: the windows and alert rules of /v1/monitor (when `config.monitor_db` is set).
 
     Raises:
         ConfigError: an unsafe address, a bad key file, or a port already in use.
@@ -83,7 +85,7 @@ def serve(specs: dict[str, str | Path], config: ServeConfig, device: str = "cpu"
             probe.bind((config.host, config.port))
         except OSError as err:
             raise ConfigError(f"serve: cannot listen on {config.host}:{config.port}: {err.strerror}") from None
-    app = create_app(runs, config, keys)
+    app = create_app(runs, config, keys, monitoring)
     access = "API keys required" if keys else ("no API keys: loopback only" if is_loopback(config.host)
                                                 else "no API keys, public (--insecure-public)")
     log.info("detr serve: http://%s:%d (models: %s; %s)", config.host, config.port, ", ".join(runs), access)

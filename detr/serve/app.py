@@ -3,9 +3,10 @@
     POST /v1/translate   {model?, text | texts, decode?, alignment?, constraints?}  → translations, n-best, alignments
     POST /v1/score       {model?, sources, targets}  → log-probability of each target (forced decoding)
     POST /v1/generate    {model?, text | texts, decode?, stream?}     → samples (server-sent events with stream)
-    POST /v1/classify    {model?, text | texts, probs?}               → labels (and probabilities)
+    POST /v1/classify    {model?, text | texts | pairs, probs?}       → labels (and probabilities)
     POST /v1/tag         {model?, text | texts}                       → (word, tag) pairs
     POST /v1/inspect     {model?, text, reference?, decode?}          → attention of every layer/head, saliency
+    POST /v1/monitor/items {items}  GET /v1/monitor/alerts?after=ID     → the sentiment monitor (detr.apps.monitor)
     GET  /v1/models  /health  /ready  /metrics  /  (the page)
 
 Errors are JSON `{"error": {"type", "message"}}`: 401 no or wrong API key, 404 unknown model,
@@ -35,8 +36,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from detr.analysis import alignment_of, attention_maps, label_maps
+from detr.apps.monitor import Monitor, MonitorStore
 from detr.checkpoint import Run
-from detr.config import DecodeConfig, ServeConfig
+from detr.config import DecodeConfig, MonitorConfig, ServeConfig
 from detr.constraints import Constraints
 from detr.errors import ConfigError, DataError, DetrError
 from detr.labeller import Classifier, Labeller, Tagger
@@ -101,6 +103,14 @@ class GenerateBody(Texts):
 
 class ClassifyBody(Texts):
     probs: bool = Field(False, description="also return every label's probability")
+    pairs: list[tuple[str, str]] | None = Field(
+        None, description="sentence-pair runs: [[text, text], ...] instead of text/texts")
+
+
+class MonitorItems(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    items: list[dict[str, Any]] = Field(description="items {id, time (ISO 8601), text, source?, topic?}; an id "
+                                                    "stored before is skipped, a malformed item reported")
 
 
 class ErrorDetail(BaseModel):
@@ -182,13 +192,21 @@ class Served:
 # ----------------------------------------------------------------------------- the app
 
 
-def create_app(runs: dict[str, Run], config: ServeConfig, api_keys: list[str] | None = None) -> FastAPI:
-    """The ASGI app serving `runs` (name → loaded run) as `config` says; `api_keys`: required bearer keys."""
+def create_app(runs: dict[str, Run], config: ServeConfig, api_keys: list[str] | None = None,
+               monitoring: MonitorConfig | None = None) -> FastAPI:
+    """The ASGI app serving `runs` (name → loaded run) as `config` says; `api_keys`: required bearer keys;
+    `monitoring`: windows and alert rules of /v1/monitor (when `config.monitor_db` is set).
+
+    Raises:
+        ConfigError: a monitor model that is not served, or not a single-text classifier.
+    """
     metrics = Metrics()
     models = {name: Served(name, run, run.predictor(),
                            Batcher(name, config.max_batch_tokens, config.max_wait_ms / 1000, config.max_queue,
                                    metrics.on_batch(name)))
               for name, run in runs.items()}
+    monitor = open_monitor(models, config, monitoring or MonitorConfig())
+    monitor_lock = asyncio.Lock()
     state = {"ready": True}
     keys = [k.encode() for k in api_keys or []]
 
@@ -198,6 +216,8 @@ def create_app(runs: dict[str, Run], config: ServeConfig, api_keys: list[str] | 
         state["ready"] = False
         for served in models.values():  # uvicorn has let the in-flight requests finish
             await asyncio.to_thread(served.batcher.stop, config.grace_seconds)
+        if monitor is not None:
+            monitor.store.close()
 
     app = FastAPI(title="detr", version="1", lifespan=lifespan, responses=ERRORS,
                   description="Translate, generate, classify, tag and look inside trained detr runs.")
@@ -302,10 +322,12 @@ def create_app(runs: dict[str, Run], config: ServeConfig, api_keys: list[str] | 
         except DataError as err:
             raise ApiError(422, str(err)) from None
 
-    def cost(served: Served, texts: list[str], rows: int = 1) -> int:
-        if isinstance(served.predictor, Translator):
-            return sum(len(served.predictor.tokenizer.src.encode(t)) + 1 for t in texts) * rows
-        return sum(len(served.predictor.text.sentence(t)[0]) for t in texts)
+    def cost(served: Served, texts: list[str] | list[tuple[str, str]], rows: int = 1) -> int:
+        predictor = served.predictor
+        if isinstance(predictor, Translator):
+            return sum(len(predictor.tokenizer.src.encode(t)) + 1 for t in texts) * rows
+        return sum(len(predictor.text.sentence(t)[0] if isinstance(t, str) else predictor.text.pair(*t)[0])
+                   for t in texts)
 
     async def submit(served: Served, job: Job) -> list[Any]:
         try:
@@ -452,8 +474,18 @@ def create_app(runs: dict[str, Run], config: ServeConfig, api_keys: list[str] | 
         @app.post(path, summary=summary, dependencies=guarded, name=path.rsplit("/", 1)[1])
         async def label(body: ClassifyBody) -> dict[str, Any]:
             served = model_for(body.model, kind, path)
-            texts = inputs_of(body)
             predictor = served.predictor
+            if isinstance(predictor, Classifier) and predictor.pairs:
+                if body.pairs is None or body.text is not None or body.texts is not None:
+                    raise ApiError(422, f"pairs: {served.name!r} classifies sentence pairs: give 'pairs'")
+                checked([a + b for a, b in body.pairs], "pairs")
+                pairs = body.pairs
+                results = await submit(served, Job(("classify",), pairs, cost(served, pairs), predictor.classify))
+                return {"model": served.name, "labels": [label for label, _ in results]} | (
+                    {"probabilities": [probs for _, probs in results]} if body.probs else {})
+            if body.pairs is not None:
+                raise ApiError(422, f"pairs: {served.name!r} classifies single texts: give 'text' or 'texts'")
+            texts = inputs_of(body)
             if isinstance(predictor, Classifier):
                 results = await submit(served, Job(("classify",), texts, cost(served, texts), predictor.classify))
                 out: dict[str, Any] = {"model": served.name, "labels": [label for label, _ in results]}
@@ -487,7 +519,50 @@ def create_app(runs: dict[str, Run], config: ServeConfig, api_keys: list[str] | 
         (maps,) = await submit(served, Job(("inspect", id(body)), [body.text], cost(served, [body.text]), run))
         return {"model": served.name, "outputs": [m.to_dict() for m in maps]}
 
+    def monitor_on() -> Monitor:
+        if monitor is None:
+            raise ApiError(404, "monitoring is off: start detr serve with --monitor-db and --monitor-sentiment")
+        return monitor
+
+    @app.post("/v1/monitor/items", summary="classify and store stream items; new alerts come back",
+              dependencies=guarded)
+    async def monitor_items(body: MonitorItems) -> dict[str, Any]:
+        running = monitor_on()
+        if len(body.items) > config.max_texts:
+            raise ApiError(413, f"items: {len(body.items)} items, more than the {config.max_texts} allowed "
+                                f"(--max-texts)")
+        for i, item in enumerate(body.items):
+            if isinstance(item.get("text"), str) and len(item["text"]) > config.max_chars:
+                raise ApiError(413, f"items[{i}].text: {len(item['text'])} characters, more than the "
+                                    f"{config.max_chars} allowed (--max-chars)")
+        alerts: list[Any] = []
+        async with monitor_lock:  # one ingestion at a time: each window's alert is decided once
+            report = await asyncio.to_thread(
+                running.ingest, [(f"items[{i}]", item) for i, item in enumerate(body.items)], alerts.append)
+        return {"stored": report.stored, "duplicates": report.duplicates,
+                "bad": [{"item": where, "reason": reason} for where, reason in report.bad],
+                "alerts": [a.to_dict() for a in alerts]}
+
+    @app.get("/v1/monitor/alerts", summary="the monitor's alerts (after an alert id, when given)",
+             dependencies=guarded)
+    async def monitor_alerts(after: int = 0) -> dict[str, Any]:
+        stored = await asyncio.to_thread(monitor_on().store.alerts)
+        return {"alerts": [a.to_dict() for a in stored if a.id > after]}
+
     return app
+
+
+def open_monitor(models: dict[str, Served], config: ServeConfig, monitoring: MonitorConfig) -> Monitor | None:
+    """The monitor behind /v1/monitor, classifying with served models; None when not asked for."""
+    if config.monitor_db is None:
+        return None
+    chosen = {}
+    for role in ("sentiment", "topic"):
+        name = getattr(config, f"monitor_{role}")
+        if name is not None and name not in models:
+            raise ConfigError(f"serve.monitor_{role}: no served model is named {name!r} (served: {', '.join(models)})")
+        chosen[role] = models[name].predictor if name is not None else None
+    return Monitor(MonitorStore(config.monitor_db), chosen["sentiment"], monitoring, chosen["topic"])
 
 
 def error_response(err: ApiError) -> JSONResponse:
