@@ -100,9 +100,14 @@ def cmd_data_toy(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args.config, (args.set or []) + dotted_options(args.rest))
+    return run_training(args, lambda progress: train(config, resume=args.resume, progress=progress))
+
+
+def run_training(args: argparse.Namespace, start: typing.Callable[[bool], detr.TrainResult]) -> int:
+    """Run `start(progress)` (a training), then print how it ended; an interrupt prints the resume command."""
     try:
         with logging_redirect_tqdm():
-            result = train(config, resume=args.resume, progress=not args.no_progress and sys.stderr.isatty())
+            result = start(not args.no_progress and sys.stderr.isatty())
     except Interrupted as err:
         again = args.command_line + ([] if args.resume else ["--resume"])
         print(f"detr: {err}\nresume with: detr {shlex.join(again)}", file=sys.stderr)

@@ -408,6 +408,31 @@ class MonitorConfig:
 
 
 @dataclass
+class RecommendConfig:
+    """`detr recommend train`: the click log and items a pair model learns from, and how a user's
+    history becomes text. The `recommend` section of the recommender's YAML config."""
+
+    items: str = option("", "items file: JSON lines {id, title, text, category, ...} or MIND news.tsv")
+    train: str = option("", "click log: JSON lines {user, history: [item ids], candidate, clicked, impression?} "
+                            "or MIND behaviors.tsv")
+    valid: str | None = option(None, "held-out click log (same format)")
+    test: str | None = option(None, "test click log (same format)")
+    format: Literal["jsonl", "mind"] = option("jsonl", "the files' format")
+    history: int = option(5, "the user's last N clicked items make the history text")
+    history_words: int = option(16, "words of each history item (its title, or the start of its text)")
+    candidate_words: int = option(48, "words of the candidate item (title, then text)")
+
+    def validate(self) -> None:
+        _check_types(self, "recommend")
+        for name in ("items", "train"):
+            if not getattr(self, name):
+                raise ConfigError(f"recommend.{name} is required: the {name} file")
+        for name in ("history", "history_words", "candidate_words"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"recommend.{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclass
 class Config:
     """A whole run: what to learn, from which data, with which model and settings."""
 
@@ -461,6 +486,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
         ConfigError: unreadable file, unknown key (with the nearest valid name), wrong type,
             or an invalid value; the message names the key.
     """
+    return config_from_dict(*read_raw_config(path, overrides))
+
+
+def read_raw_config(path: str | Path | None, overrides: list[str] | dict[str, Any] | None = None
+                    ) -> tuple[dict[str, Any], str]:
+    """A YAML config as plain nested data with dotted overrides applied, and its name for messages
+    (for commands whose files hold a section of their own beside `Config`'s).
+
+    Raises:
+        ConfigError: unreadable file, invalid YAML, a key given twice, or a malformed override.
+    """
     raw: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
@@ -483,7 +519,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
             raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
     for key, value in parse_overrides(overrides).items():
         _set_dotted(raw, key, value)
-    return config_from_dict(raw, source)
+    return raw, source
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

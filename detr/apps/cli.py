@@ -18,12 +18,13 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 import detr
 from detr.apps.monitor import IngestReport, Monitor, MonitorStore, aggregate, follow
+from detr.apps.recommend import Recommender, load_recommend_config, read_log, train_recommender, words
 from detr.apps.report import write_report
-from detr.cli import add_config_flags, config_from_flags
+from detr.cli import add_config_flags, config_from_flags, run_training
 from detr.config import MonitorConfig
-from detr.errors import ConfigError
+from detr.errors import ConfigError, DataError
 from detr.labeller import Classifier
-from detr.readers import decode_lines, read_lines
+from detr.readers import decode_lines, json_object, one_line, read_lines
 
 WINDOW_FIELDS = {"window", "every"}
 
@@ -159,6 +160,104 @@ def add_monitor(sub: Any) -> None:
     report.set_defaults(func=cmd_monitor_report)
 
 
+def _weights(text: str | None) -> dict[str, float]:
+    """`--features popularity=0.2,model=1` as a dict."""
+    out: dict[str, float] = {}
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        name, eq, value = part.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise ConfigError(f"--features: {part!r} is not NAME=WEIGHT") from None
+        if not eq or not name.strip():
+            raise ConfigError(f"--features: {part!r} is not NAME=WEIGHT")
+    return out
+
+
+def _ids(text: str, name: str) -> list[str]:
+    ids = [i.strip() for i in text.split(",") if i.strip()]
+    if not ids and name == "--candidates":
+        raise ConfigError("--candidates: give at least one item id")
+    return ids
+
+
+def cmd_recommend_train(args: argparse.Namespace) -> int:
+    config, recommend = load_recommend_config(args.config, args.set or [])
+    return run_training(args, lambda progress: train_recommender(config, recommend, args.resume, progress))
+
+
+def cmd_recommend_rank(args: argparse.Namespace) -> int:
+    recommender = Recommender.load(args.run, args.items, args.device)
+    weights = _weights(args.features)
+    if args.impressions:
+        for number, line in read_lines(args.impressions):
+            if not line.strip():
+                continue
+            where = f"{args.impressions}:{number}"
+            obj = json_object(line, where)
+            if not isinstance(obj.get("history"), list) or not isinstance(obj.get("candidates"), list):
+                raise DataError(f"{where}: give 'history' and 'candidates' as lists of item ids")
+            try:
+                ranked = recommender.rank([str(i) for i in obj["history"]], [str(i) for i in obj["candidates"]],
+                                          weights)
+            except DataError as err:
+                raise DataError(f"{where}: {err}") from None
+            print(json.dumps({**({"user": obj["user"]} if "user" in obj else {}),
+                              "ranking": [dataclasses.asdict(r) for r in ranked]}, ensure_ascii=False), flush=True)
+        return 0
+    if args.candidates is None:
+        raise ConfigError("give --candidates ID,ID,... (with --history ID,...), or --impressions FILE")
+    for r in recommender.rank(_ids(args.history or "", "--history"), _ids(args.candidates, "--candidates"), weights):
+        item = recommender.items[r.id]
+        print(f"{r.id}\t{r.score:.4f}\t{r.probability:.4f}\t{one_line(item.title or words(item.text, 12))}")
+    return 0
+
+
+def cmd_recommend_evaluate(args: argparse.Namespace) -> int:
+    recommender = Recommender.load(args.run, args.items, args.device)
+    impressions = read_log(args.log, args.format or recommender.config.format, recommender.items)
+    print(json.dumps(recommender.evaluate(impressions, _weights(args.features)), indent=2))
+    return 0
+
+
+def add_recommend(sub: Any) -> None:
+    recommend = sub.add_parser("recommend", help="text-based recommendation: train a pair model on a click log, "
+                                                 "rank candidates for a user, evaluate (AUC, MRR, nDCG)")
+    actions = recommend.add_subparsers(dest="recommend_command", metavar="ACTION", required=True)
+    train = actions.add_parser("train", help="turn the click log into (history, candidate) pairs and train a pair "
+                                             "classifier (a classify config with a recommend section)")
+    train.add_argument("config", help="YAML: a classify config plus recommend: {items, train, valid, ...}")
+    train.add_argument("--resume", action="store_true", help="continue the run where its last checkpoint left it")
+    train.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config key")
+    train.add_argument("--no-progress", action="store_true")
+    train.set_defaults(func=cmd_recommend_train)
+
+    features = ("add weight x an item's numeric field to the score: NAME=WEIGHT,...; model=W weighs P(click) "
+                "(default 1)")
+    rank = actions.add_parser("rank", help="candidates best first for a user's history: ID<TAB>score<TAB>P(click)"
+                                           "<TAB>title, or a JSON line per impression")
+    rank.add_argument("run", help="run directory written by detr recommend train")
+    rank.add_argument("--history", help="the user's clicked item ids, oldest first: ID,ID,...")
+    rank.add_argument("--candidates", help="item ids to rank: ID,ID,...")
+    rank.add_argument("--impressions", metavar="FILE", help="JSON lines {user?, history: [...], candidates: [...]}")
+    rank.add_argument("--items", help="items file (default: the one the run was trained with)")
+    rank.add_argument("--features", help=features)
+    rank.add_argument("--device", default="cpu")
+    rank.set_defaults(func=cmd_recommend_rank)
+
+    evaluate = actions.add_parser("evaluate", help="AUC, MRR, nDCG@5, nDCG@10 on a held-out click log")
+    evaluate.add_argument("run")
+    evaluate.add_argument("--log", required=True, help="click log (JSON lines or MIND behaviors.tsv)")
+    evaluate.add_argument("--format", choices=["jsonl", "mind"], help="default: the run's")
+    evaluate.add_argument("--items", help="items file (default: the one the run was trained with)")
+    evaluate.add_argument("--features", help=features)
+    evaluate.add_argument("--device", default="cpu")
+    evaluate.set_defaults(func=cmd_recommend_evaluate)
+
+
 def add_commands(sub: Any) -> None:
     """Add the applications' commands to the `detr` parser's subcommands."""
     add_monitor(sub)
+    add_recommend(sub)
