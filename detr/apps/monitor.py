@@ -358,18 +358,21 @@ def aggregate(store: MonitorStore, config: MonitorConfig, topic: str | None = No
 class Webhook:
     """POSTs alerts as JSON to a URL, with retries and exponential back-off."""
 
-    def __init__(self, url: str, attempts: int, backoff: float = 0.5, timeout: float = 10.0) -> None:
-        self.url, self.attempts, self.backoff, self.timeout = url, attempts, backoff, timeout
+    BACKOFF = 0.5  # seconds before the second attempt; doubled for each one after
+    TIMEOUT = 10.0  # seconds one attempt may take
+
+    def __init__(self, url: str, attempts: int) -> None:
+        self.url, self.attempts = url, attempts
 
     def post(self, payload: dict[str, Any]) -> bool:
         """Whether the receiver answered 2xx within the attempts."""
         body = json.dumps(payload).encode()
         for attempt in range(self.attempts):
             if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
+                time.sleep(self.BACKOFF * 2 ** (attempt - 1))
             request = urllib.request.Request(self.url, body, {"Content-Type": "application/json"}, method="POST")
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as answer:
+                with urllib.request.urlopen(request, timeout=self.TIMEOUT) as answer:
                     if 200 <= answer.status < 300:
                         return True
             except (urllib.error.URLError, OSError) as err:
