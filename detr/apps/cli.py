@@ -10,18 +10,22 @@ import json
 import signal
 import sys
 import threading
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 import detr
+from detr.apps.assistant import LOG, Assistant, ExchangeLog, build_index, export_log, generator_pairs, read_settings
 from detr.apps.monitor import IngestReport, Monitor, MonitorStore, aggregate, follow
 from detr.apps.recommend import Recommender, load_recommend_config, read_log, train_recommender, words
 from detr.apps.report import write_report
+from detr.atomic import atomic_write_text
 from detr.command import add_config_flags, config_from_flags, run_training
-from detr.config import MonitorConfig
+from detr.config import AssistantConfig, MonitorConfig
 from detr.errors import ConfigError, DataError
 from detr.labeller import Classifier
 from detr.readers import decode_lines, json_object, one_line, read_lines
@@ -257,7 +261,137 @@ def add_recommend(sub: Any) -> None:
     evaluate.set_defaults(func=cmd_recommend_evaluate)
 
 
+ASK_FIELDS = {"answer_threshold", "handoff_threshold", "top_k", "context_turns", "context_weight", "generator", "log"}
+
+
+def _assistant_changes(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given as flags, to replace the built ones."""
+    return {name: getattr(args, f"assistant_{name}") for name in ASK_FIELDS
+            if getattr(args, f"assistant_{name}", None) is not None}
+
+
+def cmd_assistant_build(args: argparse.Namespace) -> int:
+    config = config_from_flags(args, AssistantConfig, "assistant")
+    report = build_index(args.pairs, config, args.out)
+    print(f"detr assistant: {report.added} pairs embedded, {report.skipped} already indexed; {report.total} in "
+          f"{args.out}", file=sys.stderr)
+    return 0
+
+
+def _print_reply(reply: Any, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(reply.to_dict(), ensure_ascii=False), flush=True)
+    else:
+        print(f"[{reply.id} {reply.source} {reply.confidence:.2f}] {one_line(reply.answer)}", flush=True)
+
+
+def cmd_assistant_ask(args: argparse.Namespace) -> int:
+    if not args.question.strip():
+        raise DataError("question: empty")
+    assistant = Assistant.load(args.dir, _assistant_changes(args), args.device)
+    try:
+        _print_reply(assistant.ask(args.question, args.session), True)
+    finally:
+        assistant.close()
+    return 0
+
+
+def cmd_assistant_chat(args: argparse.Namespace) -> int:
+    assistant = Assistant.load(args.dir, _assistant_changes(args), args.device)
+    session = args.session or uuid.uuid4().hex[:12]
+    if sys.stdin.isatty():
+        print(f"session {session}; an empty line or Ctrl-D ends", file=sys.stderr)
+    try:
+        for _, line in decode_lines(sys.stdin.buffer, "<stdin>", "replace"):
+            if not line.strip():
+                if sys.stdin.isatty():
+                    break
+                continue
+            _print_reply(assistant.ask(line, session), args.json)
+    finally:
+        assistant.close()
+    return 0
+
+
+def cmd_assistant_feedback(args: argparse.Namespace) -> int:
+    log = ExchangeLog(read_settings(Path(args.dir)).log or Path(args.dir) / LOG)
+    try:
+        log.set_feedback(args.id, args.value)
+    finally:
+        log.close()
+    return 0
+
+
+def cmd_assistant_export_log(args: argparse.Namespace) -> int:
+    log = ExchangeLog(read_settings(Path(args.dir)).log or Path(args.dir) / LOG)
+    try:
+        n = export_log(log, args.to, args.only == "good")
+    finally:
+        log.close()
+    print(f"detr assistant: {n} pairs written to {args.to}", file=sys.stderr)
+    return 0
+
+
+def cmd_assistant_generator_data(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for split, rows in generator_pairs(args.dir, args.top_k, args.valid_share, args.seed).items():
+        clean = lambda text: " ".join(text.split())
+        atomic_write_text(out / f"{split}.tsv", "src\ttgt\n" + "".join(f"{clean(a)}\t{clean(b)}\n" for a, b in rows))
+        print(f"{split}\t{len(rows)}\t{out / f'{split}.tsv'}")
+    return 0
+
+
+def add_assistant(sub: Any) -> None:
+    assistant = sub.add_parser("assistant", help="a customer-service assistant: FAQ retrieval with sentence "
+                                                 "embeddings, grounded generation, hand-off, a logged conversation")
+    actions = assistant.add_subparsers(dest="assistant_command", metavar="ACTION", required=True)
+    build = actions.add_parser("build", help="embed the questions of a pairs file into DIR (new pairs only when DIR "
+                                             "exists)")
+    build.add_argument("--pairs", required=True, help="FAQ pairs: TSV with a header, or JSON lines")
+    build.add_argument("--out", required=True, help="the assistant folder")
+    add_config_flags(build.add_argument_group("settings"), AssistantConfig, "assistant", "default")
+    build.set_defaults(func=cmd_assistant_build)
+
+    def asking(name: str, helptext: str, func: Any) -> argparse.ArgumentParser:
+        p = actions.add_parser(name, help=helptext)
+        p.add_argument("dir", help="the assistant folder (detr assistant build)")
+        p.add_argument("--session", help="conversation id: the session's last questions join the query")
+        p.add_argument("--device", default="cpu")
+        add_config_flags(p.add_argument_group("settings (default: as built)"), AssistantConfig, "assistant",
+                         "default", ASK_FIELDS)
+        p.set_defaults(func=func)
+        return p
+
+    ask = asking("ask", "answer one question: a JSON line {id, answer, source, confidence, matches}", cmd_assistant_ask)
+    ask.add_argument("question")
+    chat = asking("chat", "answer each line of standard input, as one session", cmd_assistant_chat)
+    chat.add_argument("--json", action="store_true", help="JSON lines instead of [id source confidence] answer")
+
+    feedback = actions.add_parser("feedback", help="mark a logged exchange good or bad")
+    feedback.add_argument("dir")
+    feedback.add_argument("id", type=int, help="the exchange id (the reply's id)")
+    feedback.add_argument("value", choices=["good", "bad"])
+    feedback.set_defaults(func=cmd_assistant_feedback)
+
+    export = actions.add_parser("export-log", help="logged exchanges as training pairs (TSV question, answer)")
+    export.add_argument("dir")
+    export.add_argument("--to", required=True, help="TSV file to write")
+    export.add_argument("--only", choices=["good"], help="only exchanges marked good")
+    export.set_defaults(func=cmd_assistant_export_log)
+
+    data = actions.add_parser("generator-data", help="train/valid TSV for the generator: 'question [SEP] retrieved "
+                                                     "answers' -> answer (each pair's own answer left out)")
+    data.add_argument("dir")
+    data.add_argument("--out", required=True, help="folder for train.tsv and valid.tsv")
+    data.add_argument("--top-k", type=int, default=3, help="retrieved answers per input (default 3)")
+    data.add_argument("--valid-share", type=float, default=0.05, help="share of questions held out (default 0.05)")
+    data.add_argument("--seed", type=int, default=1)
+    data.set_defaults(func=cmd_assistant_generator_data)
+
+
 def add_commands(sub: Any) -> None:
     """Add the applications' commands to the `detr` parser's subcommands."""
+    add_assistant(sub)
     add_monitor(sub)
     add_recommend(sub)

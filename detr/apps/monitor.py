@@ -314,9 +314,9 @@ class Grid:
         return [last - k * self.step for k in range(n - 1, -1, -1)]
 
     def baseline(self, start: float, k: int) -> list[float]:
-        """The starts of the `k` latest windows that end by `start`, oldest first."""
-        last = start - self.size
-        return [last - j * self.step for j in range(k - 1, -1, -1)]
+        """The starts of `k` back-to-back windows before the one at `start`, oldest first (they do not
+        overlap, also for rolling windows: K windows of baseline span K window lengths)."""
+        return [start - j * self.size for j in range(k, 0, -1)]
 
 
 def check_window(store: MonitorStore, grid: Grid, config: MonitorConfig, topic: str, start: float,
