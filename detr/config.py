@@ -326,6 +326,8 @@ class ServeConfig:
                                           "windows and alerts as the monitor flags say)")
     monitor_sentiment: str | None = option(None, "/v1/monitor: the served classify model that scores sentiment")
     monitor_topic: str | None = option(None, "/v1/monitor: the served classify model that gives items their topic")
+    assistant: str | None = option(None, "serve /v1/assist (and the page's chat box) from this assistant folder "
+                                         "(detr assistant build; its settings as built)")
 
     def validate(self) -> None:
         _check_types(self, "serve")

@@ -172,3 +172,61 @@ def test_assistant_commands_say_what_is_wrong_in_one_line(built, tmp_path):
         build_index(write_faq(tmp_path / "faq.tsv"), AssistantConfig(encoder="other"), built)
     out = run("assistant", "ask", str(tmp_path), "hello")
     assert out.returncode == 2 and "is not an assistant folder" in out.stderr
+
+
+def test_serve_assists_and_the_pages_chat_box_answers_in_chromium(built, tmp_path):
+    pytest.importorskip("fastapi", reason="needs the serving extra: pip install -e '.[serve]'")
+    import concurrent.futures
+    import shutil
+
+    import httpx
+
+    import detr
+    from tests.test_serve import Server
+    from tests.test_tasks import labelled_config
+
+    detr.train(detr.load_config(labelled_config(tmp_path, "classify", **{"train.max_steps": 5})))
+    folder = tmp_path / "assist"
+    build_index(write_faq(tmp_path / "faq.tsv"), AssistantConfig(log=str(tmp_path / "log.sqlite")), folder)
+    server = Server(f"c={tmp_path / 'run'}", "--assistant", str(folder))
+    try:
+        assert httpx.get(server.url + "/v1/models").json()["assistant"]["pairs"] == 6
+        reply = server.post("/v1/assist", {"question": "Can I send things back?", "session": "w"}).json()
+        assert reply["answer"] == FAQ[3][1] and reply["source"] == "retrieved" and reply["id"] == 1
+        assert server.post("/v1/assist/feedback", {"id": 1, "feedback": "good"}).json() == {"id": 1,
+                                                                                          "feedback": "good"}
+        assert server.post("/v1/assist/feedback", {"id": 99, "feedback": "good"}).status_code == 404
+        assert server.post("/v1/assist", {"question": " "}).status_code == 422
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:  # concurrent requests: every one logged once
+            replies = list(pool.map(lambda n: server.post("/v1/assist", {"question": f"Do you ship abroad? {n}"}),
+                                    range(16)))
+        assert sorted(r.json()["id"] for r in replies) == list(range(2, 18))
+        chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+        if chromium is None or driver is None:
+            pytest.skip("chromium and chromedriver are not installed (.ci/run installs Debian's chromium, "
+                        "chromium-driver)")
+        webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (the test extra)")
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        options = webdriver.ChromeOptions()
+        options.binary_location = chromium
+        for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-dev-shm-usage"):
+            options.add_argument(flag)
+        browser = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
+        try:
+            browser.get(server.url + "/")
+            wait = WebDriverWait(browser, 60)
+            wait.until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "ready")
+            assert browser.find_element(By.ID, "assist").is_displayed()
+            browser.find_element(By.ID, "ask").send_keys("What time do you open?")
+            browser.find_element(By.ID, "askGo").click()
+            wait.until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-chat") in ("done", "error"))
+            answer = browser.find_element(By.CSS_SELECTOR, "#chat .a")
+            assert answer.text.startswith(FAQ[1][1]) and "retrieved" in answer.text
+        finally:
+            browser.quit()
+    finally:
+        server.stop()
+    with sqlite3.connect(tmp_path / "log.sqlite") as db:
+        assert db.execute("SELECT COUNT(*), SUM(feedback = 'good') FROM exchanges").fetchone() == (18, 1)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from detr.apps.assistant import Assistant
 from detr.checkpoint import Run, load_run
 from detr.config import MonitorConfig, ServeConfig
 from detr.errors import ConfigError
@@ -85,7 +86,8 @@ def serve(specs: dict[str, str | Path], config: ServeConfig, device: str = "cpu"
             probe.bind((config.host, config.port))
         except OSError as err:
             raise ConfigError(f"serve: cannot listen on {config.host}:{config.port}: {err.strerror}") from None
-    app = create_app(runs, config, keys, monitoring)
+    assistant = Assistant.load(config.assistant, device=device) if config.assistant else None
+    app = create_app(runs, config, keys, monitoring, assistant)
     access = "API keys required" if keys else ("no API keys: loopback only" if is_loopback(config.host)
                                                 else "no API keys, public (--insecure-public)")
     log.info("detr serve: http://%s:%d (models: %s; %s)", config.host, config.port, ", ".join(runs), access)

@@ -7,6 +7,7 @@
     POST /v1/tag         {model?, text | texts}                       → (word, tag) pairs
     POST /v1/inspect     {model?, text, reference?, decode?}          → attention of every layer/head, saliency
     POST /v1/monitor/items {items}  GET /v1/monitor/alerts?after=ID     → the sentiment monitor (detr.apps.monitor)
+    POST /v1/assist {question, session?}  POST /v1/assist/feedback {id, feedback} → the assistant (detr.apps.assistant)
     GET  /v1/models  /health  /ready  /metrics  /  (the page)
 
 Errors are JSON `{"error": {"type", "message"}}`: 401 no or wrong API key, 404 unknown model,
@@ -26,7 +27,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -36,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from detr.analysis import alignment_of, attention_maps, label_maps
+from detr.apps.assistant import Assistant
 from detr.apps.monitor import Monitor, MonitorStore
 from detr.checkpoint import Run
 from detr.config import DecodeConfig, MonitorConfig, ServeConfig
@@ -111,6 +113,18 @@ class MonitorItems(BaseModel):
     model_config = ConfigDict(extra="forbid")
     items: list[dict[str, Any]] = Field(description="items {id, time (ISO 8601), text, source?, topic?}; an id "
                                                     "stored before is skipped, a malformed item reported")
+
+
+class AssistBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    question: str = Field(description="the customer's question")
+    session: str | None = Field(None, description="conversation id: the session's last questions join the query")
+
+
+class FeedbackBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: int = Field(description="the exchange id a /v1/assist reply carried")
+    feedback: Literal["good", "bad"]
 
 
 class ErrorDetail(BaseModel):
@@ -193,9 +207,10 @@ class Served:
 
 
 def create_app(runs: dict[str, Run], config: ServeConfig, api_keys: list[str] | None = None,
-               monitoring: MonitorConfig | None = None) -> FastAPI:
+               monitoring: MonitorConfig | None = None, assistant: Assistant | None = None) -> FastAPI:
     """The ASGI app serving `runs` (name → loaded run) as `config` says; `api_keys`: required bearer keys;
-    `monitoring`: windows and alert rules of /v1/monitor (when `config.monitor_db` is set).
+    `monitoring`: windows and alert rules of /v1/monitor (when `config.monitor_db` is set);
+    `assistant`: the assistant behind /v1/assist.
 
     Raises:
         ConfigError: a monitor model that is not served, or not a single-text classifier.
@@ -207,6 +222,7 @@ def create_app(runs: dict[str, Run], config: ServeConfig, api_keys: list[str] | 
               for name, run in runs.items()}
     monitor = open_monitor(models, config, monitoring or MonitorConfig())
     monitor_lock = asyncio.Lock()
+    assistant_lock = asyncio.Lock()
     state = {"ready": True}
     keys = [k.encode() for k in api_keys or []]
 
@@ -218,6 +234,8 @@ def create_app(runs: dict[str, Run], config: ServeConfig, api_keys: list[str] | 
             await asyncio.to_thread(served.batcher.stop, config.grace_seconds)
         if monitor is not None:
             monitor.store.close()
+        if assistant is not None:
+            assistant.close()
 
     app = FastAPI(title="detr", version="1", lifespan=lifespan, responses=ERRORS,
                   description="Translate, generate, classify, tag and look inside trained detr runs.")
@@ -371,7 +389,10 @@ def create_app(runs: dict[str, Run], config: ServeConfig, api_keys: list[str] | 
 
     @app.get("/v1/models", summary="the served models", dependencies=guarded)
     async def list_models() -> dict[str, Any]:
-        return {"models": [served.describe() for served in models.values()]}
+        return {"models": [served.describe() for served in models.values()],
+                "assistant": None if assistant is None else {"pairs": len(assistant.index.pairs),
+                                                             "encoder": assistant.config.encoder,
+                                                             "generator": assistant.config.generator}}
 
     @app.post("/v1/translate", summary="translate (beam search or greedy; n-best; alignments)", dependencies=guarded)
     async def translate(body: TranslateBody) -> dict[str, Any]:
@@ -548,6 +569,31 @@ def create_app(runs: dict[str, Run], config: ServeConfig, api_keys: list[str] | 
     async def monitor_alerts(after: int = 0) -> dict[str, Any]:
         stored = await asyncio.to_thread(monitor_on().store.alerts)
         return {"alerts": [a.to_dict() for a in stored if a.id > after]}
+
+    def assistant_on() -> Assistant:
+        if assistant is None:
+            raise ApiError(404, "no assistant: start detr serve with --assistant DIR")
+        return assistant
+
+    @app.post("/v1/assist", summary="answer a customer's question: retrieved, generated or handed off",
+              dependencies=guarded)
+    async def assist(body: AssistBody) -> dict[str, Any]:
+        helper = assistant_on()
+        checked([body.question], "question")
+        if not body.question.strip():
+            raise ApiError(422, "question: empty")
+        async with assistant_lock:  # one model call at a time; the log is safe for concurrent writers anyway
+            reply = await asyncio.to_thread(helper.ask, body.question, body.session)
+        return reply.to_dict()
+
+    @app.post("/v1/assist/feedback", summary="mark an exchange good or bad", dependencies=guarded)
+    async def assist_feedback(body: FeedbackBody) -> dict[str, Any]:
+        helper = assistant_on()
+        try:
+            await asyncio.to_thread(helper.log.set_feedback, body.id, body.feedback)
+        except DataError as err:
+            raise ApiError(404, str(err)) from None
+        return {"id": body.id, "feedback": body.feedback}
 
     return app
 

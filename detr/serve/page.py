@@ -1,4 +1,5 @@
-"""The page at `/`: type text, pick a model, see its output and (translation) the cross-attention.
+"""The page at `/`: type text, pick a model, see its output and (translation) the cross-attention;
+with an assistant served, a chat box.
 
 One self-contained HTML file: inline style and script, nothing fetched but the server's own
 API. Every piece of text reaches the page through `textContent`, never as markup.
@@ -17,6 +18,8 @@ PAGE = """<!DOCTYPE html>
  .tok { display: inline-block; padding: 2px 5px; margin: 1px; border: 1px solid #ddd; border-radius: 3px;
         font-family: monospace; cursor: default; }
  #tgt .tok:hover { outline: 2px solid #d33; }
+ .q { font-weight: 600; margin-top: .6em; } .a { margin-left: 1em; white-space: pre-wrap; }
+ .handoff { color: #a60; } .fb { font-size: .8em; padding: 0 .5em; margin-left: .5em; }
  table.heat { border-collapse: collapse; font-family: monospace; font-size: 11px; }
  table.heat td, table.heat th { border: 1px solid #eee; padding: 2px 4px; min-width: 16px; }
  table.heat th.col { writing-mode: vertical-rl; transform: rotate(180deg); }
@@ -37,6 +40,12 @@ PAGE = """<!DOCTYPE html>
  <div class="row">source: <span id="srcToks"></span></div>
  <div class="row" id="tgt">output: <span id="tgtToks"></span></div>
  <div class="row"><table class="heat" id="heat"></table></div>
+</div>
+<div id="assist" hidden>
+ <h3>Assistant</h3>
+ <div class="row" id="chat"></div>
+ <div class="row"><input id="ask" size="70" placeholder="Ask a question"> <button id="askGo">Ask</button>
+  <span id="askStatus" class="muted"></span></div>
 </div>
 <script>
 "use strict";
@@ -117,6 +126,29 @@ async function run() {
     document.body.dataset.state = "error";
   }
 }
+const SESSION = Math.random().toString(36).slice(2, 14);
+async function ask() {
+  const question = $("ask").value;
+  if (!question.trim()) { $("askStatus").textContent = "type a question first"; return; }
+  document.body.dataset.chat = "working"; $("askStatus").textContent = "…";
+  try {
+    const r = await call("/v1/assist", {question, session: SESSION});
+    const q = document.createElement("div"); q.className = "q"; q.textContent = question;
+    const a = document.createElement("div"); a.className = "a " + r.source; a.textContent = r.answer;
+    const meta = document.createElement("span"); meta.className = "muted";
+    meta.textContent = "  [" + r.source + ", " + r.confidence.toFixed(2) + "]"; a.appendChild(meta);
+    ["good", "bad"].forEach((value) => {
+      const b = document.createElement("button"); b.className = "fb"; b.textContent = value;
+      b.addEventListener("click", async () => { await call("/v1/assist/feedback", {id: r.id, feedback: value});
+                                                b.disabled = true; });
+      a.appendChild(b);
+    });
+    $("chat").appendChild(q); $("chat").appendChild(a);
+    $("ask").value = ""; $("askStatus").textContent = ""; document.body.dataset.chat = "done";
+  } catch (e) {
+    $("askStatus").textContent = e.message; document.body.dataset.chat = "error";
+  }
+}
 async function start() {
   try {
     const r = await call("/v1/models");
@@ -124,12 +156,15 @@ async function start() {
     const show = () => { const t = MODELS[$("model").value].task;
       $("go").textContent = {translate: "Translate", classify: "Classify", tag: "Tag"}[t]; };
     $("model").addEventListener("change", show); show();
+    $("assist").hidden = !r.assistant;
     document.body.dataset.state = "ready";
   } catch (e) {
     $("status").textContent = e.message + " (enter the API key, then reload)"; document.body.dataset.state = "error";
   }
 }
 $("go").addEventListener("click", run);
+$("askGo").addEventListener("click", ask);
+$("ask").addEventListener("keydown", (e) => { if (e.key === "Enter") ask(); });
 $("layer").addEventListener("change", grid); $("head").addEventListener("change", grid);
 $("key").addEventListener("change", () => { if (!Object.keys(MODELS).length) start(); });
 start();
