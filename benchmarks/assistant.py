@@ -1,0 +1,224 @@
+"""The assistant on the chatterbot corpus: retrieval against BM25 and TF-IDF, thresholds chosen on
+a validation split, grounded generation against ungrounded, latency.
+
+    python benchmarks/assistant.py --work runs/assistant_bench [--threads 2] [--json out.json]
+
+The split (made here, seeded): chatterbot's pairs.tsv has 2,393 (question, answer) pairs; a
+question can have several answers, and some answers several questions (wordings).
+- answerable: for every answer with two or more distinct questions, one of its questions is held
+  out (its pairs leave the index; the answer stays indexed under the other wordings);
+- unanswerable: 10% of the remaining distinct questions are held out with all their pairs, and
+  kept only if none of their answers is indexed under another question;
+- each held-out set is halved into valid and test; everything else is the index.
+Retrieval counts a hit when the retrieved pair's answer is one of the held-out question's own
+answers: top-1 and top-5 answer accuracy on all held-out answerable questions (valid and test:
+the corpus has few), for the MiniLM retriever
+(`detr.apps.assistant`), BM25 (`rank-bm25`, Okapi, lower-cased word tokens) and TF-IDF cosine
+(scikit-learn, word unigrams and bigrams).
+
+Thresholds: on valid, the answer threshold is the lowest similarity at which the retrieved
+answers are right at least 80% of the time (`--precision`), and the hand-off threshold the
+highest one that still hands off at most 10% of the answerable questions; the test split then
+reports the precision of "retrieved" answers and the share of hand-offs, for answerable and
+unanswerable questions.
+
+Generation: two generators with `configs/apps/assistant_generator.yaml`'s model, trained on the
+index: grounded (question [SEP] 3 retrieved answers, each pair's own answer left out) and
+ungrounded (the question alone), each `--minutes` minutes. Scored on the unanswerable test
+questions (their answers are nowhere in the index): ROUGE-L and chrF against all of the
+question's answers (best reference), and five example exchanges.
+
+Latency (p50/p95 per question, `--threads` threads, alone on the machine): retrieval only, and
+with generation. Not part of the test run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import random
+import re
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import detr  # noqa: E402
+from detr.apps.assistant import Assistant, build_index, generator_input, generator_pairs  # noqa: E402
+from detr.config import AssistantConfig  # noqa: E402
+from detr.metrics import chrf, rouge  # noqa: E402
+
+PAIRS = ROOT.parent / "shared" / "data" / "dialogue" / "chatterbot_corpus_en" / "pairs.tsv"
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+def split(seed: int) -> dict:
+    with open(PAIRS, encoding="utf-8") as f:
+        rows = [(r["context"].strip(), r["response"].strip()) for r in
+                csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
+    answers_of, questions_of = defaultdict(set), defaultdict(set)
+    for q, a in rows:
+        answers_of[q].add(a)
+        questions_of[a].add(q)
+    rng = random.Random(seed)
+    real = lambda q: len(words(q)) >= 2  # the corpus holds a few junk questions ("?", "i", "")
+    groups = [sorted(q for q in qs if real(q)) for _, qs in sorted(questions_of.items())]
+    answerable = sorted({rng.choice(g) for g in groups if len(g) > 1})
+    siblings = {other for q in answerable for a in answers_of[q] for other in questions_of[a]}
+    rest = sorted(q for q in set(answers_of) - siblings if real(q))  # never the other wordings
+    candidates = rng.sample(rest, len(rest) // 10)
+    held = set(answerable) | set(candidates)
+    indexed_answers = {a for q, a in rows if q not in held}
+    unanswerable = [q for q in candidates if not answers_of[q] & indexed_answers]
+    answerable = [q for q in answerable if answers_of[q] & indexed_answers]
+    rng.shuffle(answerable)
+    rng.shuffle(unanswerable)
+    half = lambda xs: (xs[:len(xs) // 2], xs[len(xs) // 2:])
+    (av, at), (uv, ut) = half(answerable), half(unanswerable)
+    return {"index": [(q, a) for q, a in rows if q not in held], "answers_of": answers_of,
+            "valid": {"answerable": av, "unanswerable": uv}, "test": {"answerable": at, "unanswerable": ut}}
+
+
+def accuracy(ranked: list[list[str]], truth: list[set[str]]) -> dict[str, float]:
+    return {f"top{k}": round(100 * sum(bool(set(r[:k]) & t) for r, t in zip(ranked, truth)) / len(truth), 1)
+            for k in (1, 5)}
+
+
+def choose_thresholds(best: list[tuple[float, bool]], precision: float, max_handoff: float) -> tuple[float, float]:
+    """(answer threshold, hand-off threshold) from the valid answerable questions' (score, right)."""
+    answer = 1.0
+    for t in sorted({s for s, _ in best}, reverse=True):
+        kept = [ok for s, ok in best if s >= t]
+        if sum(kept) / len(kept) >= precision:
+            answer = t
+    scores = sorted(s for s, _ in best)
+    handoff = scores[int(max_handoff * len(scores))] if scores else 0.0
+    return answer, min(handoff, answer)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", default="runs/assistant_bench")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--precision", type=float, default=0.8)
+    parser.add_argument("--max-handoff", type=float, default=0.1)
+    parser.add_argument("--minutes", type=float, default=6)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    data = split(args.seed)
+    index_pairs, answers_of = data["index"], data["answers_of"]
+    (work / "index.tsv").write_text("question\tanswer\n" + "".join(f"{q}\t{a}\n" for q, a in index_pairs))
+    folder = work / "assistant"
+    if not (folder / "index.npz").exists():
+        build_index(work / "index.tsv", AssistantConfig(log=str(work / "log.sqlite")), folder)
+    assistant = Assistant.load(folder, {"top_k": 5})
+    out: dict = {"index_pairs": len(index_pairs), "split": {s: {k: len(v) for k, v in data[s].items()}
+                                                          for s in ("valid", "test")}}
+
+    # retrieval: on every held-out answerable question (valid + test: few exist)
+    test_q = data["test"]["answerable"]
+    asked = data["valid"]["answerable"] + test_q
+    truth = [answers_of[q] for q in asked]
+    ranked = [[m.answer for m in assistant.retrieve(q, [])] for q in asked]
+    from rank_bm25 import BM25Okapi
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    bm25 = BM25Okapi([words(q) for q, _ in index_pairs])
+    bm25_ranked = [[index_pairs[i][1] for i in np.argsort(-bm25.get_scores(words(q)), kind="stable")[:5]]
+                   for q in asked]
+    tfidf = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True).fit([q for q, _ in index_pairs])
+    matrix = tfidf.transform([q for q, _ in index_pairs])
+    tfidf_ranked = [[index_pairs[i][1] for i in np.argsort(-(matrix @ tfidf.transform([q]).T).toarray()[:, 0],
+                                                             kind="stable")[:5]] for q in asked]
+    out["retrieval"] = {"MiniLM (detr assistant)": accuracy(ranked, truth), "BM25": accuracy(bm25_ranked, truth),
+                        "TF-IDF cosine": accuracy(tfidf_ranked, truth)}
+
+    # thresholds
+    def best_of(questions):
+        result = []
+        for q in questions:
+            m = assistant.retrieve(q, [])[0]
+            result.append((m.score, m.answer in answers_of[q]))
+        return result
+
+    answer_t, handoff_t = choose_thresholds(best_of(data["valid"]["answerable"]), args.precision, args.max_handoff)
+    test_a, test_u = best_of(test_q), best_of(data["test"]["unanswerable"])
+    given = [ok for s, ok in test_a if s >= answer_t] + [False for s, _ in test_u if s >= answer_t]
+    out["thresholds"] = {
+        "answer": round(answer_t, 4), "handoff": round(handoff_t, 4),
+        "retrieved_precision": round(100 * sum(given) / max(1, len(given)), 1), "retrieved": len(given),
+        "handoff_share_answerable": round(100 * sum(s < handoff_t for s, _ in test_a) / len(test_a), 1),
+        "handoff_share_unanswerable": round(100 * sum(s < handoff_t for s, _ in test_u) / max(1, len(test_u)), 1)}
+
+    # generation
+    gen_data = work / "generator_data"
+    for name, grounded in (("grounded", True), ("ungrounded", False)):
+        run_dir = work / f"generator_{name}"
+        if (run_dir / "model.safetensors").exists():
+            continue
+        rows = generator_pairs(folder, 3, 0.05, args.seed)
+        (gen_data / name).mkdir(parents=True, exist_ok=True)
+        for part, pairs in rows.items():
+            text = "".join(f"{' '.join((s if grounded else s.split(' [SEP] ')[0]).split())}\t{' '.join(t.split())}\n"
+                           for s, t in pairs)
+            (gen_data / name / f"{part}.tsv").write_text("src\ttgt\n" + text)
+        config = detr.load_config(ROOT / "configs" / "apps" / "assistant_generator.yaml", {
+            "run_dir": str(run_dir), "data.train": str(gen_data / name / "train.tsv"),
+            "data.valid": str(gen_data / name / "valid.tsv"), "train.max_minutes": args.minutes,
+            "train.threads": args.threads})
+        detr.train(config)
+    questions = data["test"]["unanswerable"]
+    refs = [sorted(answers_of[q]) for q in questions]
+    width = max(len(r) for r in refs)
+    ref_sets = [[r[min(i, len(r) - 1)] for r in refs] for i in range(width)]
+    out["generation"] = {}
+    examples = []
+    for name in ("grounded", "ungrounded"):
+        generator = detr.load(work / f"generator_{name}")
+        inputs = [generator_input(q, [m.answer for m in assistant.retrieve(q, [])[:3]]) if name == "grounded" else q
+                  for q in questions]
+        hyps = generator.translate(inputs)
+        out["generation"][name] = {"rougeL": round(rouge(hyps, ref_sets)[2].score, 2),
+                                   "chrF": round(chrf(hyps, ref_sets).score, 2), "distinct_outputs": len(set(hyps))}
+        examples.append(hyps)
+    out["examples"] = [{"question": q, "grounded": g, "ungrounded": u, "reference": r[0]}
+                       for q, g, u, r in list(zip(questions, examples[0], examples[1], refs))[:5]]
+
+    # latency
+    grounded = Assistant.load(folder, {"generator": str(work / "generator_grounded"), "answer_threshold": 2.0,
+                                       "handoff_threshold": -1.0, "log": str(work / "latency.sqlite")})
+    plain = Assistant.load(folder, {"log": str(work / "latency.sqlite"), "handoff_threshold": -1.0})
+    latency = {}
+    sample = (test_q + data["test"]["unanswerable"])[:60]
+    for name, helper in (("retrieval only", plain), ("with generation", grounded)):
+        helper.ask(sample[0])  # warm-up
+        times = []
+        for q in sample:
+            start = time.perf_counter()
+            helper.ask(q)
+            times.append(1000 * (time.perf_counter() - start))
+        latency[name] = {"p50_ms": round(statistics.median(times), 1),
+                         "p95_ms": round(float(np.percentile(times, 95)), 1)}
+    out["latency"] = latency
+    print(json.dumps(out, indent=2, ensure_ascii=False))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    main()
