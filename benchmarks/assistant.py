@@ -66,7 +66,8 @@ def words(text: str) -> list[str]:
 def split(seed: int) -> dict:
     with open(PAIRS, encoding="utf-8") as f:
         rows = [(r["context"].strip(), r["response"].strip()) for r in
-                csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
+                csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if r["context"].strip() and
+                r["response"].strip()]
     answers_of, questions_of = defaultdict(set), defaultdict(set)
     for q, a in rows:
         answers_of[q].add(a)

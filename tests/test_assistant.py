@@ -177,7 +177,6 @@ def test_assistant_commands_say_what_is_wrong_in_one_line(built, tmp_path):
 def test_serve_assists_and_the_pages_chat_box_answers_in_chromium(built, tmp_path):
     pytest.importorskip("fastapi", reason="needs the serving extra: pip install -e '.[serve]'")
     import concurrent.futures
-    import shutil
 
     import httpx
 
@@ -201,20 +200,12 @@ def test_serve_assists_and_the_pages_chat_box_answers_in_chromium(built, tmp_pat
             replies = list(pool.map(lambda n: server.post("/v1/assist", {"question": f"Do you ship abroad? {n}"}),
                                     range(16)))
         assert sorted(r.json()["id"] for r in replies) == list(range(2, 18))
-        chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-        if chromium is None or driver is None:
-            pytest.skip("chromium and chromedriver are not installed (.ci/run installs Debian's chromium, "
-                        "chromium-driver)")
-        webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (the test extra)")
-        from selenium.webdriver.common.by import By
-        from selenium.webdriver.support.ui import WebDriverWait
+        from tests.test_serve import chromium_browser
 
-        options = webdriver.ChromeOptions()
-        options.binary_location = chromium
-        for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-dev-shm-usage"):
-            options.add_argument(flag)
-        browser = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
-        try:
+        with chromium_browser() as browser:
+            from selenium.webdriver.common.by import By
+            from selenium.webdriver.support.ui import WebDriverWait
+
             browser.get(server.url + "/")
             wait = WebDriverWait(browser, 60)
             wait.until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "ready")
@@ -224,8 +215,6 @@ def test_serve_assists_and_the_pages_chat_box_answers_in_chromium(built, tmp_pat
             wait.until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-chat") in ("done", "error"))
             answer = browser.find_element(By.CSS_SELECTOR, "#chat .a")
             assert answer.text.startswith(FAQ[1][1]) and "retrieved" in answer.text
-        finally:
-            browser.quit()
     finally:
         server.stop()
     with sqlite3.connect(tmp_path / "log.sqlite") as db:

@@ -2,6 +2,7 @@
 the queue bound, API keys, SIGTERM, and the page in headless Chromium."""
 
 import concurrent.futures
+import contextlib
 import json
 import shutil
 import signal
@@ -228,14 +229,13 @@ def test_a_public_address_needs_a_key(runs):
         "--insecure-public to serve without keys")
 
 
-def test_the_page_translates_and_draws_the_heatmap_in_chromium(server, runs):
+@contextlib.contextmanager
+def chromium_browser():
+    """A headless Chromium driven by selenium, or skip the test with the reason."""
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if chromium is None or driver is None:
         pytest.skip("chromium and chromedriver are not installed (.ci/run installs Debian's chromium, chromium-driver)")
     webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (the test extra)")
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
@@ -243,6 +243,17 @@ def test_the_page_translates_and_draws_the_heatmap_in_chromium(server, runs):
         options.add_argument(flag)
     browser = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
     try:
+        yield browser
+    finally:
+        browser.quit()
+
+
+def test_the_page_translates_and_draws_the_heatmap_in_chromium(server, runs):
+    with chromium_browser() as browser:
+        from selenium import webdriver
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support.ui import WebDriverWait
+
         browser.get(server.url + "/")
         wait = WebDriverWait(browser, 60)
         wait.until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "ready")
@@ -257,5 +268,3 @@ def test_the_page_translates_and_draws_the_heatmap_in_chromium(server, runs):
         shaded = [t.value_of_css_property("background-color") for t in
                   browser.find_elements(By.CSS_SELECTOR, "#srcToks .tok")]
         assert any(color != "rgba(0, 0, 0, 0)" for color in shaded)
-    finally:
-        browser.quit()

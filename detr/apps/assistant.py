@@ -15,13 +15,9 @@ dimensions) it takes well under a millisecond, so no approximate index (FAISS) i
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import sqlite3
-import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +26,7 @@ import numpy as np
 import yaml
 
 import detr
+from detr.apps.database import Database
 from detr.atomic import atomic_path, atomic_write_text
 from detr.config import AssistantConfig, section_from_dict
 from detr.embed import Embedder
@@ -175,9 +172,8 @@ class Reply:
         return out
 
 
-class ExchangeLog:
-    """Every exchange in SQLite: written in a transaction (fully synced) before the reply is given;
-    safe across threads and processes."""
+class ExchangeLog(Database):
+    """Every exchange in SQLite, written in a transaction before the reply is given."""
 
     SCHEMA = """
     CREATE TABLE IF NOT EXISTS exchanges (
@@ -186,28 +182,10 @@ class ExchangeLog:
         feedback TEXT CHECK (feedback IN ('good', 'bad')));
     CREATE INDEX IF NOT EXISTS exchanges_by_session ON exchanges (session, id);
     """
+    COLUMNS = ("id", "time", "session", "question", "answer", "source", "confidence", "matches", "feedback")
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        try:
-            self.db = sqlite3.connect(self.path, timeout=30, check_same_thread=False, isolation_level=None)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=FULL")
-            self.db.executescript(self.SCHEMA)
-        except sqlite3.DatabaseError as err:
-            raise DataError(f"{path}: not a usable exchange log: {err}") from None
-        self.lock = threading.Lock()
-
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        with self.lock:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self.db
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
-            self.db.execute("COMMIT")
+        super().__init__(path, self.SCHEMA, "exchange log")
 
     def add(self, session: str | None, question: str, reply: Reply) -> int:
         with self.transaction() as db:
@@ -220,9 +198,7 @@ class ExchangeLog:
 
     def recent_questions(self, session: str, n: int) -> list[str]:
         """The session's last `n` questions, oldest first."""
-        with self.lock:
-            rows = self.db.execute("SELECT question FROM exchanges WHERE session = ? ORDER BY id DESC LIMIT ?",
-                                   (session, n)).fetchall()
+        rows = self.query("SELECT question FROM exchanges WHERE session = ? ORDER BY id DESC LIMIT ?", (session, n))
         return [q for q, in reversed(rows)]
 
     def set_feedback(self, exchange: int, value: str) -> None:
@@ -234,14 +210,9 @@ class ExchangeLog:
                 raise DataError(f"feedback: no exchange {exchange} in {self.path}")
 
     def rows(self) -> list[dict[str, Any]]:
-        with self.lock:
-            cursor = self.db.execute("SELECT id, time, session, question, answer, source, confidence, matches, "
-                                     "feedback FROM exchanges ORDER BY id")
-            names = [c[0] for c in cursor.description]
-            return [dict(zip(names, row)) for row in cursor.fetchall()]
-
-    def close(self) -> None:
-        self.db.close()
+        """Every exchange, oldest first."""
+        return [dict(zip(self.COLUMNS, row))
+                for row in self.query(f"SELECT {', '.join(self.COLUMNS)} FROM exchanges ORDER BY id")]
 
 
 def export_log(log: ExchangeLog, out: str | Path, only_good: bool = False) -> int:

@@ -23,12 +23,10 @@ before the window closes).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
-import sqlite3
 import threading
 import time
 import urllib.error
@@ -39,6 +37,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from detr.apps.database import Database
 from detr.config import MonitorConfig
 from detr.errors import ConfigError, DataError
 from detr.labeller import Classifier
@@ -186,39 +185,11 @@ class IngestReport:
                 f"{len(self.bad)} bad; {self.alerts} new alerts")
 
 
-class MonitorStore:
-    """The SQLite database of items and alerts. Safe to share between threads (one lock) and between
-    processes (SQLite's own locking, WAL journal)."""
+class MonitorStore(Database):
+    """The SQLite database of items and alerts."""
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        try:
-            self.db = sqlite3.connect(self.path, timeout=30, check_same_thread=False, isolation_level=None)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=FULL")  # a committed batch survives a power cut
-            self.db.executescript(SCHEMA)
-        except sqlite3.DatabaseError as err:
-            raise DataError(f"{path}: not a usable monitor database: {err}") from None
-        self.lock = threading.Lock()
-
-    def close(self) -> None:
-        self.db.close()
-
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """All statements inside commit together or not at all."""
-        with self.lock:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self.db
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
-            self.db.execute("COMMIT")
-
-    def query(self, sql: str, args: tuple = ()) -> list[tuple]:
-        with self.lock:
-            return self.db.execute(sql, args).fetchall()
+        super().__init__(path, SCHEMA, "monitor database")
 
     def known(self, ids: list[str]) -> set[str]:
         """Which of `ids` are stored already."""
