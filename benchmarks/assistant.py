@@ -201,7 +201,7 @@ def main() -> None:
                        for q, g, u, r in list(zip(questions, examples[0], examples[1], refs))[:5]]
 
     # latency
-    grounded = Assistant.load(folder, {"generator": str(work / "generator_grounded"), "answer_threshold": 2.0,
+    grounded = Assistant.load(folder, {"generator": str(work / "generator_grounded"), "answer_threshold": 1.0,
                                        "handoff_threshold": -1.0, "log": str(work / "latency.sqlite")})
     plain = Assistant.load(folder, {"log": str(work / "latency.sqlite"), "handoff_threshold": -1.0})
     latency = {}
