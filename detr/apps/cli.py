@@ -243,7 +243,8 @@ def add_recommend(sub: Any) -> None:
     rank = actions.add_parser("rank", help="candidates best first for a user's history: ID<TAB>score<TAB>P(click)"
                                            "<TAB>title, or a JSON line per impression")
     rank.add_argument("run", help="run directory written by detr recommend train")
-    rank.add_argument("--history", help="the user's clicked item ids, oldest first: ID,ID,...")
+    rank.add_argument("--history", "--user-history", dest="history",
+                      help="the user's clicked item ids, oldest first: ID,ID,...")
     rank.add_argument("--candidates", help="item ids to rank: ID,ID,...")
     rank.add_argument("--impressions", metavar="FILE", help="JSON lines {user?, history: [...], candidates: [...]}")
     rank.add_argument("--items", help="items file (default: the one the run was trained with)")
