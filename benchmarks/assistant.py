@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import detr  # noqa: E402
-from detr.apps.assistant import Assistant, build_index, generator_input, generator_pairs  # noqa: E402
+from detr.apps.assistant import Assistant, Index, build_index, generator_input, generator_pairs  # noqa: E402
 from detr.config import AssistantConfig  # noqa: E402
 from detr.metrics import chrf, rouge  # noqa: E402
 
@@ -108,6 +108,26 @@ def choose_thresholds(best: list[tuple[float, bool]], precision: float, max_hand
     return answer, min(handoff, answer)
 
 
+def search_times(index: Index, sizes: list[int], repeat: int = 50) -> dict[str, float]:
+    """Milliseconds of one exact top-5 search (two query vectors) over `index` and over random
+    unit vectors of its width, one size each."""
+    rng = np.random.default_rng(0)
+    out = {}
+    for n in [len(index.pairs)] + sizes:
+        if n == len(index.pairs):
+            target = index
+        else:
+            vectors = rng.standard_normal((n, index.vectors.shape[1])).astype(np.float32)
+            target = Index([("q", "a")] * n, vectors / np.linalg.norm(vectors, axis=1, keepdims=True))
+        queries = index.vectors[:2]
+        target.search(queries, 5)
+        start = time.perf_counter()
+        for _ in range(repeat):
+            target.search(queries, 5)
+        out[str(n)] = round(1000 * (time.perf_counter() - start) / repeat, 3)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="runs/assistant_bench")
@@ -117,6 +137,8 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=6)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json")
+    parser.add_argument("--search-only", action="store_true",
+                        help="only time the exact search over the built index and over 10k and 100k random rows")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(args.work)
@@ -127,6 +149,9 @@ def main() -> None:
     folder = work / "assistant"
     if not (folder / "index.npz").exists():
         build_index(work / "index.tsv", AssistantConfig(log=str(work / "log.sqlite")), folder)
+    if args.search_only:
+        print(json.dumps({"search_ms": search_times(Index.load(folder), [10_000, 100_000])}))
+        return
     assistant = Assistant.load(folder, {"top_k": 5})
     out: dict = {"index_pairs": len(index_pairs), "split": {s: {k: len(v) for k, v in data[s].items()}
                                                           for s in ("valid", "test")}}
