@@ -16,7 +16,7 @@ appear (`Guide`); phrases that must appear need `detr.constraints.constrained_be
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +49,23 @@ class Guide:
 Guides = Sequence[Guide | None] | None  # one per source row
 
 
+def ensemble_logp(logits: Iterable[Tensor]) -> Tensor:
+    """Log-probabilities from the logits (..., V) of one model or several: each member's are
+    normalised, averaged and normalised again (a product of experts). Computed in place on the
+    logits (float32; each a model call's own output): at a large vocabulary and batch a new (N, V)
+    tensor per step costs more than the softmax."""
+    total, n = None, 0
+    for member in logits:
+        logp = member.float()
+        logp = logp.sub_(torch.logsumexp(logp, dim=-1, keepdim=True))
+        total = logp if total is None else total.add_(logp)
+        n += 1
+    if n == 1:
+        return total
+    total.div_(n)
+    return total.sub_(torch.logsumexp(total, dim=-1, keepdim=True))
+
+
 class Decoding:
     """The state of one model, or of an ensemble, over a batch of running outputs.
 
@@ -74,17 +91,9 @@ class Decoding:
         self.memories = [memory.repeat_interleave(k, dim=0) for memory in self.memories]
 
     def next_logp(self, last: Tensor) -> Tensor:
-        """Log-probabilities (N, V) of the token after `last` (N, 1), normalised in place: at a
-        large vocabulary and batch a fresh (N, V) tensor per step costs more than the softmax."""
-        total = None
-        for model, memory, cache in zip(self.models, self.memories, self.caches):
-            logits = model.decode(last, memory, self.src_mask, cache)[:, -1].float()  # (N, V)
-            logp = logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
-            total = logp if total is None else total.add_(logp)
-        if len(self.models) == 1:
-            return total
-        total.div_(len(self.models))
-        return total.sub_(torch.logsumexp(total, dim=-1, keepdim=True))
+        """Log-probabilities (N, V) of the token after `last` (N, 1)."""
+        return ensemble_logp(model.decode(last, memory, self.src_mask, cache)[:, -1]
+                             for model, memory, cache in zip(self.models, self.memories, self.caches))
 
     def select(self, index: Tensor, cross_index: Tensor | None = None) -> None:
         """Keep running outputs `index` (N',) in that order. `cross_index` selects the rows of the

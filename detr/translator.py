@@ -31,7 +31,7 @@ from detr.loss import mean_token_loss, seq2seq_loss
 from detr.mbr import mbr_rank
 from detr.model import Seq2Seq, padding_mask
 from detr.readers import Example
-from detr.search import Guides, Hypothesis, OnStep, beam_search, greedy, sample
+from detr.search import Guides, Hypothesis, OnStep, beam_search, ensemble_logp, greedy, sample
 from detr.tokenizer import BOS, PAD, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -166,13 +166,8 @@ class Translator:
             src = pad([pairs[i][0] for i in batch]).to(self.device)
             tgt = pad([pairs[i][1] for i in batch]).to(self.device)  # <s> y </s>
             src_mask = padding_mask(src)
-            total = None
-            for model in self.models:
-                logits = model.decode(tgt[:, :-1], model.encode(src, src_mask), src_mask).float()
-                logp = torch.log_softmax(logits, dim=-1)
-                total = logp if total is None else total + logp
-            if len(self.models) > 1:
-                total = torch.log_softmax(total / len(self.models), dim=-1)
+            total = ensemble_logp(model.decode(tgt[:, :-1], model.encode(src, src_mask), src_mask)
+                                  for model in self.models)
             gold = total.gather(2, tgt[:, 1:].unsqueeze(2)).squeeze(2)  # (B, T)
             real = tgt[:, 1:] != PAD
             for i, row, mask in zip(batch, gold, real):
