@@ -128,6 +128,68 @@ def search_times(index: Index, sizes: list[int], repeat: int = 50) -> dict[str, 
     return out
 
 
+def train_generators(folder: Path, work: Path, args: argparse.Namespace) -> None:
+    """work/generator_grounded (question [SEP] 3 retrieved answers → answer) and
+    work/generator_ungrounded (question → answer), on the same pairs, unless already trained."""
+    rows = generator_pairs(folder, 3, 0.05, args.seed)
+    clean = lambda text: " ".join(text.split())
+    for name, grounded in (("grounded", True), ("ungrounded", False)):
+        run_dir = work / f"generator_{name}"
+        if (run_dir / "model.safetensors").exists():
+            continue
+        data = work / "generator_data" / name
+        data.mkdir(parents=True, exist_ok=True)
+        for part, triples in rows.items():
+            (data / f"{part}.tsv").write_text("src\ttgt\n" + "".join(
+                f"{clean(generator_input(q, answers) if grounded else q)}\t{clean(a)}\n" for q, answers, a in triples))
+        detr.train(detr.load_config(ROOT / "configs" / "apps" / "assistant_generator.yaml", {
+            "run_dir": str(run_dir), "data.train": str(data / "train.tsv"), "data.valid": str(data / "valid.tsv"),
+            "train.max_minutes": args.minutes, "train.threads": args.threads}))
+
+
+def generation_scores(work: Path, assistant: Assistant, questions: list[str], refs: list[list[str]]
+                      ) -> tuple[dict, list[dict]]:
+    """ROUGE-L, chrF and distinct outputs of both generators (best of each question's references),
+    and five examples."""
+    width = max(len(r) for r in refs)
+    ref_sets = [[r[min(i, len(r) - 1)] for r in refs] for i in range(width)]
+    scores, outputs = {}, []
+    for name in ("grounded", "ungrounded"):
+        generator = detr.load(work / f"generator_{name}")
+        inputs = [generator_input(q, [m.answer for m in assistant.retrieve(q, [])[:3]]) if name == "grounded" else q
+                  for q in questions]
+        hyps = generator.translate(inputs)
+        scores[name] = {"rougeL": round(rouge(hyps, ref_sets)[2].score, 2),
+                        "chrF": round(chrf(hyps, ref_sets).score, 2), "distinct_outputs": len(set(hyps)),
+                        "questions": len(hyps)}
+        outputs.append(hyps)
+    examples = [{"question": q, "grounded": g, "ungrounded": u, "reference": r[0]}
+                for q, g, u, r in list(zip(questions, outputs[0], outputs[1], refs))[:5]]
+    return scores, examples
+
+
+def dialogue(args: argparse.Namespace) -> None:
+    """Generation on DialogSum turn pairs: the index is the valid pairs (context → response), the
+    generators learn from it, and the first `--dialogue-test` test pairs are scored."""
+    shared = ROOT.parent / "shared" / "data" / "dialogue" / "dialogsum_turn_pairs"
+    work = Path(args.work) / "dialogue"
+    work.mkdir(parents=True, exist_ok=True)
+    folder = work / "assistant"
+    if not (folder / "index.npz").exists():
+        build_index(shared / "valid.tsv", AssistantConfig(question_field="context", answer_field="response",
+                                                          log=str(work / "log.sqlite")), folder)
+    assistant = Assistant.load(folder)
+    train_generators(folder, work, args)
+    with open(shared / "test.tsv", encoding="utf-8") as f:
+        rows = [(r["context"], r["response"]) for r in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+                if r["context"].strip() and r["response"].strip()][:args.dialogue_test]
+    scores, examples = generation_scores(work, assistant, [q for q, _ in rows], [[a] for _, a in rows])
+    out = {"index_pairs": len(assistant.index.pairs), "generation": scores, "examples": examples}
+    print(json.dumps(out, indent=2, ensure_ascii=False))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2, ensure_ascii=False))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="runs/assistant_bench")
@@ -139,8 +201,14 @@ def main() -> None:
     parser.add_argument("--json")
     parser.add_argument("--search-only", action="store_true",
                         help="only time the exact search over the built index and over 10k and 100k random rows")
+    parser.add_argument("--dialogue", action="store_true",
+                        help="instead: grounded vs ungrounded generation on DialogSum turn pairs")
+    parser.add_argument("--dialogue-test", type=int, default=500, help="--dialogue: test pairs scored")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.dialogue:
+        dialogue(args)
+        return
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     data = split(args.seed)
@@ -192,38 +260,10 @@ def main() -> None:
         "handoff_share_unanswerable": round(100 * sum(s < handoff_t for s, _ in test_u) / max(1, len(test_u)), 1)}
 
     # generation
-    gen_data = work / "generator_data"
-    for name, grounded in (("grounded", True), ("ungrounded", False)):
-        run_dir = work / f"generator_{name}"
-        if (run_dir / "model.safetensors").exists():
-            continue
-        rows = generator_pairs(folder, 3, 0.05, args.seed)
-        (gen_data / name).mkdir(parents=True, exist_ok=True)
-        for part, pairs in rows.items():
-            text = "".join(f"{' '.join((s if grounded else s.split(' [SEP] ')[0]).split())}\t{' '.join(t.split())}\n"
-                           for s, t in pairs)
-            (gen_data / name / f"{part}.tsv").write_text("src\ttgt\n" + text)
-        config = detr.load_config(ROOT / "configs" / "apps" / "assistant_generator.yaml", {
-            "run_dir": str(run_dir), "data.train": str(gen_data / name / "train.tsv"),
-            "data.valid": str(gen_data / name / "valid.tsv"), "train.max_minutes": args.minutes,
-            "train.threads": args.threads})
-        detr.train(config)
+    train_generators(folder, work, args)
     questions = data["test"]["unanswerable"]
     refs = [sorted(answers_of[q]) for q in questions]
-    width = max(len(r) for r in refs)
-    ref_sets = [[r[min(i, len(r) - 1)] for r in refs] for i in range(width)]
-    out["generation"] = {}
-    examples = []
-    for name in ("grounded", "ungrounded"):
-        generator = detr.load(work / f"generator_{name}")
-        inputs = [generator_input(q, [m.answer for m in assistant.retrieve(q, [])[:3]]) if name == "grounded" else q
-                  for q in questions]
-        hyps = generator.translate(inputs)
-        out["generation"][name] = {"rougeL": round(rouge(hyps, ref_sets)[2].score, 2),
-                                   "chrF": round(chrf(hyps, ref_sets).score, 2), "distinct_outputs": len(set(hyps))}
-        examples.append(hyps)
-    out["examples"] = [{"question": q, "grounded": g, "ungrounded": u, "reference": r[0]}
-                       for q, g, u, r in list(zip(questions, examples[0], examples[1], refs))[:5]]
+    out["generation"], out["examples"] = generation_scores(work, assistant, questions, refs)
 
     # latency
     grounded = Assistant.load(folder, {"generator": str(work / "generator_grounded"), "answer_threshold": 1.0,

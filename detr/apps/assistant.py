@@ -303,11 +303,13 @@ def generator_input(question: str, answers: list[str]) -> str:
     return question + "".join(SEP + a for a in answers)
 
 
-def generator_pairs(folder: str | Path, k: int, valid_share: float, seed: int) -> dict[str, list[tuple[str, str]]]:
-    """Training data for the generator from an assistant's own pairs: for each pair, its question
-    and the answers of its `k` best matches (the same retrieval as `ask`, leaving out every pair
-    with its own answer) → its answer. A seeded `valid_share` of the distinct questions goes to
-    "valid" (all pairs of one question on one side)."""
+def generator_pairs(folder: str | Path, k: int, valid_share: float, seed: int
+                    ) -> dict[str, list[tuple[str, list[str], str]]]:
+    """Training data for the generator from an assistant's own pairs: (question, the answers of
+    its `k` best matches, its answer) per pair; the retrieval is the one `ask` does, leaving out
+    every pair with the pair's own answer. `generator_input(question, answers)` is the model's
+    input. A seeded `valid_share` of the distinct questions goes to "valid" (all pairs of one
+    question on one side)."""
     folder = Path(folder)
     read_settings(folder)  # an assistant folder, or one clear line
     index = Index.load(folder)
@@ -315,7 +317,7 @@ def generator_pairs(folder: str | Path, k: int, valid_share: float, seed: int) -
     rng = np.random.default_rng(seed)
     held = set(rng.choice(questions, size=max(1, round(valid_share * len(questions))), replace=False).tolist()) \
         if valid_share > 0 else set()
-    out: dict[str, list[tuple[str, str]]] = {"train": [], "valid": []}
+    out: dict[str, list[tuple[str, list[str], str]]] = {"train": [], "valid": []}
     scores = index.vectors @ index.vectors.T
     answers = [a for _, a in index.pairs]
     for i, (question, answer) in enumerate(index.pairs):
@@ -326,5 +328,5 @@ def generator_pairs(folder: str | Path, k: int, valid_share: float, seed: int) -
                 break
             if answers[j] != answer and answers[j] not in picked:
                 picked.append(answers[j])
-        out["valid" if question in held else "train"].append((generator_input(question, picked), answer))
+        out["valid" if question in held else "train"].append((question, picked, answer))
     return out

@@ -19,7 +19,16 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 import detr
-from detr.apps.assistant import LOG, Assistant, ExchangeLog, build_index, export_log, generator_pairs, read_settings
+from detr.apps.assistant import (
+    LOG,
+    Assistant,
+    ExchangeLog,
+    build_index,
+    export_log,
+    generator_input,
+    generator_pairs,
+    read_settings,
+)
 from detr.apps.monitor import IngestReport, Monitor, MonitorStore, aggregate, follow
 from detr.apps.recommend import Recommender, load_recommend_config, read_log, train_recommender, words
 from detr.apps.report import write_report
@@ -336,9 +345,10 @@ def cmd_assistant_export_log(args: argparse.Namespace) -> int:
 def cmd_assistant_generator_data(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    clean = lambda text: " ".join(text.split())
     for split, rows in generator_pairs(args.dir, args.top_k, args.valid_share, args.seed).items():
-        clean = lambda text: " ".join(text.split())
-        atomic_write_text(out / f"{split}.tsv", "src\ttgt\n" + "".join(f"{clean(a)}\t{clean(b)}\n" for a, b in rows))
+        atomic_write_text(out / f"{split}.tsv", "src\ttgt\n" + "".join(
+            f"{clean(generator_input(q, answers))}\t{clean(a)}\n" for q, answers, a in rows))
         print(f"{split}\t{len(rows)}\t{out / f'{split}.tsv'}")
     return 0
 
