@@ -263,6 +263,8 @@ class DecodeConfig:
     max_len_b: int = option(10, "see max-len-a")
     min_len: int = option(0, "no end of sentence before this many output tokens")
     no_repeat_ngram: int = option(0, "no n-gram of this size occurs twice in an output; 0: off")
+    repetition_penalty: float = option(1.0, "CTRL's repetition penalty: a token already in the output has its "
+                                            "log-probability multiplied by this (> 1 discourages repeats); 1: off")
     temperature: float = option(1.0, "sampling: divide the log-probabilities by this")
     top_k: int = option(0, "sampling: draw from the k most probable tokens only; 0: all")
     top_p: float = option(1.0, "sampling: draw from the smallest set of tokens holding this much probability")
@@ -287,6 +289,8 @@ class DecodeConfig:
             raise ConfigError(f"decode.nbest={self.nbest} cannot exceed decode.beam_size={self.beam_size}")
         if self.temperature <= 0:
             raise ConfigError(f"decode.temperature must be positive, got {self.temperature}")
+        if self.repetition_penalty <= 0:
+            raise ConfigError(f"decode.repetition_penalty must be positive, got {self.repetition_penalty}")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"decode.top_p must be in (0, 1], got {self.top_p}")
         for name in ("min_len", "no_repeat_ngram", "top_k", "max_len_b", "seed"):

@@ -123,15 +123,19 @@ def max_lengths(decode: DecodeConfig, src: Tensor, cap: int, guides: Guides = No
 
 def constrain(decode: DecodeConfig, logp: Tensor, history: Tensor, at_limit: Tensor, guides: Guides = None) -> None:
     """Edit `logp` (N, V) in place for rows whose outputs so far are `history` (N, t): no </s>
-    before `min_len`, no repeated n-gram of size `no_repeat_ngram`, no excluded phrase, the guide's
-    prefix while it lasts (at the probability the model gives it), only </s> at the length limit.
-    `guides`: one per row, or None."""
+    before `min_len`, tokens already in the output penalised (`repetition_penalty`: their
+    log-probabilities, all ≤ 0, multiplied by it, as CTRL and Hugging Face do), no repeated n-gram
+    of size `no_repeat_ngram`, no excluded phrase, the guide's prefix while it lasts (at the
+    probability the model gives it), only </s> at the length limit. `guides`: one per row, or None."""
     t = history.size(1)
     forced = [] if guides is None else [(row, g.prefix[t]) for row, g in enumerate(guides)
                                         if g is not None and t < len(g.prefix)]
     kept = [float(logp[row, token]) for row, token in forced]
     if t < decode.min_len:
         logp[:, EOS] = -torch.inf
+    if decode.repetition_penalty != 1.0 and t:
+        seen = torch.zeros_like(logp, dtype=torch.bool).scatter_(1, history, True)
+        logp[seen] *= decode.repetition_penalty
     n = decode.no_repeat_ngram
     if n and t >= n - 1:
         for row, seq in enumerate(history.tolist()):

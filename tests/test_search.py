@@ -120,3 +120,27 @@ def test_generate_gives_num_samples_per_line(toy):
     assert [len(o) for o in out] == [4, 4, 4]
     assert out == translator.generate(sources[:3], translator.options(num_samples=4, seed=3, temperature=1.2))
     assert all(math.isfinite(score) for samples in out for _, score in samples)
+
+
+def test_the_repetition_penalty_scales_seen_tokens_only(toy):
+    from detr.search import constrain
+
+    logp = torch.log_softmax(torch.randn(2, 10), dim=-1)
+    history = torch.tensor([[5, 7], [7, 7]])
+    edited = logp.clone()
+    constrain(DecodeConfig(repetition_penalty=2.0), edited, history, torch.tensor([False, False]))
+    expected = logp.clone()
+    expected[0, [5, 7]] *= 2
+    expected[1, 7] *= 2
+    assert torch.equal(edited, expected)
+    translator, sources = toy
+    src = source_ids(translator, sources[:16])
+    plain = greedy(translator.model, src, DecodeConfig(min_len=30, max_len_b=40))
+    assert [h.tokens for h in greedy(translator.model, src, DecodeConfig(min_len=30, max_len_b=40,
+                                                                          repetition_penalty=1.0))] == \
+        [h.tokens for h in plain]
+    strict = greedy(translator.model, src, DecodeConfig(min_len=30, max_len_b=40, repetition_penalty=1e6))
+    repeats = lambda hyps: sum(len(h.tokens) - len(set(h.tokens)) for h in hyps)
+    assert repeats(plain) > 0 and repeats(strict) < repeats(plain)
+    for nbest in beam_search(translator.model, src, DecodeConfig(beam_size=3, repetition_penalty=1e6)):
+        assert len(nbest[0].tokens) == len(set(nbest[0].tokens))
