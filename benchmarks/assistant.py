@@ -55,6 +55,7 @@ import detr  # noqa: E402
 from detr.apps.assistant import Assistant, Index, build_index, generator_input, generator_pairs  # noqa: E402
 from detr.config import AssistantConfig  # noqa: E402
 from detr.metrics import chrf, rouge  # noqa: E402
+from detr.readers import one_line  # noqa: E402
 
 PAIRS = ROOT.parent / "shared" / "data" / "dialogue" / "chatterbot_corpus_en" / "pairs.tsv"
 
@@ -132,7 +133,6 @@ def train_generators(folder: Path, work: Path, args: argparse.Namespace) -> None
     """work/generator_grounded (question [SEP] 3 retrieved answers → answer) and
     work/generator_ungrounded (question → answer), on the same pairs, unless already trained."""
     rows = generator_pairs(folder, 3, 0.05, args.seed)
-    clean = lambda text: " ".join(text.split())
     for name, grounded in (("grounded", True), ("ungrounded", False)):
         run_dir = work / f"generator_{name}"
         if (run_dir / "model.safetensors").exists():
@@ -141,7 +141,8 @@ def train_generators(folder: Path, work: Path, args: argparse.Namespace) -> None
         data.mkdir(parents=True, exist_ok=True)
         for part, triples in rows.items():
             (data / f"{part}.tsv").write_text("src\ttgt\n" + "".join(
-                f"{clean(generator_input(q, answers) if grounded else q)}\t{clean(a)}\n" for q, answers, a in triples))
+                f"{one_line(generator_input(q, answers) if grounded else q)}\t{one_line(a)}\n"
+                for q, answers, a in triples))
         detr.train(detr.load_config(ROOT / "configs" / "apps" / "assistant_generator.yaml", {
             "run_dir": str(run_dir), "data.train": str(data / "train.tsv"), "data.valid": str(data / "valid.tsv"),
             "train.max_minutes": args.minutes, "train.threads": args.threads}))

@@ -464,9 +464,8 @@ class AssistantConfig:
         if not -1.0 <= self.handoff_threshold <= self.answer_threshold <= 1.0:
             raise ConfigError(f"assistant: need -1 <= handoff_threshold <= answer_threshold <= 1, got "
                               f"{self.handoff_threshold} and {self.answer_threshold}")
-        for name in ("top_k",):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"assistant.{name} must be positive, got {getattr(self, name)}")
+        if self.top_k <= 0:
+            raise ConfigError(f"assistant.top_k must be positive, got {self.top_k}")
         if self.context_turns < 0:
             raise ConfigError(f"assistant.context_turns must not be negative, got {self.context_turns}")
 

@@ -31,12 +31,11 @@ from detr.atomic import atomic_path, atomic_write_text
 from detr.config import AssistantConfig, section_from_dict
 from detr.embed import Embedder
 from detr.errors import CheckpointError, ConfigError, DataError
-from detr.readers import read_jsonl, read_tsv
+from detr.readers import one_line, read_jsonl, read_tsv
 from detr.translator import Translator
 
 SETTINGS, INDEX, LOG = "assistant.yaml", "index.npz", "log.sqlite"
 SEP = " [SEP] "  # between the question and each retrieved answer in the generator's input
-SOURCES = ("retrieved", "generated", "handoff")
 
 
 def read_pairs(path: str | Path, config: AssistantConfig) -> list[tuple[str, str]]:
@@ -220,9 +219,8 @@ def export_log(log: ExchangeLog, out: str | Path, only_good: bool = False) -> in
     a text made spaces); hand-offs are left out, and with `only_good` all but those marked good.
     Returns the number of pairs."""
     rows = [r for r in log.rows() if r["source"] != "handoff" and (r["feedback"] == "good" or not only_good)]
-    clean = lambda text: " ".join(text.split())
     with atomic_path(out) as tmp:
-        tmp.write_text("question\tanswer\n" + "".join(f"{clean(r['question'])}\t{clean(r['answer'])}\n"
+        tmp.write_text("question\tanswer\n" + "".join(f"{one_line(r['question'])}\t{one_line(r['answer'])}\n"
                                                       for r in rows), encoding="utf-8")
     return len(rows)
 

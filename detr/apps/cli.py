@@ -345,10 +345,9 @@ def cmd_assistant_export_log(args: argparse.Namespace) -> int:
 def cmd_assistant_generator_data(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    clean = lambda text: " ".join(text.split())
     for split, rows in generator_pairs(args.dir, args.top_k, args.valid_share, args.seed).items():
         atomic_write_text(out / f"{split}.tsv", "src\ttgt\n" + "".join(
-            f"{clean(generator_input(q, answers))}\t{clean(a)}\n" for q, answers, a in rows))
+            f"{one_line(generator_input(q, answers))}\t{one_line(a)}\n" for q, answers, a in rows))
         print(f"{split}\t{len(rows)}\t{out / f'{split}.tsv'}")
     return 0
 

@@ -460,15 +460,12 @@ class Monitor:
             report.read += 1
             try:
                 pending.append(parse_item(json_object(line, where) if isinstance(line, str) else line))
-            except DataError as err:
+            except (DataError, ValueError) as err:
                 report.bad.append((where, str(err).removeprefix(f"{where}: ")))
-            except ValueError as err:
-                report.bad.append((where, str(err)))
-            else:
-                if len(pending) >= self.config.batch_size:
-                    flush()
+                log.warning("%s: skipped: %s", where, report.bad[-1][1])
                 continue
-            log.warning("%s: skipped: %s", *report.bad[-1])
+            if len(pending) >= self.config.batch_size:
+                flush()
         if pending:
             flush()
         return report
