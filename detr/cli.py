@@ -36,6 +36,7 @@ from detr.checkpoint import average_checkpoints, load_run
 from detr.command import add_config_flags, config_from_flags, flag_type, run_training
 from detr.config import DecodeConfig, MonitorConfig, ServeConfig, load_config
 from detr.constraints import Constraints, read_constraints
+from detr.distributed import World
 from detr.download import MULTI30K_URL, fetch_multi30k
 from detr.embed import Embedder
 from detr.errors import ConfigError, DataError, DetrError
@@ -572,14 +573,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.rest = rest
     args.command_line = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    # Under torchrun the ranks other than 0 say only what goes wrong (rank 0 reports progress).
+    quiet_rank = not World.from_environment().main
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING if quiet_rank else logging.INFO,
+                        format="%(levelname)s %(message)s")
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
     try:
         return args.func(args)
     except DetrError as err:
-        print(f"detr: error: {err}", file=sys.stderr)
+        if not err.quiet:
+            print(f"detr: error: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         print("detr: interrupted", file=sys.stderr)

@@ -12,6 +12,7 @@ from typing import Any
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from detr.distributed import World
 from detr.trainer import Interrupted, TrainResult
 
 
@@ -22,8 +23,11 @@ def run_training(args: argparse.Namespace, start: typing.Callable[[bool], TrainR
             result = start(not args.no_progress and sys.stderr.isatty())
     except Interrupted as err:
         again = args.command_line + ([] if args.resume else ["--resume"])
-        print(f"detr: {err}\nresume with: detr {shlex.join(again)}", file=sys.stderr)
+        if World.from_environment().main:  # under torchrun, rank 0 says it for all
+            print(f"detr: {err}\nresume with: detr {shlex.join(again)}", file=sys.stderr)
         return err.exit_code
+    if not World.from_environment().main:
+        return 0
     best = (f"best valid {result.best['metric']} {result.best['value']:.4g} at step {result.best['step']}; "
             if result.best else "")
     print(f"finished: {result.steps} steps, {result.epochs} epochs ({result.stopped}) in {result.seconds:.0f}s; "

@@ -218,6 +218,10 @@ class TrainConfig:
     max_nonfinite: int = 10  # consecutive non-finite losses before giving up
     eval_max_sentences: int = 0  # cap on validation sentences decoded for BLEU; 0: all
     grad_stats_every: int = 0  # per-layer gradient norms and update/weight ratios every N steps; 0: off
+    # Under torchrun (several processes): the collective backend (auto: nccl on CUDA, gloo on CPU) and
+    # how long a rank waits at a collective before it gives up, e.g. while rank 0 validates.
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    backend_timeout_minutes: float = 30.0
 
     def validate(self) -> None:
         _check_types(self, "train")
@@ -226,6 +230,8 @@ class TrainConfig:
                               "(all are 0: training would never end)")
         if self.max_minutes < 0 or not math.isfinite(self.max_minutes):
             raise ConfigError(f"train.max_minutes must be a non-negative number, got {self.max_minutes}")
+        if not self.backend_timeout_minutes > 0 or not math.isfinite(self.backend_timeout_minutes):
+            raise ConfigError(f"train.backend_timeout_minutes must be positive, got {self.backend_timeout_minutes}")
         for name in ("save_every", "eval_every", "log_every", "max_tokens", "accumulate", "keep_last", "max_nonfinite"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")

@@ -5,6 +5,7 @@ class DetrError(Exception):
     """Base class of every error detr raises for bad input, config or files."""
 
     exit_code = 2
+    quiet = False  # True: already said by another process (rank 0 of a torchrun job); exit without a line
 
 
 class ConfigError(DetrError):

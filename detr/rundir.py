@@ -10,6 +10,8 @@
       checkpoints/         step_XXXXXXXX.safetensors, the last `train.keep_last` saves
       metrics.jsonl        one JSON object per log or validation step
       events.*             TensorBoard logs
+      .detr-world          while ranks start under torchrun: rank 0's token, read by the others to check
+                           that they see the same directory
 
 The one training process writing a run holds an OS lock (flock) on the directory itself.
 
@@ -70,6 +72,10 @@ class RunDir:
     @property
     def metrics(self) -> Path:
         return self.root / "metrics.jsonl"
+
+    @property
+    def world_marker(self) -> Path:
+        return self.root / ".detr-world"
 
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / f"step_{step:08d}.safetensors"

@@ -13,6 +13,11 @@ stream's position and all counters, saved together with the weights at each chec
 Replaying from it takes the same batches in the same order through the same random
 numbers, so on a CPU with fixed threads an interrupted-and-resumed run ends bitwise equal
 to an uninterrupted one (tests/test_train.py checks this with SIGKILL).
+
+Under torchrun the same loop runs data-parallel (`detr.distributed`): each rank trains on its
+share of the step's global batch, DistributedDataParallel sums the gradients, rank 0 alone
+writes the run directory and validates, and the ranks agree on every decision (loss finite,
+clock, signals, early stopping) so that they stop together.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import json
 import logging
 import math
 import random
+import secrets
 import signal
 import threading
 import time
@@ -32,12 +38,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from detr.analysis import gradient_norms, update_ratios
 from detr.atomic import atomic_write_text
 from detr.checkpoint import load_trainer_state, load_weights, save_trainer_state, save_weights
 from detr.config import Config, TrainConfig, load_config
+from detr.distributed import World, config_digest
 from detr.errors import CheckpointError, ConfigError, TrainingError
 from detr.pretrained import PretrainedEncoder, encoder_for
 from detr.rundir import RunDir
@@ -142,11 +150,14 @@ class Trainer:
 
     def __init__(self, config: Config, resume: bool = False, progress: bool = False) -> None:
         config.validate()
-        self.progress = progress
+        self.world = World.from_environment()
+        self.progress = progress and self.world.main
         self.tc = config.train
         self.rundir = RunDir(config.run_dir)
         self.run_dir = self.rundir.root
         self.device = resolve_device(self.tc.device)
+        if self.world.active and self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", self.world.local_rank)  # one GPU per process
         if self.tc.precision != "fp32" and self.device.type != "cuda":
             raise ConfigError(f"train.precision={self.tc.precision} needs a CUDA device; use fp32 on {self.device}")
         if self.tc.threads:
@@ -160,13 +171,14 @@ class Trainer:
             raise ConfigError(f"train.early_stopping_metric: {self.metric!r} is not a metric of task {config.task} "
                               f"(choose from {', '.join(self.task.metrics)})")
         self.task.check_data()
-        self.lock = self._lock_run_dir()  # one writer per run directory, for this process's life
+        self.lock: Any = None  # rank 0's writer lock on the run directory, for this process's life
+        self.world.start(self.tc.backend, self.tc.backend_timeout_minutes, self.device)
         try:
-            state = self._prepare_run_dir(resume)
-            vocab = self.task.setup(self.rundir, resuming=state is not None)
-            self.config = config.with_vocab(*vocab)  # the effective config: vocabulary sizes from the tokenizer
+            self.world.same_everywhere("the configuration", config_digest(config.to_dict()))
+            if self.world.restarts and not resume:
+                log.info("torchrun restart %d: resuming from the last checkpoint", self.world.restarts)
+            state = self._set_up_run_dir(config, resume or self.world.restarts > 0)
             self.fingerprint = self.task.fingerprint()  # stored with every weights file of the run
-            self._save_config(state)
 
             seed_everything(self.tc.seed)
             self.model = self.task.build_model(self.config.model, encoder_for(self.config.model)).to(self.device)
@@ -187,12 +199,12 @@ class Trainer:
             self._grad_stats: dict[str, float] | None = None
             if state is not None:
                 self._load_state(state)
+            elif self.world.rank:
+                seed_everything(random.Random(f"{self.tc.seed}/rank {self.world.rank}").getrandbits(62))
             self.resumed_from = self.step if state is not None else None
-        except OSError as err:  # a full disk or a read-only folder while writing the run's first files
-            self.lock.release()
-            raise ConfigError(f"run_dir: cannot write to {self.run_dir}: {err.strerror or err}") from None
+            self.train_model = self.world.wrap(self.model, self.device)  # what the training step calls
         except BaseException:
-            self.lock.release()  # a failed set-up leaves the run directory to the next writer
+            self.close()  # a failed set-up leaves the run directory to the next writer
             raise
 
     # ------------------------------------------------------------------ set-up
@@ -206,8 +218,53 @@ class Trainer:
             raise ConfigError(f"run_dir: cannot write to {self.run_dir}: {err.strerror or err}") from None
 
     def close(self) -> None:
-        """Release the run directory's writer lock (the OS also drops it when the process ends)."""
-        self.lock.release()
+        """Release the run directory's writer lock (the OS also drops it when the process ends) and
+        leave the process group."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+        self.world.close()
+
+    def _set_up_run_dir(self, config: Config, resume: bool) -> dict[str, Any] | None:
+        """Rank 0 checks the run directory, learns (or loads) the tokenizer and writes the effective
+        config; the other ranks then check that they see that directory, and read the tokenizer and
+        the trainer state from it. Returns the state to resume from, if any."""
+        main_state: list[dict[str, Any] | None] = [None]
+
+        def on_main() -> tuple[bool, str]:
+            try:
+                self.lock = self._lock_run_dir()
+                state = main_state[0] = self._prepare_run_dir(resume)
+                vocab = self.task.setup(self.rundir, resuming=state is not None)
+                self.config = config.with_vocab(*vocab)  # the effective config: vocabulary sizes from the tokenizer
+                self._save_config(state)
+                token = secrets.token_hex(8)
+                if self.world.active:
+                    atomic_write_text(self.rundir.world_marker, token)
+            except OSError as err:  # a full disk or a read-only folder while writing the run's first files
+                raise ConfigError(f"run_dir: cannot write to {self.run_dir}: {err.strerror or err}") from None
+            return state is not None, token
+
+        resuming, token = self.world.on_main(on_main)
+        if not self.world.active:
+            return main_state[0]
+        problem = None
+        if not self.world.main:
+            try:
+                seen = self.rundir.world_marker.read_text()
+            except OSError:
+                seen = None
+            if seen != token:
+                problem = (f"run_dir: {self.run_dir} is not shared: {self.world} does not see the files rank 0 "
+                           f"writes there; every machine must reach the same run directory (a shared file system)")
+        self.world.agree("run_dir", problem)
+        if self.world.main:
+            with contextlib.suppress(OSError):
+                self.rundir.world_marker.unlink(missing_ok=True)
+            return main_state[0]
+        vocab = self.task.setup(self.rundir, resuming=True)  # rank 0's tokenizer
+        self.config = config.with_vocab(*vocab)
+        return load_trainer_state(self.rundir.trainer_state) if resuming else None
 
     def _prepare_run_dir(self, resume: bool) -> dict[str, Any] | None:
         """Check the run directory; return the saved trainer state when resuming."""
@@ -291,12 +348,23 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.stream.load_state_dict(state["data"])
-        set_rng_state(state["rng"])
+        ranks = state.get("ranks", [state["rng"]])  # every rank's random state; a single process's alone
+        if len(ranks) == self.world.size:
+            set_rng_state(ranks[self.world.rank])
+        else:
+            log.warning("the run was saved by %d processes and resumes on %d: the global batch and the ranks' "
+                        "random states change, so the result will differ from an uninterrupted run",
+                        len(ranks), self.world.size)
+            set_rng_state(state["rng"])
+            if self.world.rank:
+                seed_everything(random.Random(f"{self.tc.seed}/rank {self.world.rank}/{state['step']}")
+                                .getrandbits(62))
         self.step, self.best, self.bad_evals = state["step"], state["best"], state["bad_evals"]
         self.nonfinite_in_row, self.nonfinite_total = state["nonfinite"]
         self.stopped, self.seconds = state["stopped"], state["seconds"]
         self.saved_step = self.step
-        self._truncate_metrics()
+        if self.world.main:
+            self._truncate_metrics()
         log.info("resumed %s at step %d (epoch %d)", self.run_dir, self.step, self.stream.epoch + 1)
 
     def _truncate_metrics(self) -> None:
@@ -319,13 +387,21 @@ class Trainer:
         atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     def save(self) -> Path:
-        """Checkpoint: weights first, then the state that points at them, then old weights go."""
+        """Checkpoint: weights first, then the state that points at them, then old weights go.
+        Every rank takes part (its random state is saved); rank 0 writes."""
         path = self.rundir.checkpoint(self.step)
+        ranks = self.world.gather(rng_state())
+        if not self.world.main:
+            self.saved_step = self.step
+            return path
         path.parent.mkdir(exist_ok=True)
         save_weights(self.model, path, self.fingerprint)
         if not self.valid:
             save_weights(self.model, self.rundir.model, self.fingerprint)  # no validation: the last weights
-        save_trainer_state(self.state_dict(path), self.rundir.trainer_state)
+        state = self.state_dict(path)
+        if self.world.active:
+            state["ranks"] = ranks
+        save_trainer_state(state, self.rundir.trainer_state)
         for _, old in self.rundir.list_checkpoints()[: -self.tc.keep_last]:
             old.unlink()
         self.saved_step = self.step
@@ -345,9 +421,10 @@ class Trainer:
         return None
 
     def next_batches(self) -> list[Any]:
-        """The next `accumulate` batches, crossing epoch boundaries; fewer at the last epoch's end."""
+        """The step's global batch list: the next `accumulate` batches of every rank, crossing epoch
+        boundaries; fewer at the last epoch's end."""
         out: list[Any] = []
-        while len(out) < self.tc.accumulate:
+        while len(out) < self.tc.accumulate * self.world.size:
             if self.tc.max_epochs and self.stream.epoch >= self.tc.max_epochs:
                 break
             if self._batches is None:
@@ -364,21 +441,26 @@ class Trainer:
         dtype = torch.bfloat16 if self.tc.precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def loss_of(self, batch: Any, label_smoothing: float) -> torch.Tensor:
-        """The task's summed loss over the batch (padding and ignored positions excluded)."""
+    def loss_of(self, batch: Any, label_smoothing: float, model: nn.Module | None = None) -> torch.Tensor:
+        """The task's summed loss over the batch (padding and ignored positions excluded), through
+        `model` (default: the bare model)."""
         with self.autocast():
-            return self.task.batch_loss(self.model, batch.to(self.device), label_smoothing)
+            return self.task.batch_loss(model or self.model, batch.to(self.device), label_smoothing)
 
     def train_step(self, batches: list[Any]) -> dict[str, float] | None:
-        """One optimiser update over `batches`; None when the loss was not finite (step skipped)."""
+        """One optimiser update over the global batch list `batches` (this rank trains on its share);
+        None when the loss was not finite (step skipped, on every rank)."""
         self.model.train()
         tokens = sum(self.task.count(b) for b in batches)  # target tokens, sentences or tagged words
         total = torch.zeros((), device=self.device)
-        for batch in batches:
-            loss = self.loss_of(batch, self.tc.label_smoothing)
-            self.scaler.scale(loss / tokens).backward()
+        mine = self.world.shard(batches)
+        for i, (batch, weight) in enumerate(mine):
+            with self.world.accumulating(self.train_model, last=i == len(mine) - 1):
+                loss = self.loss_of(batch, self.tc.label_smoothing, self.train_model) * weight
+                # DistributedDataParallel averages over the ranks; × world size makes that the sum.
+                self.scaler.scale(loss * self.world.size / tokens).backward()
             total += loss.detach()
-        loss_value = float(total) / tokens
+        loss_value = self.world.sum([float(total)])[0] / tokens
         if not math.isfinite(loss_value):
             self.optimizer.zero_grad(set_to_none=True)
             self.nonfinite_in_row += 1
@@ -438,6 +520,15 @@ class Trainer:
                          name, self.bad_evals, self.best["value"], self.best["step"])
         self.evaluated_step = self.step
 
+    def _agree(self) -> None:
+        """Under torchrun: every rank takes rank 0's clock (train.max_minutes) and stops after a step
+        at which any rank got SIGINT/SIGTERM, so that all stop at the same step."""
+        if not self.world.active:
+            return
+        said = self.world.gather((self.seconds, self.signal_received))
+        self.seconds = said[0][0]
+        self.signal_received = next((signum for _, signum in said if signum is not None), None)
+
     # ------------------------------------------------------------------ the loop
 
     def result(self) -> TrainResult:
@@ -457,57 +548,25 @@ class Trainer:
             return self.result()
         from torch.utils.tensorboard import SummaryWriter  # slow import: only when training
 
-        writer = SummaryWriter(str(self.run_dir), purge_step=self.step + 1 if self.resumed_from else None)
-        metrics_file = open(self.rundir.metrics, "a", encoding="utf-8")
+        main = self.world.main  # under torchrun, rank 0 alone writes logs
+        writer = SummaryWriter(str(self.run_dir), purge_step=self.step + 1 if self.resumed_from else None) \
+            if main else None
+        metrics_file = open(self.rundir.metrics, "a", encoding="utf-8") if main else None
         bar = tqdm(total=self.tc.max_steps or None, initial=self.step, disable=not self.progress, unit="step",
                    dynamic_ncols=True, desc="train")
         previous_handlers = self._catch_signals()
-        window_tokens, window_start, session_start = 0, time.perf_counter(), time.perf_counter()
-        seconds_before = self.seconds
 
         def record(split: str, values: dict[str, float]) -> None:
+            if writer is None or metrics_file is None:
+                return
             metrics_file.write(json.dumps({"step": self.step, "split": split, **values}) + "\n")
             metrics_file.flush()
             for key, value in values.items():
                 writer.add_scalar(f"{split}/{key}", value, self.step)
 
         try:
-            while not self.stop_reason():
-                batches = self.next_batches()
-                if not batches:
-                    continue  # the epoch limit was reached: stop_reason says so
-                out = self.train_step(batches)
-                if out is None:
-                    continue
-                self.step += 1
-                self.seconds = seconds_before + time.perf_counter() - session_start
-                window_tokens += int(out["tokens"])
-                elapsed = time.perf_counter() - window_start
-                speed = window_tokens / max(elapsed, 1e-9)
-                bar.update(1)
-                bar.set_postfix({"loss": f"{out['loss']:.3f}", "lr": f"{out['lr']:.2e}",
-                                 f"{self.task.unit}/s": f"{speed:,.0f}"}, refresh=False)
-                if self.step % self.tc.log_every == 0:
-                    record("train", {"loss": out["loss"], "lr": out["lr"], "grad_norm": out["grad_norm"],
-                                     f"{self.task.unit}_per_s": speed, "epoch": self.stream.epoch + 1})
-                    log.info("step %d%s | epoch %d | loss %.4f | lr %.3g | grad %.3g | %s %s/s", self.step,
-                             f"/{self.tc.max_steps}" if self.tc.max_steps else "", self.stream.epoch + 1,
-                             out["loss"], out["lr"], out["grad_norm"], f"{speed:,.0f}", self.task.unit)
-                    window_tokens, window_start = 0, time.perf_counter()
-                if self._grad_stats:
-                    record("grads", self._grad_stats)
-                    self._grad_stats = None
-                if self.valid and self.step % self.tc.eval_every == 0:
-                    self._validate_and_record(record)
-                if self.step % self.tc.save_every == 0:
-                    self.save()
-                if self.signal_received is not None:
-                    self.save()
-                    raise Interrupted(self.signal_received, self.step, self.run_dir)
-            if self.valid and self.evaluated_step != self.step and self.stopped is None:
-                self._validate_and_record(record)  # the final weights get their say in choosing the best
-            if self.saved_step != self.step or self.stopped:
-                self.save()
+            with self.world.guard("while training"):
+                self._loop(record, bar)
         except OSError as err:  # a full disk, a folder made read-only: one line, the last checkpoint intact
             last = f"the last good checkpoint is step {self.saved_step}" if self.saved_step > 0 \
                 else "no checkpoint was saved"
@@ -517,9 +576,11 @@ class Trainer:
             self._restore_signals(previous_handlers)
             bar.close()
             with contextlib.suppress(OSError):
-                metrics_file.close()
+                if metrics_file is not None:
+                    metrics_file.close()
             with contextlib.suppress(Exception):
-                writer.close()
+                if writer is not None:
+                    writer.close()
             self.close()
         result = self.result()
         log.info("done: %d steps (%s) in %.0fs%s; model: %s", result.steps, result.stopped, result.seconds,
@@ -527,11 +588,65 @@ class Trainer:
                  if self.best else "", result.model_path)
         return result
 
-    def _validate_and_record(self, record) -> None:
-        metrics = self.validate()
-        record("valid", metrics)
-        log.info("step %d | valid %s", self.step, " | ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-        self._after_eval(metrics)
+    def _loop(self, record: Any, bar: Any) -> None:
+        """Steps, logs, validations and checkpoints until a stopping condition; then the last save."""
+        window_tokens, window_start = 0, time.perf_counter()
+        session_start, seconds_before = time.perf_counter(), self.seconds
+        while not self.stop_reason():
+            batches = self.next_batches()
+            if not batches:
+                continue  # the epoch limit was reached: stop_reason says so
+            out = self.train_step(batches)
+            if out is None:
+                continue
+            self.step += 1
+            self.seconds = seconds_before + time.perf_counter() - session_start
+            self._agree()
+            window_tokens += int(out["tokens"])
+            elapsed = time.perf_counter() - window_start
+            speed = window_tokens / max(elapsed, 1e-9)
+            bar.update(1)
+            bar.set_postfix({"loss": f"{out['loss']:.3f}", "lr": f"{out['lr']:.2e}",
+                             f"{self.task.unit}/s": f"{speed:,.0f}"}, refresh=False)
+            if self.step % self.tc.log_every == 0:
+                record("train", {"loss": out["loss"], "lr": out["lr"], "grad_norm": out["grad_norm"],
+                                 f"{self.task.unit}_per_s": speed, "epoch": self.stream.epoch + 1})
+                if self.world.main:
+                    log.info("step %d%s | epoch %d | loss %.4f | lr %.3g | grad %.3g | %s %s/s", self.step,
+                             f"/{self.tc.max_steps}" if self.tc.max_steps else "", self.stream.epoch + 1,
+                             out["loss"], out["lr"], out["grad_norm"], f"{speed:,.0f}", self.task.unit)
+                window_tokens, window_start = 0, time.perf_counter()
+            if self._grad_stats:
+                record("grads", self._grad_stats)
+                self._grad_stats = None
+            if self.valid and self.step % self.tc.eval_every == 0:
+                self._validate_and_record(record)
+            if self.step % self.tc.save_every == 0:
+                self.save()
+            if self.signal_received is not None:
+                self.save()
+                raise Interrupted(self.signal_received, self.step, self.run_dir)
+        if self.valid and self.evaluated_step != self.step and self.stopped is None:
+            self._validate_and_record(record)  # the final weights get their say in choosing the best
+        if self.saved_step != self.step or self.stopped:
+            self.save()
+
+    def _validate_and_record(self, record: Any) -> None:
+        """Validate (under torchrun: on rank 0, the others waiting) and update the best weights and
+        early stopping; every rank learns rank 0's decision."""
+        if self.world.main:
+            started = time.perf_counter()
+            metrics = self.validate()
+            record("valid", metrics)
+            log.info("step %d | valid %s", self.step, " | ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+            self._after_eval(metrics)
+            took = time.perf_counter() - started
+            if self.world.active and took > 30 * self.tc.backend_timeout_minutes:
+                log.warning("validation took %.0f s, more than half of train.backend_timeout_minutes (%g): the "
+                            "other ranks wait that long; raise the timeout or train.eval_max_sentences",
+                            took, self.tc.backend_timeout_minutes)
+        self.best, self.bad_evals, self.stopped = self.world.from_main((self.best, self.bad_evals, self.stopped))
+        self.evaluated_step = self.step
 
     def _catch_signals(self) -> dict[int, Any]:
         if threading.current_thread() is not threading.main_thread():
