@@ -222,6 +222,7 @@ class TrainConfig:
     # how long a rank waits at a collective before it gives up, e.g. while rank 0 validates.
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     backend_timeout_minutes: float = 30.0
+    fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP) instead of DDP
 
     def validate(self) -> None:
         _check_types(self, "train")
@@ -230,6 +231,8 @@ class TrainConfig:
                               "(all are 0: training would never end)")
         if self.max_minutes < 0 or not math.isfinite(self.max_minutes):
             raise ConfigError(f"train.max_minutes must be a non-negative number, got {self.max_minutes}")
+        if self.fsdp and self.grad_stats_every:
+            raise ConfigError("train.grad_stats_every is not available with train.fsdp (the gradients are sharded)")
         if not self.backend_timeout_minutes > 0 or not math.isfinite(self.backend_timeout_minutes):
             raise ConfigError(f"train.backend_timeout_minutes must be positive, got {self.backend_timeout_minutes}")
         for name in ("save_every", "eval_every", "log_every", "max_tokens", "accumulate", "keep_last", "max_nonfinite"):

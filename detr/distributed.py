@@ -16,6 +16,10 @@ says set-up went well (a broadcast that carries rank 0's error, if any, to every
 rank keeps its own random-number state (rank 0's is a single process's), and rank 0 saves all
 of them, so resuming an N-rank run is exact.
 
+`train.fsdp: true` shards parameters, gradients and optimizer state over the ranks instead
+(PyTorch's FSDP, `fully_shard` on every layer and on the whole model). Checkpoints are gathered
+into the usual `model.safetensors`; rank 0 validates on a whole copy of the model.
+
 A world of one (plain `detr train`) makes every method here a no-op: no process group exists.
 """
 
@@ -36,6 +40,14 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
 
 from detr.errors import ConfigError, DetrError, TrainingError
 
@@ -223,23 +235,63 @@ class World:
 
     # ------------------------------------------------------------------ the model
 
-    def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
+    def wrap(self, model: nn.Module, device: torch.device, fsdp: bool) -> nn.Module:
         """The module the training step calls: DistributedDataParallel around `model` (whose
-        parameters it shares), or `model` itself in a world of one."""
+        parameters it shares); with `fsdp`, `model` itself with every layer of its layer lists and
+        the whole sharded in place; `model` itself in a world of one."""
         if not self.active:
+            return model
+        if fsdp:
+            for layers in [m for m in model.modules() if isinstance(m, nn.ModuleList)]:
+                for layer in layers:
+                    fully_shard(layer)
+            fully_shard(model)
             return model
         return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     def accumulating(self, module: nn.Module, last: bool) -> contextlib.AbstractContextManager:
         """No gradient all-reduce on accumulating micro-steps: only the step's last backward syncs."""
+        if isinstance(module, FSDPModule):
+            module.set_requires_gradient_sync(last)
         if last or not isinstance(module, nn.parallel.DistributedDataParallel):
             return contextlib.nullcontext()
         return module.no_sync()
+
+    def whole_weights(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
+        """The model's weights, whole, on rank 0 (gathered from the shards under FSDP: every rank
+        must call this then); None on the other ranks."""
+        if isinstance(model, FSDPModule):
+            with self.guard("while gathering the weights"):
+                state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            return state if self.main else None
+        return model.state_dict() if self.main else None
+
+    def optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
+        """The optimizer's state on rank 0, whole (keyed by parameter name under FSDP: every rank
+        must call this then); None on the other ranks."""
+        if isinstance(model, FSDPModule):
+            with self.guard("while gathering the optimizer state"):
+                state = get_optimizer_state_dict(model, optimizer,
+                                                 options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            return state if self.main else None
+        return optimizer.state_dict() if self.main else None
+
+    def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        """Load what `optimizer_state` returned (every rank reads the whole state; FSDP keeps its shard)."""
+        if isinstance(model, FSDPModule):
+            set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(state)
 
     def _device(self) -> torch.device:
         if dist.get_backend() == "nccl":
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor in full: a sharded DTensor (an FSDP gradient norm, say) gathered."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def config_digest(settings: dict[str, Any]) -> str:

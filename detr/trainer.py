@@ -45,7 +45,7 @@ from detr.analysis import gradient_norms, update_ratios
 from detr.atomic import atomic_write_text
 from detr.checkpoint import load_trainer_state, load_weights, save_trainer_state, save_weights
 from detr.config import Config, TrainConfig, load_config
-from detr.distributed import World, config_digest
+from detr.distributed import World, config_digest, whole
 from detr.errors import CheckpointError, ConfigError, TrainingError
 from detr.pretrained import PretrainedEncoder, encoder_for
 from detr.rundir import RunDir
@@ -182,6 +182,14 @@ class Trainer:
 
             seed_everything(self.tc.seed)
             self.model = self.task.build_model(self.config.model, encoder_for(self.config.model)).to(self.device)
+            if state is not None:
+                load_weights(self.model, self.run_dir / state["checkpoint"])
+            self.train_model = self.world.wrap(self.model, self.device, self.tc.fsdp)  # what the training step calls
+            # Under FSDP rank 0 validates and saves through a whole copy, loaded from the gathered shards.
+            self.whole = None
+            if self.tc.fsdp and self.world.active and self.world.main:
+                encoder = encoder_for(self.config.model, self.rundir.pretrained)  # its architecture, no weights
+                self.whole = self.task.build_model(self.config.model, encoder).to(self.device)
             self.optimizer = self._optimizer()
             self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.tc.precision == "fp16")
             self.stream = self.task.stream(self.tc.max_tokens, self.tc.seed)
@@ -202,7 +210,6 @@ class Trainer:
             elif self.world.rank:
                 seed_everything(random.Random(f"{self.tc.seed}/rank {self.world.rank}").getrandbits(62))
             self.resumed_from = self.step if state is not None else None
-            self.train_model = self.world.wrap(self.model, self.device)  # what the training step calls
         except BaseException:
             self.close()  # a failed set-up leaves the run directory to the next writer
             raise
@@ -327,12 +334,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
 
-    def state_dict(self, checkpoint: Path) -> dict[str, Any]:
+    def state_dict(self, checkpoint: Path, optimizer: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The trainer state pointing at the weights in `checkpoint`; `optimizer`: the optimizer's
+        state when already gathered (FSDP)."""
         return {
             "format": STATE_FORMAT,
             "step": self.step,
             "checkpoint": str(checkpoint.relative_to(self.run_dir)),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer if optimizer is not None else self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "data": self.stream.state_dict(),
             "rng": rng_state(),
@@ -344,8 +353,8 @@ class Trainer:
         }
 
     def _load_state(self, state: dict[str, Any]) -> None:
-        load_weights(self.model, self.run_dir / state["checkpoint"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Everything but the weights (loaded before the model was wrapped) from a trainer state."""
+        self.world.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.stream.load_state_dict(state["data"])
         ranks = state.get("ranks", [state["rng"]])  # every rank's random state; a single process's alone
@@ -391,14 +400,16 @@ class Trainer:
         Every rank takes part (its random state is saved); rank 0 writes."""
         path = self.rundir.checkpoint(self.step)
         ranks = self.world.gather(rng_state())
+        model = self.whole_model()
+        optimizer = self.world.optimizer_state(self.model, self.optimizer)
         if not self.world.main:
             self.saved_step = self.step
             return path
         path.parent.mkdir(exist_ok=True)
-        save_weights(self.model, path, self.fingerprint)
+        save_weights(model, path, self.fingerprint)
         if not self.valid:
-            save_weights(self.model, self.rundir.model, self.fingerprint)  # no validation: the last weights
-        state = self.state_dict(path)
+            save_weights(model, self.rundir.model, self.fingerprint)  # no validation: the last weights
+        state = self.state_dict(path, optimizer)
         if self.world.active:
             state["ranks"] = ranks
         save_trainer_state(state, self.rundir.trainer_state)
@@ -479,7 +490,7 @@ class Trainer:
             group["lr"] = lr * group.get("lr_scale", 1.0)  # states saved before lr_scale existed have none
         self.scaler.unscale_(self.optimizer)
         clip = self.tc.clip_norm if self.tc.clip_norm > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        grad_norm = float(whole(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)))
         inspect_grads = self.tc.grad_stats_every and (self.step + 1) % self.tc.grad_stats_every == 0
         if inspect_grads:
             norms = gradient_norms(self.model)
@@ -494,16 +505,29 @@ class Trainer:
 
     # ------------------------------------------------------------------ validation
 
-    def validate(self) -> dict[str, float]:
-        """The task's validation metrics (translate: loss, ppl, greedy BLEU; classify/tag: loss, accuracy, F1)."""
-        self.model.eval()
+    def whole_model(self) -> nn.Module:
+        """The model with all its weights (under FSDP: every rank must call this; rank 0 gets a whole
+        copy loaded from the gathered shards, the others their sharded model)."""
+        if self.whole is None and not (self.tc.fsdp and self.world.active):
+            return self.model
+        weights = self.world.whole_weights(self.model)
+        if self.whole is None or weights is None:
+            return self.model
+        self.whole.load_state_dict(weights)
+        return self.whole
+
+    def validate(self, model: nn.Module | None = None) -> dict[str, float]:
+        """The task's validation metrics (translate: loss, ppl, greedy BLEU; classify/tag: loss, accuracy, F1)
+        of `model` (default: the model being trained)."""
+        model = model or self.model
+        model.eval()
         try:
-            return self.task.validate(self.model, lambda batch: self.loss_of(batch, 0.0), self.tc.max_tokens,
+            return self.task.validate(model, lambda batch: self.loss_of(batch, 0.0, model), self.tc.max_tokens,
                                       self.tc.eval_max_sentences)
         finally:
-            self.model.train()
+            model.train()
 
-    def _after_eval(self, metrics: dict[str, float]) -> None:
+    def _after_eval(self, metrics: dict[str, float], model: nn.Module | None = None) -> None:
         name = self.metric
         value = metrics[name]
         better = self.best is None or (
@@ -511,7 +535,7 @@ class Trainer:
         if better:
             self.best = {"metric": name, "value": value, "step": self.step}
             self.bad_evals = 0
-            save_weights(self.model, self.rundir.model, self.fingerprint)
+            save_weights(model or self.model, self.rundir.model, self.fingerprint)
         else:
             self.bad_evals += 1
             if self.tc.patience and self.bad_evals >= self.tc.patience:
@@ -634,12 +658,13 @@ class Trainer:
     def _validate_and_record(self, record: Any) -> None:
         """Validate (under torchrun: on rank 0, the others waiting) and update the best weights and
         early stopping; every rank learns rank 0's decision."""
+        model = self.whole_model()
         if self.world.main:
             started = time.perf_counter()
-            metrics = self.validate()
+            metrics = self.validate(model)
             record("valid", metrics)
             log.info("step %d | valid %s", self.step, " | ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-            self._after_eval(metrics)
+            self._after_eval(metrics, model)
             took = time.perf_counter() - started
             if self.world.active and took > 30 * self.tc.backend_timeout_minutes:
                 log.warning("validation took %.0f s, more than half of train.backend_timeout_minutes (%g): the "
