@@ -240,3 +240,24 @@ def test_a_run_directory_not_shared_between_nodes_is_refused(two_ranks, tmp_path
     for err in errors:
         lines = [line for line in err.splitlines() if line.startswith("detr: error:")]
         assert len(lines) == 1 and "is not shared" in lines[0] and "rank 1 of 2" in lines[0], err
+
+
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_and_the_run_resumes_exactly(two_ranks):
+    tmp, config = two_ranks
+    run_dir = tmp / "sigterm"
+    job = subprocess.Popen(torchrun_args("train", str(config), "--run_dir", str(run_dir), "--no-progress"), cwd=ROOT,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 120
+    while not (run_dir / TRAINER_STATE).exists() and job.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(workers(job.pid)[1], signal.SIGTERM)  # a preemption notice reaching one machine only
+    out, _ = job.communicate(timeout=120)
+    step = load_trainer_state(run_dir / TRAINER_STATE)["step"]
+    assert step < STEPS, "the run finished before the signal: make it longer"
+    # Rank 0 saved at the step rank 1 stopped at (a rank that went on would have lost its peer instead).
+    assert out.count(f"stopped by SIGTERM at step {step}; checkpoint saved") == 1, out
+    assert out.count("resume with: detr train") == 1 and "lost the other processes" not in out, out
+    resumed = run_torchrun("train", str(config), "--run_dir", str(run_dir), "--no-progress", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_weights(run_dir, tmp / "whole")
