@@ -5,7 +5,7 @@ random weights, 30 source tokens per sentence and exactly 30 output tokens (mini
 maximum length), greedy and beam 4, batch 1 and 32. Reports generated tokens per second
 (sentences × 30 ÷ seconds, median of `--repeat` timed runs after one warm-up).
 
-    pip install "torch==2.13.0" -e ".[bench]"   # CTranslate2; transformers is a dependency of detr
+    pip install "torch==2.13.0" -e ".[bench,export]"   # CTranslate2; transformers is a dependency of detr
     python benchmarks/decode_speed.py [--threads 2] [--repeat 3] [--device cpu]
 
 Not part of the test run.

@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from typing import Any, TextIO
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 import detr
@@ -182,8 +183,31 @@ def _with_prefixes(wishes: Iterator[Constraints], prefixes: Iterator[tuple[int, 
         yield wish.with_prefix(prefix, f"{name}:{number}")
 
 
+def _export_module() -> Any:
+    try:
+        from detr.export import ctranslate2  # the export extra (the ctranslate2 package): needed only here
+    except ImportError as err:
+        raise ConfigError(f"CTranslate2 export needs the export extra ({err.name} is missing): "
+                          f"pip install 'torch==2.13.0' -e '.[export]'") from None
+    return ctranslate2
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    out = _export_module().export(args.run, args.out, args.quantize, args.weights)
+    print(f"exported {args.run} to {out} (CTranslate2, {args.quantize})")
+    return 0
+
+
 def cmd_translate(args: argparse.Namespace) -> int:
     translator = _translator(args, "translate")
+    if args.engine == "ctranslate2":
+        if len(args.runs) > 1 or args.alignment:
+            raise ConfigError("--engine ctranslate2 translates with one run, without --alignment")
+        engine = _export_module()
+        folder = engine.cached_export(args.runs[0], args.quantize, args.weights)
+        translator.engine = engine.CTranslate2Search(folder, translator.tokenizer, threads=torch.get_num_threads())
+    elif args.quantize != "float32":
+        raise ConfigError("--quantize applies to --engine ctranslate2")
     config = translator.checked(decode_options(args, translator.decode))
     sources: collections.deque[str] = collections.deque()  # inputs not yet answered, for --alignment
 
@@ -466,7 +490,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_steering(translate)
     translate.add_argument("--alignment", action="store_true",
                            help="append a tab and source-target word alignments from cross-attention (0-0 1-2 ...)")
+    translate.add_argument("--engine", choices=["torch", "ctranslate2"], default="torch",
+                           help="who searches: detr's own PyTorch code, or CTranslate2 on a conversion of the run "
+                                "made once and kept in RUN/engines/ (greedy and beam, identical output)")
+    translate.add_argument("--quantize", choices=["float32", "int8", "int8_float32"], default="float32",
+                           help="--engine ctranslate2: the conversion's weights (int8: faster, not identical)")
     translate.set_defaults(func=cmd_translate)
+
+    export = sub.add_parser("export", help="write a translation run as a model for another inference engine")
+    export.add_argument("run", help="run directory written by detr train")
+    export.add_argument("--to", choices=["ctranslate2"], required=True, help="the engine")
+    export.add_argument("--out", required=True, help="the directory to write (replaced if it is an earlier export)")
+    export.add_argument("--quantize", choices=["float32", "int8", "int8_float32"], default="float32",
+                        help="weights of the export (default float32: outputs identical to detr's)")
+    export.add_argument("--weights", help="a .safetensors file to use instead of RUN/model.safetensors")
+    export.set_defaults(func=cmd_export)
 
     generate = sub.add_parser("generate", help="sample --num-samples outputs per line (temperature, top-k, top-p, "
                                                "seed) from a trained run")

@@ -10,6 +10,7 @@
       checkpoints/         step_XXXXXXXX.safetensors, the last `train.keep_last` saves
       metrics.jsonl        one JSON object per log or validation step
       events.*             TensorBoard logs
+      engines/NAME/        conversions for other inference engines (`detr translate --engine`), made on demand
       .detr-world          while ranks start under torchrun: rank 0's token, read by the others to check
                            that they see the same directory
 
@@ -76,6 +77,11 @@ class RunDir:
     @property
     def world_marker(self) -> Path:
         return self.root / ".detr-world"
+
+    def engine_cache(self, name: str) -> Path:
+        """A conversion of the run's weights for another engine (`detr translate --engine`), e.g.
+        "ctranslate2-int8"."""
+        return self.root / "engines" / name
 
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / f"step_{step:08d}.safetensors"

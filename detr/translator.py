@@ -20,6 +20,7 @@ import logging
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -77,6 +78,7 @@ class Translator:
         self.languages = tokenizer.src.languages()  # a multilingual run's target languages → tag ids
         self.on_overlong = "truncate"  # or "error"
         self.read_ahead: int | None = None  # lines decoded together; None: CHUNK_BATCHES × batch_size
+        self.engine: Engine | None = None  # greedy/beam search by another engine (`detr translate --engine`)
 
     @classmethod
     def ensemble(cls, members: list[Translator], names: list[str] | None = None) -> Translator:
@@ -117,6 +119,10 @@ class Translator:
         """`config`, validated for this model (ConfigError names the key)."""
         config.validate()
         self.language_tag(config.tgt_lang)
+        if self.engine is not None:
+            if len(self.models) > 1:
+                raise ConfigError("an ensemble needs the torch engine (drop --engine)")
+            self.engine.check(config)
         if 2 * max(config.beam_size, config.mbr) > self.model.config.tgt_vocab_size:
             raise ConfigError(f"decode.beam_size={config.beam_size} is too large for a target vocabulary of "
                               f"{self.model.config.tgt_vocab_size}")
@@ -244,6 +250,10 @@ class Translator:
             return
 
         def search(src: torch.Tensor, guides: Guides) -> list[list[Hypothesis]]:
+            if self.engine is not None:
+                if guides is not None:
+                    raise ConfigError("constraints and prefixes need the torch engine (drop --engine)")
+                return self.engine(src, config)
             if guides is not None and any(g is not None and g.include for g in guides):
                 return constrained_beam_search(self.models, src, config, guides)
             if config.beam_size == 1:
@@ -338,6 +348,16 @@ class Translator:
             yield from results
         if failure:
             raise failure
+
+
+class Engine(Protocol):
+    """Greedy and beam search done by another inference engine on a conversion of the model."""
+
+    def check(self, config: DecodeConfig) -> None:
+        """Raise ConfigError for options the engine would not carry out as detr's own search does."""
+
+    def __call__(self, src: torch.Tensor, config: DecodeConfig) -> list[list[Hypothesis]]:
+        """`config.nbest` hypotheses (beam) or one (greedy) per row of the padded source ids `src`."""
 
 
 def _paired(lines: Iterable[str], constraints: Iterable[Constraints] | None) -> Iterator[tuple[str, Constraints]]:

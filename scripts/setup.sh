@@ -13,6 +13,6 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
   # torch is pinned first and on its own line so nothing can pull an unpinned (CUDA) build.
   .venv/bin/python -m pip install --quiet "torch==2.13.0"
-  .venv/bin/python -m pip install --quiet -e ".[test,serve]"
+  .venv/bin/python -m pip install --quiet -e ".[test,serve,export]"
   echo "$want" > "$stamp"
 fi

@@ -19,7 +19,7 @@ PACKAGE = ROOT / "detr"
 # encoders, TensorBoard logging, plots, ROUGE, the entity report), or the serving extra (fastapi and
 # uvicorn, which detr.serve needs: the CLI imports it only for `detr serve`).
 OPTIONAL = ("transformers", "torch.utils.tensorboard", "matplotlib", "rouge_score", "seqeval", "sklearn", "uvicorn",
-            "detr.serve")
+            "detr.serve", "detr.export")  # serve and export: extras of their own
 
 
 def module_name(path: Path) -> str:

@@ -1,0 +1,263 @@
+"""A translation run as a CTranslate2 model, and greedy/beam search run by CTranslate2.
+
+    detr export RUN --to ctranslate2 --out DIR [--quantize int8]
+    detr translate RUN --engine ctranslate2 [--quantize int8]
+
+The model is described with CTranslate2's own specification API (`TransformerSpec`: the same
+calls its OpenNMT-py and fairseq converters make) and written by it; nothing here writes
+CTranslate2's binary format. detr's parts map one to one: fused query/key/value projections,
+LayerNorm before (pre-norm) or after (post-norm) each sublayer, the final pre-norm LayerNorm,
+embeddings scaled by √d_model plus detr's own position table (sinusoidal or learned), the
+output projection. The vocabularies are the subword strings of the run's tokenizer in id order,
+so ids survive the round trip; `<s>` starts the decoder, `</s>` ends a sentence, as in detr.
+
+What CTranslate2 cannot do as detr does is refused before anything is written or decoded:
+a pretrained (BERT-style) encoder, multilingual tags (not yet mapped), GNMT's length penalty
+(CTranslate2 divides by length^α), the repetition penalty (it applies it to logits, detr to
+log-probabilities), sampling, constraints, ensembles and MBR.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import ctranslate2
+import numpy as np
+import torch
+from ctranslate2.specs import common_spec, transformer_spec
+from torch import Tensor, nn
+
+from detr.checkpoint import load_run
+from detr.config import DecodeConfig, ModelConfig
+from detr.errors import CheckpointError, ConfigError
+from detr.rundir import RunDir
+from detr.search import Hypothesis
+from detr.tokenizer import EOS, PAD, SPECIALS, Tokenizer
+
+QUANTIZATIONS = ("float32", "int8", "int8_float32")
+MARKER = "detr-export.json"  # what the export was made from; its absence means a partial export
+FORMAT = "detr-ctranslate2/1"
+MODEL_FILES = ("model.bin", "config.json")
+
+
+def unsupported(config: ModelConfig, tokenizer: Tokenizer) -> list[str]:
+    """What in this model CTranslate2's Transformer specification cannot hold (empty: it maps)."""
+    problems = []
+    if config.pretrained is not None:
+        problems.append("model.pretrained (a BERT-style encoder: token-type embeddings and an embedding LayerNorm)")
+    if tokenizer.src.languages():
+        problems.append("a multilingual run's language tags")
+    if config.activation not in ("relu", "gelu"):
+        problems.append(f"model.activation={config.activation}")
+    return problems
+
+
+def _linear(spec: common_spec.LinearSpec, *layers: nn.Linear) -> None:
+    """Set `spec` to `layers` fused along the output dimension (query/key/value into one)."""
+    spec.weight = torch.cat([layer.weight.detach() for layer in layers]).float().numpy()
+    if layers[0].bias is not None:
+        spec.bias = torch.cat([layer.bias.detach() for layer in layers]).float().numpy()
+
+
+def _norm(spec: common_spec.LayerNormSpec, norm: nn.LayerNorm) -> None:
+    spec.gamma = norm.weight.detach().float().numpy()
+    spec.beta = norm.bias.detach().float().numpy()
+
+
+def _inputs(spec: object, embed: nn.Module) -> None:
+    """Token embeddings (scaled by √d_model in CTranslate2 as in detr) and detr's position table."""
+    tokens = embed.tokens.weight.detach().float().numpy()
+    if isinstance(spec.embeddings, list):
+        spec.embeddings[0].weight = tokens
+    else:
+        spec.embeddings.weight = tokens
+    spec.scale_embeddings = True  # CTranslate2's default, said here because detr depends on it
+    spec.position_encodings.encodings = embed.positions.table.detach().float().numpy()
+
+
+def model_spec(model: nn.Module, tokenizer: Tokenizer) -> transformer_spec.TransformerSpec:
+    """CTranslate2's description of a detr `Seq2Seq` (weights included)."""
+    config: ModelConfig = model.config
+    problems = unsupported(config, tokenizer)
+    if problems:
+        raise ConfigError(f"CTranslate2 cannot hold {'; '.join(problems)}; this run cannot be exported to it")
+    activation = common_spec.Activation.GELU if config.activation == "gelu" else common_spec.Activation.RELU
+    pre_norm = config.norm == "pre"
+    spec = transformer_spec.TransformerSpec.from_config(
+        (config.n_layers, config.decoder_layers), config.n_heads, pre_norm=pre_norm, activation=activation)
+    spec.config.layer_norm_epsilon = config.layer_norm_eps
+    encoder, decoder = model.encoder, model.decoder
+    _inputs(spec.encoder, encoder.embed)
+    for layer_spec, layer in zip(spec.encoder.layer, encoder.layers):
+        attn = layer.self_attn
+        _linear(layer_spec.self_attention.linear[0], attn.q_proj, attn.k_proj, attn.v_proj)
+        _linear(layer_spec.self_attention.linear[1], attn.out_proj)
+        _norm(layer_spec.self_attention.layer_norm, layer.attn_block.norm)
+        _linear(layer_spec.ffn.linear_0, layer.ff.w1)
+        _linear(layer_spec.ffn.linear_1, layer.ff.w2)
+        _norm(layer_spec.ffn.layer_norm, layer.ff_block.norm)
+    _inputs(spec.decoder, decoder.embed)
+    for layer_spec, layer in zip(spec.decoder.layer, decoder.layers):
+        attn, cross = layer.self_attn, layer.cross_attn
+        _linear(layer_spec.self_attention.linear[0], attn.q_proj, attn.k_proj, attn.v_proj)
+        _linear(layer_spec.self_attention.linear[1], attn.out_proj)
+        _norm(layer_spec.self_attention.layer_norm, layer.self_block.norm)
+        _linear(layer_spec.attention.linear[0], cross.q_proj)
+        _linear(layer_spec.attention.linear[1], cross.k_proj, cross.v_proj)
+        _linear(layer_spec.attention.linear[2], cross.out_proj)
+        _norm(layer_spec.attention.layer_norm, layer.cross_block.norm)
+        _linear(layer_spec.ffn.linear_0, layer.ff.w1)
+        _linear(layer_spec.ffn.linear_1, layer.ff.w2)
+        _norm(layer_spec.ffn.layer_norm, layer.ff_block.norm)
+    if pre_norm:
+        _norm(spec.encoder.layer_norm, encoder.norm)
+        _norm(spec.decoder.layer_norm, decoder.norm)
+    spec.decoder.projection.weight = model.output.weight.detach().float().numpy()
+    if getattr(model.output, "bias", None) is not None:
+        spec.decoder.projection.bias = model.output.bias.detach().float().numpy()
+    spec.register_source_vocabulary(vocabulary(tokenizer, "src"))
+    spec.register_target_vocabulary(vocabulary(tokenizer, "tgt"))
+    return spec
+
+
+def vocabulary(tokenizer: Tokenizer, side: str) -> list[str]:
+    """The subword strings of one side, in id order (specials by their names)."""
+    hf = getattr(tokenizer, side).hf
+    tokens = [SPECIALS[i] if i < len(SPECIALS) else hf.id_to_token(i) for i in range(hf.get_vocab_size())]
+    if len(set(tokens)) != len(tokens):
+        raise ConfigError(f"the {side} vocabulary has repeated token strings; CTranslate2 needs each once")
+    return tokens
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def export(run_dir: str | Path, out: str | Path, quantize: str = "float32", weights: str | Path | None = None) -> Path:
+    """Write the run (its `model.safetensors`, or `weights`) as a CTranslate2 model directory `out`,
+    with the run's tokenizer and a marker saying what it was made from. Written beside `out` and
+    renamed into place: a failure leaves no half-written directory.
+
+    Raises:
+        ConfigError: an unknown quantization, a run CTranslate2 cannot hold (naming the feature), or an
+            `out` that exists and is not an earlier export.
+    """
+    if quantize not in QUANTIZATIONS:
+        raise ConfigError(f"--quantize {quantize}: choose from {', '.join(QUANTIZATIONS)}")
+    out = Path(out)
+    if out.exists() and not (out / MARKER).is_file():
+        raise ConfigError(f"{out}: exists and is not a detr export; choose a new --out")
+    run = load_run(run_dir, weights=weights)
+    if run.config.task != "translate":
+        raise ConfigError(f"{run_dir} is a {run.config.task} run; only translation runs export to CTranslate2")
+    tokenizer = run.task.tokenizer
+    spec = model_spec(run.model, tokenizer)
+    weights_path = Path(weights) if weights is not None else RunDir(run_dir).model
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        spec.validate()
+        spec.optimize(quantization=None if quantize == "float32" else quantize)
+        spec.save(str(staging))
+        shutil.copyfile(RunDir(run_dir).tokenizer, staging / RunDir(".").tokenizer.name)
+        marker = {"format": FORMAT, "weights_sha256": file_digest(weights_path), "quantize": quantize,
+                  "max_positions": run.model.config.max_positions, "ctranslate2": ctranslate2.__version__}
+        (staging / MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def read_marker(folder: Path) -> dict:
+    """The export's marker, after checking its files are all there.
+
+    Raises:
+        CheckpointError: a partial or corrupt export (one line naming what is missing).
+    """
+    missing = [name for name in (MARKER, *MODEL_FILES) if not (folder / name).is_file()]
+    if missing:
+        raise CheckpointError(f"{folder}: not a complete CTranslate2 export (missing {', '.join(missing)}); "
+                              f"export it again")
+    try:
+        marker = json.loads((folder / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{folder / MARKER}: unreadable ({err}); export it again") from None
+    if not isinstance(marker, dict) or marker.get("format") != FORMAT:
+        raise CheckpointError(f"{folder / MARKER}: not a detr export marker; export it again")
+    return marker
+
+
+def cached_export(run_dir: str | Path, quantize: str, weights: str | Path | None = None) -> Path:
+    """The run's CTranslate2 conversion kept in the run directory, made (again) when missing,
+    partial, or made from other weights."""
+    folder = RunDir(run_dir).engine_cache(f"ctranslate2-{quantize}")
+    weights_path = Path(weights) if weights is not None else RunDir(run_dir).model
+    try:
+        current = read_marker(folder)["weights_sha256"] == file_digest(weights_path)
+    except CheckpointError:
+        current = False
+    return folder if current else export(run_dir, folder, quantize, weights)
+
+
+class CTranslate2Search:
+    """Greedy and beam search by CTranslate2 on an exported model, for a `Translator` to call
+    in place of its own (`translator.engine`): source ids in, detr `Hypothesis` lists out."""
+
+    def __init__(self, folder: str | Path, tokenizer: Tokenizer, threads: int = 0, device: str = "cpu") -> None:
+        folder = Path(folder)
+        marker = read_marker(folder)
+        compute = {"float32": "float32", "int8": "int8", "int8_float32": "int8_float32"}[marker["quantize"]]
+        try:
+            self.translator = ctranslate2.Translator(str(folder), device=device, compute_type=compute,
+                                                     intra_threads=threads)
+        except (RuntimeError, ValueError) as err:
+            raise CheckpointError(f"{folder}: CTranslate2 cannot load it ({err}); export it again") from None
+        self.src_tokens = vocabulary(tokenizer, "src")
+        self.tgt_ids = {token: i for i, token in enumerate(vocabulary(tokenizer, "tgt"))}
+        self.max_positions = int(marker["max_positions"])
+
+    def check(self, config: DecodeConfig) -> None:
+        """Refuse the decoding options CTranslate2 would not carry out as detr does."""
+        if config.beam_size > 1 and config.length_penalty != 0:
+            raise ConfigError(f"decode.length_penalty={config.length_penalty}: CTranslate2 divides a beam's score by "
+                              f"length^alpha, not GNMT's ((5 + length) / 6)^alpha, so its beams would rank otherwise; "
+                              f"use --length-penalty 0 with --engine ctranslate2 (or the torch engine)")
+        if config.repetition_penalty != 1.0:
+            raise ConfigError("decode.repetition_penalty: CTranslate2 applies it to logits, detr to log-probabilities; "
+                              "use the torch engine")
+        if config.mbr:
+            raise ConfigError("decode.mbr: not with --engine ctranslate2; use the torch engine")
+
+    def __call__(self, src: Tensor, config: DecodeConfig) -> list[list[Hypothesis]]:
+        """Hypotheses for each row of the padded source ids `src` (B, S), best first."""
+        rows = [[int(i) for i in row if i != PAD] for row in src.tolist()]
+        budgets = [max(1, min(int(np.floor(config.max_len_a * (len(r) - 1) + config.max_len_b)),
+                              self.max_positions - 1)) for r in rows]
+        by_budget: dict[int, list[int]] = defaultdict(list)
+        for i, budget in enumerate(budgets):
+            by_budget[budget].append(i)
+        out: list[list[Hypothesis]] = [[] for _ in rows]
+        for budget, index in by_budget.items():
+            results = self.translator.translate_batch(
+                [[self.src_tokens[i] for i in rows[j]] for j in index], beam_size=config.beam_size,
+                num_hypotheses=config.nbest, length_penalty=0.0, max_decoding_length=budget,
+                min_decoding_length=config.min_len, no_repeat_ngram_size=config.no_repeat_ngram,
+                max_input_length=0, return_scores=True)
+            for j, result in zip(index, results):
+                out[j] = [Hypothesis([self.tgt_ids[t] for t in tokens if self.tgt_ids[t] != EOS], float(score))
+                          for tokens, score in zip(result.hypotheses, result.scores)]
+        return out

