@@ -136,7 +136,11 @@ class World:
         log.info("%s: process group %s, timeout %g min", self, backend, timeout_minutes)
 
     def close(self) -> None:
+        """Leave the process group, all ranks together (a rank tearing it down while another is
+        still on its way out can leave that one waiting)."""
         if self.active and dist.is_initialized():
+            with contextlib.suppress(RuntimeError, dist.DistError):
+                dist.barrier()
             dist.destroy_process_group()
 
     # ------------------------------------------------------------------ collectives

@@ -187,13 +187,24 @@ def kill_rank_after_first_checkpoint(args: list[str], run_dir: Path) -> tuple[su
     return job, time.time()
 
 
+def finish(job: subprocess.Popen, timeout: float) -> str:
+    """The job's output once it ends; a job still running after `timeout` is killed (launcher and
+    workers) and the test fails with what it printed."""
+    try:
+        return job.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        for pid in [*workers(job.pid).values(), job.pid]:
+            os.kill(pid, signal.SIGKILL)
+        pytest.fail(f"still running after {timeout} s:\n{job.communicate()[0]}")
+
+
 def test_a_killed_rank_ends_the_job_with_a_clear_line_and_max_restarts_finishes_it(two_ranks):
     tmp, config = two_ranks
     run_dir = tmp / "lost"
     job, killed = kill_rank_after_first_checkpoint(
         torchrun_args("train", str(config), "--run_dir", str(run_dir), "--no-progress",
                       "--train.max_steps", "100000"), run_dir)
-    out, _ = job.communicate(timeout=120)
+    out = finish(job, 120)
     assert job.returncode != 0 and time.time() - killed < 60, out
     assert "exitcode  : -9" in out, out  # torchrun's report names the dead worker
     assert "detr: error: rank 0 of 2" in out and "lost the other processes of the job" in out, out
@@ -203,7 +214,7 @@ def test_a_killed_rank_ends_the_job_with_a_clear_line_and_max_restarts_finishes_
     run_dir = tmp / "restarted"
     job, _ = kill_rank_after_first_checkpoint(
         torchrun_args("train", str(config), "--run_dir", str(run_dir), "--no-progress", restarts=1), run_dir)
-    out, _ = job.communicate(timeout=180)
+    out = finish(job, 120)
     assert job.returncode == 0, out
     assert "torchrun restart 1: resuming from the last checkpoint" in out
     assert_same_weights(run_dir, tmp / "whole")  # exact resume: as if nothing had happened

@@ -110,15 +110,17 @@ def test_shared_weight_matrix_is_one_tensor_and_receives_every_gradient(tiny_con
     shared = model.encoder.embed.tokens.weight
     assert shared is model.decoder.embed.tokens.weight is model.output.weight
     assert sum(p is shared for p in model.parameters()) == 1
-    # Each use alone sends a gradient into the one tensor.
+    # Each use alone sends a gradient into the one tensor. The stacks end in LayerNorm, whose plain
+    # sum has an exact gradient of 0 (only rounding noise): weigh the outputs before summing.
     src, tgt = ids([5, 6, 2]), ids([BOS, 7])
+    weigh = torch.randn(config.d_model, generator=torch.Generator().manual_seed(0))
     for use in ("source embedding", "target embedding", "output projection"):
         model.zero_grad()
         if use == "source embedding":
-            model.encode(src).sum().backward()
+            (model.encode(src) * weigh).sum().backward()
         elif use == "target embedding":
             mem = torch.zeros(1, 3, config.d_model)
-            model.decoder(tgt, mem, padding_mask(src)).sum().backward()
+            (model.decoder(tgt, mem, padding_mask(src)) * weigh).sum().backward()
         else:
             model.output(torch.ones(1, 1, config.d_model)).sum().backward()
         assert shared.grad is not None and shared.grad.abs().sum() > 0, use

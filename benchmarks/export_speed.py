@@ -1,0 +1,62 @@
+"""A trained run decoded by detr's own search and by its CTranslate2 export: speed, identity, BLEU.
+
+Translates `--src` (one call per engine over all lines, after one warm-up call on the first 50)
+with greedy and beam search (length penalty 0, which both engines rank the same way), and
+reports sentences per second, how many outputs equal detr's own, and BLEU against `--ref`.
+
+    python benchmarks/export_speed.py RUN --src test.en --ref test.de [--threads 2] [--beams 1,4]
+
+Not part of the test run; the conversions go to RUN/engines/ as with `detr translate --engine`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from detr import load
+from detr.export.ctranslate2 import CTranslate2Search, cached_export
+from detr.metrics import bleu
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("run")
+    parser.add_argument("--src", required=True)
+    parser.add_argument("--ref", required=True)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--beams", default="1,4")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    lines = open(args.src, encoding="utf-8").read().splitlines()
+    refs = open(args.ref, encoding="utf-8").read().splitlines()
+    translator = load(args.run)
+    engines = {"detr (torch)": None}
+    for quantize in ("float32", "int8"):
+        engines[f"CTranslate2 {quantize}"] = CTranslate2Search(cached_export(args.run, quantize), translator.tokenizer,
+                                                               threads=args.threads)
+    print(f"{len(lines)} sentences, {args.threads} threads, torch {torch.__version__}")
+    print("| search | engine | sentences/s | ÷ detr | outputs equal to detr's | BLEU |")
+    print("|---|---|---:|---:|---:|---:|")
+    for beam in map(int, args.beams.split(",")):
+        options = translator.options(beam_size=beam, length_penalty=0.0)
+        own: list[str] = []
+        base = 0.0
+        for name, engine in engines.items():
+            translator.engine = engine
+            translator.translate(lines[:50], options)  # warm-up
+            start = time.perf_counter()
+            out = translator.translate(lines, options)
+            speed = len(lines) / (time.perf_counter() - start)
+            own, base = (out, speed) if engine is None else (own, base)
+            same = sum(a == b for a, b in zip(out, own))
+            score = bleu(out, [refs]).score
+            print(f"| {'greedy' if beam == 1 else f'beam {beam}'} | {name} | {speed:,.1f} | {speed / base:.2f} | "
+                  f"{same}/{len(lines)} | {score:.2f} |", flush=True)
+    translator.engine = None
+
+
+if __name__ == "__main__":
+    main()
