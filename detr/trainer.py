@@ -508,10 +508,10 @@ class Trainer:
     def whole_model(self) -> nn.Module:
         """The model with all its weights (under FSDP: every rank must call this; rank 0 gets a whole
         copy loaded from the gathered shards, the others their sharded model)."""
-        if self.whole is None and not (self.tc.fsdp and self.world.active):
+        if not (self.tc.fsdp and self.world.active):
             return self.model
-        weights = self.world.whole_weights(self.model)
-        if self.whole is None or weights is None:
+        weights = self.world.whole_weights(self.model)  # a collective: every rank gathers
+        if self.whole is None:  # ranks > 0
             return self.model
         self.whole.load_state_dict(weights)
         return self.whole
