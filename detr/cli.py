@@ -206,8 +206,8 @@ def cmd_translate(args: argparse.Namespace) -> int:
         engine = _export_module()
         folder = engine.cached_export(args.runs[0], args.quantize, args.weights)
         translator.engine = engine.CTranslate2Search(folder, translator.tokenizer, threads=torch.get_num_threads())
-    elif args.quantize != "float32":
-        raise ConfigError("--quantize applies to --engine ctranslate2")
+    else:
+        translator.quantize(args.quantize)
     config = translator.checked(decode_options(args, translator.decode))
     sources: collections.deque[str] = collections.deque()  # inputs not yet answered, for --alignment
 
@@ -494,7 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="who searches: detr's own PyTorch code, or CTranslate2 on a conversion of the run "
                                 "made once and kept in RUN/engines/ (greedy and beam, identical output)")
     translate.add_argument("--quantize", choices=["float32", "int8", "int8_float32"], default="float32",
-                           help="--engine ctranslate2: the conversion's weights (int8: faster, not identical)")
+                           help="weights of the engine: int8 Linear layers in detr's own (dynamic, CPU) or in the "
+                                "CTranslate2 conversion; faster, not identical to float32")
     translate.set_defaults(func=cmd_translate)
 
     export = sub.add_parser("export", help="write a translation run as a model for another inference engine")

@@ -33,6 +33,7 @@ import logging
 import os
 import re
 import socket
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -40,14 +41,6 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_optimizer_state_dict,
-)
-from torch.distributed.fsdp import FSDPModule, fully_shard
-from torch.distributed.tensor import DTensor
 
 from detr.errors import ConfigError, DetrError, TrainingError
 
@@ -246,6 +239,8 @@ class World:
         if not self.active:
             return model
         if fsdp:
+            from torch.distributed.fsdp import fully_shard  # imported by the runs that shard: a second of start-up
+
             for layers in [m for m in model.modules() if isinstance(m, nn.ModuleList)]:
                 for layer in layers:
                     fully_shard(layer)
@@ -255,7 +250,7 @@ class World:
 
     def accumulating(self, module: nn.Module, last: bool) -> contextlib.AbstractContextManager:
         """No gradient all-reduce on accumulating micro-steps: only the step's last backward syncs."""
-        if isinstance(module, FSDPModule):
+        if _sharded(module):
             module.set_requires_gradient_sync(last)
         if last or not isinstance(module, nn.parallel.DistributedDataParallel):
             return contextlib.nullcontext()
@@ -264,7 +259,9 @@ class World:
     def whole_weights(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
         """The model's weights, whole, on rank 0 (gathered from the shards under FSDP: every rank
         must call this then); None on the other ranks."""
-        if isinstance(model, FSDPModule):
+        if _sharded(model):
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
             with self.guard("while gathering the weights"):
                 state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             return state if self.main else None
@@ -273,7 +270,9 @@ class World:
     def optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
         """The optimizer's state on rank 0, whole (keyed by parameter name under FSDP: every rank
         must call this then); None on the other ranks."""
-        if isinstance(model, FSDPModule):
+        if _sharded(model):
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
             with self.guard("while gathering the optimizer state"):
                 state = get_optimizer_state_dict(model, optimizer,
                                                  options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -282,7 +281,9 @@ class World:
 
     def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
         """Load what `optimizer_state` returned (every rank reads the whole state; FSDP keeps its shard)."""
-        if isinstance(model, FSDPModule):
+        if _sharded(model):
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
             set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
         else:
             optimizer.load_state_dict(state)
@@ -293,9 +294,17 @@ class World:
         return torch.device("cpu")
 
 
+def _sharded(module: nn.Module) -> bool:
+    """Whether `fully_shard` sharded `module`. FSDP is imported only by the runs that shard: its
+    import costs every other command a second of start-up."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return fsdp is not None and isinstance(module, fsdp.FSDPModule)
+
+
 def whole(tensor: torch.Tensor) -> torch.Tensor:
     """A tensor in full: a sharded DTensor (an FSDP gradient norm, say) gathered."""
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return tensor.full_tensor() if dtensor is not None and isinstance(tensor, dtensor.DTensor) else tensor
 
 
 def config_digest(settings: dict[str, Any]) -> str:

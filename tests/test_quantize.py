@@ -1,0 +1,54 @@
+"""int8 in detr's own engine: Linear layers hold int8 weights, the model predicts nearly as in float32,
+and the command line offers it in one flag."""
+
+import subprocess
+import sys
+
+import pytest
+import sacrebleu
+import torch
+
+from detr import ConfigError, load
+from detr.model import padding_mask
+from detr.quantize import is_quantized
+from tests.conftest import ROOT
+
+
+def test_int8_logits_stay_close_and_most_outputs_are_the_same(toy_run):
+    lines = (toy_run / "data" / "test.en").read_text().splitlines()
+    fp32, int8 = load(toy_run / "run"), load(toy_run / "run").quantize("int8")
+    assert is_quantized(int8.model) and not is_quantized(fp32.model)
+    assert sum(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in int8.model.modules()) == \
+        sum(isinstance(m, torch.nn.Linear) for m in fp32.model.modules()) > 0
+    src = torch.tensor([[1, *fp32.tokenizer.src.encode(lines[0]), 2]])
+    tgt = torch.tensor([[1, *fp32.tokenizer.tgt.encode("ein Hund")]])
+    with torch.no_grad():
+        logits = [t.model.decode(tgt, t.model.encode(src), padding_mask(src)) for t in (fp32, int8)]
+    assert (logits[0] - logits[1]).abs().max() < 0.05 * logits[0].abs().max()
+    # This tiny model is barely trained, so many of its choices are close calls that rounding can flip;
+    # what int8 must keep is the quality (the issue's target on a trained recipe, ≤ 0.3 BLEU, is a benchmark).
+    refs = (toy_run / "data" / "test.de").read_text().splitlines()
+    options = fp32.options(beam_size=1)
+    outputs = [t.translate(lines, options) for t in (fp32, int8)]
+    bleu = [sacrebleu.corpus_bleu(out, [refs]).score for out in outputs]
+    assert bleu[1] >= bleu[0] - 2.0, f"int8 BLEU {bleu[1]:.1f} against float32 {bleu[0]:.1f}"
+    same = sum(a == b for a, b in zip(*outputs))
+    assert same >= 0.7 * len(lines), f"{same} of {len(lines)} greedy outputs unchanged by int8"
+
+
+def test_translate_quantize_int8_on_the_command_line(toy_run):
+    args = [sys.executable, "-m", "detr", "translate", str(toy_run / "run"), "--beam-size", "2"]
+    ok = subprocess.run([*args, "--quantize", "int8"], input="a red dog\n\none cat\n", capture_output=True,
+                        text=True, cwd=ROOT)
+    assert ok.returncode == 0 and len(ok.stdout.splitlines()) == 3, ok.stderr
+    refused = subprocess.run([*args, "--quantize", "int8_float32"], input="a dog\n", capture_output=True,
+                             text=True, cwd=ROOT)
+    assert refused.returncode == 2 and refused.stdout == "" and "Traceback" not in refused.stderr
+    assert "detr's own engine offers float32, int8" in refused.stderr
+
+
+def test_int8_is_refused_off_the_cpu(toy_run):
+    translator = load(toy_run / "run")
+    translator.model.to("meta")  # any device but the CPU: the check comes before any work
+    with pytest.raises(ConfigError, match="runs on the CPU; this model is on meta"):
+        translator.quantize("int8")
