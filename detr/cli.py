@@ -193,8 +193,28 @@ def _export_module() -> Any:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.to == "huggingface":
+        if args.quantize != "float32":
+            raise ConfigError("--quantize applies to --to ctranslate2; a Hugging Face export keeps float32 weights")
+        from detr.export import huggingface
+
+        done = huggingface.export(args.run, args.out, args.weights)
+        print(f"exported {args.run} to {done.folder} (Hugging Face MarianMTModel; logits within "
+              f"{done.logit_difference:.1g} of detr's)")
+        return 0
     out = _export_module().export(args.run, args.out, args.quantize, args.weights)
     print(f"exported {args.run} to {out} (CTranslate2, {args.quantize})")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from detr.export import huggingface
+
+    done = huggingface.import_marian(args.folder, args.to)
+    extra = "; its one extra vocabulary entry, <pad>, has a zero embedding" if done.extra_pad else ""
+    print(f"imported {args.folder} as the detr run {done.run_dir} (logits within {done.logit_difference:.1g} of "
+          f"Marian's{extra}); fine-tune it with: detr train {done.run_dir}/config.yaml --run_dir NEW "
+          f"--data.train PREFIX --data.valid PREFIX")
     return 0
 
 
@@ -500,12 +520,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help="write a translation run as a model for another inference engine")
     export.add_argument("run", help="run directory written by detr train")
-    export.add_argument("--to", choices=["ctranslate2"], required=True, help="the engine")
+    export.add_argument("--to", choices=["ctranslate2", "huggingface"], required=True,
+                        help="the engine: a CTranslate2 model directory, or a folder transformers loads with "
+                             "MarianMTModel (post-norm runs)")
     export.add_argument("--out", required=True, help="the directory to write (replaced if it is an earlier export)")
     export.add_argument("--quantize", choices=["float32", "int8", "int8_float32"], default="float32",
                         help="weights of the export (default float32: outputs identical to detr's)")
     export.add_argument("--weights", help="a .safetensors file to use instead of RUN/model.safetensors")
     export.set_defaults(func=cmd_export)
+
+    imports = sub.add_parser("import", help="turn a model of another toolkit into a detr run that translates and "
+                                            "trains on")
+    imports.add_argument("format", choices=["huggingface"],
+                         help="a local Hugging Face Marian folder (OPUS-MT style: vocab.json, source.spm, target.spm; "
+                              "or a detr export)")
+    imports.add_argument("folder", help="the model folder")
+    imports.add_argument("--to", required=True, help="the run directory to write (must not hold a run)")
+    imports.set_defaults(func=cmd_import)
 
     generate = sub.add_parser("generate", help="sample --num-samples outputs per line (temperature, top-k, top-p, "
                                                "seed) from a trained run")

@@ -23,7 +23,7 @@ import yaml
 from detr.atomic import atomic_write_text
 from detr.errors import ConfigError
 
-Activation = Literal["relu", "gelu"]
+Activation = Literal["relu", "gelu", "silu"]
 NormPosition = Literal["pre", "post"]
 Positional = Literal["sinusoidal", "learned"]
 
@@ -223,6 +223,9 @@ class TrainConfig:
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     backend_timeout_minutes: float = 30.0
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP) instead of DDP
+    # Fine-tuning: start from these weights (a run's model.safetensors, e.g. one `detr import` made, trained
+    # with the tokenizer data.tokenizer names); the step count, optimizer and schedule start afresh.
+    init_from: str | None = None
 
     def validate(self) -> None:
         _check_types(self, "train")

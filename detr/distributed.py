@@ -31,7 +31,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import socket
 import sys
 from collections.abc import Callable, Iterator
@@ -42,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from detr.errors import ConfigError, DetrError, TrainingError
+from detr.errors import ConfigError, DetrError, TrainingError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -310,10 +309,3 @@ def whole(tensor: torch.Tensor) -> torch.Tensor:
 def config_digest(settings: dict[str, Any]) -> str:
     """A digest of a config's settings, to check that every rank runs the same one."""
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def first_line(err: BaseException) -> str:
-    """The gist of an error: its first sentence, without gloo's source-file prefix."""
-    text = re.sub(r"^\[[^\]]*\]\s*", "", str(err).strip())
-    text = text.splitlines()[0].split(". ")[0] if text else ""
-    return text or type(err).__name__

@@ -1,5 +1,7 @@
 """Errors a user can cause. The CLI prints them as one line and exits non-zero."""
 
+import re
+
 
 class DetrError(Exception):
     """Base class of every error detr raises for bad input, config or files."""
@@ -22,3 +24,10 @@ class CheckpointError(DetrError):
 
 class TrainingError(DetrError):
     """Training cannot go on (for example, the loss stayed non-finite)."""
+
+
+def first_line(err: BaseException) -> str:
+    """The gist of an error: its first sentence (without the source-file prefix gloo puts first)."""
+    text = re.sub(r"^\[[^\]]*\]\s*", "", str(err).strip())
+    text = text.splitlines()[0].split(". ")[0] if text else ""
+    return text or type(err).__name__

@@ -83,6 +83,9 @@ class MultiHeadAttention(nn.Module):
         return self.attend(query, k, v, mask, need_weights)
 
 
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}  # silu: Marian's "swish" (OPUS-MT models)
+
+
 class FeedForward(nn.Module):
     """Position-wise Linear → activation → (dropout) → Linear.
 
@@ -95,7 +98,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.w1 = nn.Linear(d_model, d_ff)
         self.w2 = nn.Linear(d_ff, d_model)
-        self.activation = nn.GELU() if activation == "gelu" else nn.ReLU()
+        self.activation = ACTIVATIONS[activation]()
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:

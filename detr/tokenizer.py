@@ -159,6 +159,13 @@ class Tokenizer:
     def joint(self) -> bool:
         return self.src is self.tgt
 
+    @property
+    def one_id_space(self) -> bool:
+        """Whether an id means the same subword on both sides (a joint vocabulary, or two segmenters over
+        one vocabulary, as an OPUS-MT model's source.spm and target.spm): what shared embeddings need."""
+        return self.joint or self.src.hf.get_vocab(with_added_tokens=True) == self.tgt.hf.get_vocab(
+            with_added_tokens=True)
+
     def fingerprint(self) -> str:
         """A short hash of the vocabularies: a run stores it, so another run's tokenizer is caught at load."""
         return hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()[:16]

@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from detr.analysis import gradient_norms, update_ratios
 from detr.atomic import atomic_write_text
-from detr.checkpoint import load_trainer_state, load_weights, save_trainer_state, save_weights
+from detr.checkpoint import load_trainer_state, load_weights, save_trainer_state, save_weights, weights_fingerprint
 from detr.config import Config, TrainConfig, load_config
 from detr.distributed import World, config_digest, whole
 from detr.errors import CheckpointError, ConfigError, TrainingError
@@ -184,6 +184,8 @@ class Trainer:
             self.model = self.task.build_model(self.config.model, encoder_for(self.config.model)).to(self.device)
             if state is not None:
                 load_weights(self.model, self.run_dir / state["checkpoint"])
+            elif self.tc.init_from is not None:
+                self._start_from(Path(self.tc.init_from))
             self.train_model = self.world.wrap(self.model, self.device, self.tc.fsdp)  # what the training step calls
             # Under FSDP rank 0 validates and saves through a whole copy, loaded from the gathered shards.
             self.whole = None
@@ -231,6 +233,16 @@ class Trainer:
             self.lock.release()
             self.lock = None
         self.world.close()
+
+    def _start_from(self, weights: Path) -> None:
+        """Fine-tuning: the model starts from `weights` (the step count, optimizer and schedule start
+        afresh), which must have been trained with this run's tokenizer."""
+        stored = weights_fingerprint(weights) if weights.is_file() else None
+        if stored is not None and self.fingerprint is not None and stored != self.fingerprint:
+            raise ConfigError(f"train.init_from: {weights} was trained with another tokenizer (fingerprint {stored}, "
+                              f"this run's is {self.fingerprint}); set data.tokenizer to that run's tokenizer.json")
+        load_weights(self.model, weights)
+        log.info("starting from the weights in %s", weights)
 
     def _set_up_run_dir(self, config: Config, resume: bool) -> dict[str, Any] | None:
         """Rank 0 checks the run directory, learns (or loads) the tokenizer and writes the effective

@@ -19,7 +19,10 @@ PACKAGE = ROOT / "detr"
 # encoders, TensorBoard logging, plots, ROUGE, the entity report), or the serving extra (fastapi and
 # uvicorn, which detr.serve needs: the CLI imports it only for `detr serve`).
 OPTIONAL = ("transformers", "torch.utils.tensorboard", "matplotlib", "rouge_score", "seqeval", "sklearn", "uvicorn",
-            "detr.serve", "detr.export")  # serve and export: extras of their own
+            "detr.serve", "detr.export",  # serve and export: extras of their own
+            # Parts of torch heavy to import, imported by the commands that use them (FSDP and its
+            # checkpointing cost every other command a second of start-up).
+            "torch.distributed.fsdp", "torch.distributed.checkpoint", "torch.ao.quantization")
 
 
 def module_name(path: Path) -> str:
@@ -103,7 +106,8 @@ def test_no_task_name_switches_outside_the_registry():
 # A Hugging Face model folder has files of the same names (its own layout, not a run directory's),
 # and "pretrained" is also the tokenizer kind of a pretrained vocabulary.
 NOT_RUN_FILES = {("pretrained.py", '"tokenizer.json"'), ("pretrained.py", '"model.safetensors"'),
-                 ("tokenizer.py", '"tokenizer.json"'), ("tokenizer.py", '"pretrained"')}
+                 ("tokenizer.py", '"tokenizer.json"'), ("tokenizer.py", '"pretrained"'),
+                 ("huggingface.py", '"tokenizer.json"'), ("huggingface.py", '"model.safetensors"')}
 
 
 @pytest.mark.parametrize("name", ["config.yaml", "tokenizer.json", "labels.json", "model.safetensors",

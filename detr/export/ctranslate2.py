@@ -53,8 +53,6 @@ def unsupported(config: ModelConfig, tokenizer: Tokenizer) -> list[str]:
         problems.append("model.pretrained (a BERT-style encoder: token-type embeddings and an embedding LayerNorm)")
     if tokenizer.src.languages():
         problems.append("a multilingual run's language tags")
-    if config.activation not in ("relu", "gelu"):
-        problems.append(f"model.activation={config.activation}")
     return problems
 
 
@@ -87,7 +85,8 @@ def model_spec(model: nn.Module, tokenizer: Tokenizer) -> transformer_spec.Trans
     problems = unsupported(config, tokenizer)
     if problems:
         raise ConfigError(f"CTranslate2 cannot hold {'; '.join(problems)}; this run cannot be exported to it")
-    activation = common_spec.Activation.GELU if config.activation == "gelu" else common_spec.Activation.RELU
+    activation = {"relu": common_spec.Activation.RELU, "gelu": common_spec.Activation.GELU,
+                  "silu": common_spec.Activation.SWISH}[config.activation]
     pre_norm = config.norm == "pre"
     spec = transformer_spec.TransformerSpec.from_config(
         (config.n_layers, config.decoder_layers), config.n_heads, pre_norm=pre_norm, activation=activation)

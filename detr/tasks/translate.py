@@ -72,7 +72,7 @@ class TranslateTask:
         if missing:
             raise ConfigError(f"data.tokenizer: no language tag for {', '.join(missing)}; a multilingual run needs "
                               f"a tokenizer learned with its data.tgt_lang list")
-        if self.config.model.share_embeddings and not self.tokenizer.joint:
+        if self.config.model.share_embeddings and not self.tokenizer.one_id_space:
             raise ConfigError("model.share_embeddings needs a joint vocabulary: set data.joint_vocab: true")
         if self.config.data.valid is not None:
             self.valid = list(read_examples(self.config.data, "valid"))
