@@ -1,4 +1,5 @@
-"""A trained run decoded by detr's own search and by its CTranslate2 export: speed, identity, BLEU.
+"""A trained run decoded by detr's own search (float32 and int8) and by its CTranslate2 export:
+speed, identity, BLEU.
 
 Translates `--src` (one call per engine over all lines, after one warm-up call on the first 50)
 with greedy and beam search (length penalty 0, which both engines rank the same way), and
@@ -33,10 +34,11 @@ def main() -> None:
     lines = open(args.src, encoding="utf-8").read().splitlines()
     refs = open(args.ref, encoding="utf-8").read().splitlines()
     translator = load(args.run)
-    engines = {"detr (torch)": None}
+    engines = [("detr (torch)", translator), ("detr (torch) int8", load(args.run).quantize("int8"))]
     for quantize in ("float32", "int8"):
-        engines[f"CTranslate2 {quantize}"] = CTranslate2Search(cached_export(args.run, quantize), translator.tokenizer,
-                                                               threads=args.threads)
+        other = load(args.run)
+        other.engine = CTranslate2Search(cached_export(args.run, quantize), translator.tokenizer, threads=args.threads)
+        engines.append((f"CTranslate2 {quantize}", other))
     print(f"{len(lines)} sentences, {args.threads} threads, torch {torch.__version__}")
     print("| search | engine | sentences/s | ÷ detr | outputs equal to detr's | BLEU |")
     print("|---|---|---:|---:|---:|---:|")
@@ -44,18 +46,16 @@ def main() -> None:
         options = translator.options(beam_size=beam, length_penalty=0.0)
         own: list[str] = []
         base = 0.0
-        for name, engine in engines.items():
-            translator.engine = engine
-            translator.translate(lines[:50], options)  # warm-up
+        for name, engine in engines:
+            engine.translate(lines[:50], options)  # warm-up
             start = time.perf_counter()
-            out = translator.translate(lines, options)
+            out = engine.translate(lines, options)
             speed = len(lines) / (time.perf_counter() - start)
-            own, base = (out, speed) if engine is None else (own, base)
+            own, base = (out, speed) if engine is translator else (own, base)
             same = sum(a == b for a, b in zip(out, own))
             score = bleu(out, [refs]).score
             print(f"| {'greedy' if beam == 1 else f'beam {beam}'} | {name} | {speed:,.1f} | {speed / base:.2f} | "
                   f"{same}/{len(lines)} | {score:.2f} |", flush=True)
-    translator.engine = None
 
 
 if __name__ == "__main__":
