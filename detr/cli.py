@@ -42,6 +42,7 @@ from detr.download import MULTI30K_URL, fetch_multi30k
 from detr.embed import Embedder
 from detr.errors import ConfigError, DataError, DetrError
 from detr.evaluate import score_files, score_table
+from detr.export import ENGINES, ctranslate2_module, use_engine
 from detr.labeller import Classifier, Tagger
 from detr.prepare import prepare
 from detr.readers import decode_lines, one_line, read_lines
@@ -183,15 +184,6 @@ def _with_prefixes(wishes: Iterator[Constraints], prefixes: Iterator[tuple[int, 
         yield wish.with_prefix(prefix, f"{name}:{number}")
 
 
-def _export_module() -> Any:
-    try:
-        from detr.export import ctranslate2  # the export extra (the ctranslate2 package): needed only here
-    except ImportError as err:
-        raise ConfigError(f"CTranslate2 export needs the export extra ({err.name} is missing): "
-                          f"pip install 'torch==2.13.0' -e '.[export]'") from None
-    return ctranslate2
-
-
 def cmd_export(args: argparse.Namespace) -> int:
     if args.to == "huggingface":
         if args.quantize != "float32":
@@ -202,7 +194,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"exported {args.run} to {done.folder} (Hugging Face MarianMTModel; logits within "
               f"{done.logit_difference:.1g} of detr's)")
         return 0
-    out = _export_module().export(args.run, args.out, args.quantize, args.weights)
+    out = ctranslate2_module().export(args.run, args.out, args.quantize, args.weights)
     print(f"exported {args.run} to {out} (CTranslate2, {args.quantize})")
     return 0
 
@@ -220,14 +212,9 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 def cmd_translate(args: argparse.Namespace) -> int:
     translator = _translator(args, "translate")
-    if args.engine == "ctranslate2":
-        if len(args.runs) > 1 or args.alignment:
-            raise ConfigError("--engine ctranslate2 translates with one run, without --alignment")
-        engine = _export_module()
-        folder = engine.cached_export(args.runs[0], args.quantize, args.weights)
-        translator.engine = engine.CTranslate2Search(folder, translator.tokenizer, threads=torch.get_num_threads())
-    else:
-        translator.quantize(args.quantize)
+    if args.engine != "torch" and (len(args.runs) > 1 or args.alignment):
+        raise ConfigError(f"--engine {args.engine} translates with one run, without --alignment")
+    use_engine(translator, args.runs[0], args.engine, args.quantize, args.weights, torch.get_num_threads())
     config = translator.checked(decode_options(args, translator.decode))
     sources: collections.deque[str] = collections.deque()  # inputs not yet answered, for --alignment
 
@@ -510,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_steering(translate)
     translate.add_argument("--alignment", action="store_true",
                            help="append a tab and source-target word alignments from cross-attention (0-0 1-2 ...)")
-    translate.add_argument("--engine", choices=["torch", "ctranslate2"], default="torch",
+    translate.add_argument("--engine", choices=list(ENGINES), default="torch",
                            help="who searches: detr's own PyTorch code, or CTranslate2 on a conversion of the run "
                                 "made once and kept in RUN/engines/ (greedy and beam, identical output)")
     translate.add_argument("--quantize", choices=["float32", "int8", "int8_float32"], default="float32",

@@ -97,3 +97,31 @@ def test_a_partial_export_is_detected_on_load(exported, tmp_path, toy_run):
     shutil.copyfile(exported / "config.json", broken / "config.json")
     with pytest.raises(CheckpointError, match="CTranslate2 cannot load it"):
         export.CTranslate2Search(broken, load(toy_run / "run").tokenizer)
+
+
+def test_serve_engine_ctranslate2_answers_as_the_offline_engine_and_refuses_a_run_it_would_rank_otherwise(
+        toy_run, tmp_path):
+    import yaml
+
+    from tests.test_serve import SENTENCES, Server, free_port
+
+    refused = detr_cli("serve", str(toy_run / "run"), "--engine", "ctranslate2", "--port", str(free_port()),
+                       timeout=120)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines()[-1].startswith(
+        f"detr: error: serve: model run ({toy_run / 'run'}) with --engine ctranslate2: decode.length_penalty=")
+    run = tmp_path / "run"
+    shutil.copytree(toy_run / "run", run)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["decode"]["length_penalty"] = 0.0  # what CTranslate2 ranks the same way
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    offline = load(run)
+    offline.engine = export.CTranslate2Search(export.cached_export(run, "float32"), offline.tokenizer)
+    server = Server(f"de={run}", "--engine", "ctranslate2")
+    try:
+        got = server.post("/v1/translate", {"model": "de", "texts": SENTENCES + [""]}).json()
+        assert got["translations"] == offline.translate(SENTENCES + [""]) == load(run).translate(SENTENCES + [""])
+        mbr = server.post("/v1/translate", {"model": "de", "text": SENTENCES[0], "decode": {"mbr": 4}})
+        assert mbr.status_code == 422 and "decode.mbr" in mbr.json()["error"]["message"]
+    finally:
+        server.stop()

@@ -22,7 +22,7 @@ OPTIONAL = ("transformers", "torch.utils.tensorboard", "matplotlib", "rouge_scor
             "detr.serve", "detr.export",  # serve and export: extras of their own
             # Parts of torch heavy to import, imported by the commands that use them (FSDP and its
             # checkpointing cost every other command a second of start-up).
-            "torch.distributed.fsdp", "torch.distributed.checkpoint", "torch.ao.quantization")
+            "torch.distributed.fsdp", "torch.distributed.checkpoint")
 
 
 def module_name(path: Path) -> str:

@@ -10,7 +10,7 @@ import torch
 
 from detr import ConfigError, load
 from detr.model import padding_mask
-from detr.quantize import is_quantized
+from detr.quantize import Int8Linear, is_quantized
 from tests.conftest import ROOT
 
 
@@ -18,7 +18,7 @@ def test_int8_logits_stay_close_and_most_outputs_are_the_same(toy_run):
     lines = (toy_run / "data" / "test.en").read_text().splitlines()
     fp32, int8 = load(toy_run / "run"), load(toy_run / "run").quantize("int8")
     assert is_quantized(int8.model) and not is_quantized(fp32.model)
-    assert sum(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in int8.model.modules()) == \
+    assert sum(isinstance(m, Int8Linear) for m in int8.model.modules()) == \
         sum(isinstance(m, torch.nn.Linear) for m in fp32.model.modules()) > 0
     src = torch.tensor([[1, *fp32.tokenizer.src.encode(lines[0]), 2]])
     tgt = torch.tensor([[1, *fp32.tokenizer.tgt.encode("ein Hund")]])
@@ -36,6 +36,31 @@ def test_int8_logits_stay_close_and_most_outputs_are_the_same(toy_run):
     assert same >= 0.7 * len(lines), f"{same} of {len(lines)} greedy outputs unchanged by int8"
 
 
+def test_int8_layers_compute_exact_integer_products_and_each_row_alone():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(48, 20)
+    layer = Int8Linear(linear)
+    x = torch.randn(7, 48)
+    wq, xq = layer.weight_t.t().long(), torch.stack([(r / (r.abs().max() / 127)).round() for r in x]).long()
+    expected = (xq @ wq.t()).float() * (x.abs().amax(1, keepdim=True) / 127) * layer.weight_scale + linear.bias
+    assert torch.allclose(layer(x), expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(layer(x)[3], layer(x[3:4])[0])  # a row's result does not depend on its batch-mates
+    assert (layer(x) - linear(x)).abs().max() < 0.03 * linear(x).abs().max()
+
+
+def test_int8_decoding_is_batch_invariant(toy_run):
+    translator = load(toy_run / "run").quantize("int8")
+    lines = (toy_run / "data" / "test.en").read_text().splitlines()[:40]
+    for beam in (1, 3):
+        options = translator.options(beam_size=beam)
+        together = translator.translate_nbest(lines, options)
+        alone = [translator.translate_nbest([line], options)[0] for line in lines]
+        # The texts, as for float32 (test_search). The scores differ only through float32 rounding of the
+        # unquantized parts (attention over padded batches), which rounding an input to int8 can enlarge.
+        assert [[text for text, _ in n] for n in alone] == [[text for text, _ in n] for n in together]
+        assert [n[0][1] for n in alone] == pytest.approx([n[0][1] for n in together], abs=0.05)
+
+
 def test_translate_quantize_int8_on_the_command_line(toy_run):
     args = [sys.executable, "-m", "detr", "translate", str(toy_run / "run"), "--beam-size", "2"]
     ok = subprocess.run([*args, "--quantize", "int8"], input="a red dog\n\none cat\n", capture_output=True,
@@ -50,5 +75,17 @@ def test_translate_quantize_int8_on_the_command_line(toy_run):
 def test_int8_is_refused_off_the_cpu(toy_run):
     translator = load(toy_run / "run")
     translator.model.to("meta")  # any device but the CPU: the check comes before any work
-    with pytest.raises(ConfigError, match="runs on the CPU; this model is on meta"):
+    with pytest.raises(ConfigError, match="int8 layers run on the CPU; this model is on meta"):
         translator.quantize("int8")
+
+
+def test_serve_quantize_int8_answers_as_the_offline_int8_translator(toy_run):
+    pytest.importorskip("fastapi", reason="needs the serving extra")
+    from tests.test_serve import SENTENCES, Server
+
+    server = Server(f"de={toy_run / 'run'}", "--quantize", "int8")
+    try:
+        got = server.post("/v1/translate", {"model": "de", "texts": SENTENCES}).json()
+        assert got["translations"] == load(toy_run / "run").quantize("int8").translate(SENTENCES)
+    finally:
+        server.stop()

@@ -29,6 +29,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -43,6 +44,7 @@ from detr.checkpoint import Run
 from detr.config import DecodeConfig, MonitorConfig, ServeConfig
 from detr.constraints import Constraints
 from detr.errors import ConfigError, DataError, DetrError
+from detr.export import use_engine
 from detr.labeller import Classifier, Labeller, Tagger
 from detr.serve.batcher import Batcher, BatchRecord, Job, QueueFull
 from detr.serve.page import PAGE
@@ -203,6 +205,23 @@ class Served:
         return info
 
 
+def _predictor(name: str, run: Run, config: ServeConfig) -> Translator | Classifier | Tagger:
+    """The run's predictor; a translator on the engine `config` names, its own decode settings checked
+    against it now rather than refused on every request.
+
+    Raises:
+        ConfigError: the engine cannot serve the run as it is set up (one line naming the model).
+    """
+    predictor = run.predictor()
+    if isinstance(predictor, Translator):
+        try:
+            use_engine(predictor, run.run_dir, config.engine, config.quantize, threads=torch.get_num_threads())
+            predictor.checked(predictor.decode)
+        except ConfigError as err:
+            raise ConfigError(f"serve: model {name} ({run.run_dir}) with --engine {config.engine}: {err}") from None
+    return predictor
+
+
 # ----------------------------------------------------------------------------- the app
 
 
@@ -216,7 +235,7 @@ def create_app(runs: dict[str, Run], config: ServeConfig, api_keys: list[str] | 
         ConfigError: a monitor model that is not served, or not a single-text classifier.
     """
     metrics = Metrics()
-    models = {name: Served(name, run, run.predictor(),
+    models = {name: Served(name, run, _predictor(name, run, config),
                            Batcher(name, config.max_batch_tokens, config.max_wait_ms / 1000, config.max_queue,
                                    metrics.on_batch(name)))
               for name, run in runs.items()}
