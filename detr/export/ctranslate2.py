@@ -19,11 +19,7 @@ log-probabilities), sampling, constraints, ensembles and MBR.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import shutil
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -36,12 +32,13 @@ from torch import Tensor, nn
 from detr.checkpoint import load_run
 from detr.config import DecodeConfig, ModelConfig
 from detr.errors import CheckpointError, ConfigError
+from detr.export.folder import check_destination, file_digest, is_current, weights_file, write_folder
+from detr.export.folder import read_marker as folder_marker
 from detr.rundir import RunDir
 from detr.search import Hypothesis
 from detr.tokenizer import EOS, PAD, SPECIALS, Tokenizer
 
 QUANTIZATIONS = ("float32", "int8", "int8_float32")
-MARKER = "detr-export.json"  # what the export was made from; its absence means a partial export
 FORMAT = "detr-ctranslate2/1"
 MODEL_FILES = ("model.bin", "config.json")
 
@@ -134,14 +131,6 @@ def vocabulary(tokenizer: Tokenizer, side: str) -> list[str]:
     return tokens
 
 
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def export(run_dir: str | Path, out: str | Path, quantize: str = "float32", weights: str | Path | None = None) -> Path:
     """Write the run (its `model.safetensors`, or `weights`) as a CTranslate2 model directory `out`,
     with the run's tokenizer and a marker saying what it was made from. Written beside `out` and
@@ -154,31 +143,21 @@ def export(run_dir: str | Path, out: str | Path, quantize: str = "float32", weig
     if quantize not in QUANTIZATIONS:
         raise ConfigError(f"--quantize {quantize}: choose from {', '.join(QUANTIZATIONS)}")
     out = Path(out)
-    if out.exists() and not (out / MARKER).is_file():
-        raise ConfigError(f"{out}: exists and is not a detr export; choose a new --out")
+    check_destination(out)
     run = load_run(run_dir, weights=weights)
     if run.config.task != "translate":
         raise ConfigError(f"{run_dir} is a {run.config.task} run; only translation runs export to CTranslate2")
-    tokenizer = run.task.tokenizer
-    spec = model_spec(run.model, tokenizer)
-    weights_path = Path(weights) if weights is not None else RunDir(run_dir).model
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    spec = model_spec(run.model, run.task.tokenizer)
+
+    def fill(staging: Path) -> dict:
         spec.validate()
         spec.optimize(quantization=None if quantize == "float32" else quantize)
         spec.save(str(staging))
         shutil.copyfile(RunDir(run_dir).tokenizer, staging / RunDir(".").tokenizer.name)
-        marker = {"format": FORMAT, "weights_sha256": file_digest(weights_path), "quantize": quantize,
-                  "max_positions": run.model.config.max_positions, "ctranslate2": ctranslate2.__version__}
-        (staging / MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out
+        return {"format": FORMAT, "weights_sha256": file_digest(weights_file(run_dir, weights)), "quantize": quantize,
+                "max_positions": run.model.config.max_positions, "ctranslate2": ctranslate2.__version__}
+
+    return write_folder(out, fill)
 
 
 def read_marker(folder: Path) -> dict:
@@ -187,29 +166,16 @@ def read_marker(folder: Path) -> dict:
     Raises:
         CheckpointError: a partial or corrupt export (one line naming what is missing).
     """
-    missing = [name for name in (MARKER, *MODEL_FILES) if not (folder / name).is_file()]
-    if missing:
-        raise CheckpointError(f"{folder}: not a complete CTranslate2 export (missing {', '.join(missing)}); "
-                              f"export it again")
-    try:
-        marker = json.loads((folder / MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{folder / MARKER}: unreadable ({err}); export it again") from None
-    if not isinstance(marker, dict) or marker.get("format") != FORMAT:
-        raise CheckpointError(f"{folder / MARKER}: not a detr export marker; export it again")
-    return marker
+    return folder_marker(folder, MODEL_FILES, "CTranslate2", FORMAT)
 
 
 def cached_export(run_dir: str | Path, quantize: str, weights: str | Path | None = None) -> Path:
     """The run's CTranslate2 conversion kept in the run directory, made (again) when missing,
     partial, or made from other weights."""
     folder = RunDir(run_dir).engine_cache(f"ctranslate2-{quantize}")
-    weights_path = Path(weights) if weights is not None else RunDir(run_dir).model
-    try:
-        current = read_marker(folder)["weights_sha256"] == file_digest(weights_path)
-    except CheckpointError:
-        current = False
-    return folder if current else export(run_dir, folder, quantize, weights)
+    if is_current(folder, weights_file(run_dir, weights), read_marker):
+        return folder
+    return export(run_dir, folder, quantize, weights)
 
 
 class CTranslate2Search:

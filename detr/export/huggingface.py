@@ -20,10 +20,8 @@ another LayerNorm epsilon, a pretrained BERT-style encoder.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,11 +34,12 @@ from torch import Tensor
 from detr.checkpoint import load_run, save_weights
 from detr.config import Config, DataConfig, ModelConfig, TrainConfig
 from detr.errors import CheckpointError, ConfigError, first_line
+from detr.export.folder import MARKER, check_destination, file_digest, weights_file, write_folder
+from detr.export.folder import read_marker as folder_marker
 from detr.model import Seq2Seq
 from detr.rundir import RunDir
 from detr.tokenizer import BOS, EOS, PAD, SPECIALS, Subwords, Tokenizer
 
-MARKER = "detr-export.json"
 FORMAT = "detr-huggingface/1"
 DETR_TOKENIZER = "detr-tokenizer.json"  # the run's own tokenizer, for `detr import` to take back unchanged
 TOLERANCE = 1e-4  # largest logit difference between detr and the written folder, checked before it is kept
@@ -229,8 +228,7 @@ def export(run_dir: str | Path, out: str | Path, weights: str | Path | None = No
 
     transformers.logging.disable_progress_bar()  # its "Loading weights" bars would print on the caller's stderr
     out = Path(out)
-    if out.exists() and not (out / MARKER).is_file():
-        raise ConfigError(f"{out}: exists and is not a detr export; choose a new --out")
+    check_destination(out)
     run = load_run(run_dir, weights=weights)
     if run.config.task != "translate":
         raise ConfigError(f"{run_dir} is a {run.config.task} run; only translation runs export to Hugging Face")
@@ -244,24 +242,20 @@ def export(run_dir: str | Path, out: str | Path, weights: str | Path | None = No
     marian.generation_config = transformers.GenerationConfig(
         decoder_start_token_id=BOS, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD,
         num_beams=run.config.decode.beam_size, max_length=config.max_positions)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    checked: list[float] = []
+
+    def fill(staging: Path) -> dict:
         marian.save_pretrained(staging)
         _write_tokenizer(run.task.tokenizer, Path(run_dir), staging)
-        difference = logit_difference(run.model, MarianMTModel.from_pretrained(staging))
-        if not difference <= TOLERANCE:
+        checked.append(logit_difference(run.model, MarianMTModel.from_pretrained(staging)))
+        if not checked[0] <= TOLERANCE:
             raise ConfigError(f"the Hugging Face export does not reproduce detr's logits (largest difference "
-                              f"{difference:.2g} > {TOLERANCE}); nothing was written")
-        marker = {"format": FORMAT, "logit_difference": difference}
-        (staging / MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return Exported(out, difference)
+                              f"{checked[0]:.2g} > {TOLERANCE}); nothing was written")
+        return {"format": FORMAT, "weights_sha256": file_digest(weights_file(run_dir, weights)),
+                "logit_difference": checked[0]}
+
+    write_folder(out, fill)
+    return Exported(out, checked[0])
 
 
 def read_marker(folder: Path) -> dict:
@@ -270,15 +264,7 @@ def read_marker(folder: Path) -> dict:
     Raises:
         CheckpointError: a partial or corrupt export (naming what is missing).
     """
-    missing = [name for name in (MARKER, "config.json", "model.safetensors", "tokenizer.json")
-               if not (folder / name).is_file()]
-    if missing:
-        raise CheckpointError(f"{folder}: not a complete Hugging Face export (missing {', '.join(missing)}); "
-                              f"export it again")
-    try:
-        return json.loads((folder / MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{folder / MARKER}: unreadable ({err}); export it again") from None
+    return folder_marker(folder, ("config.json", "model.safetensors", "tokenizer.json"), "Hugging Face", FORMAT)
 
 
 # ---------------------------------------------------------------------------------------------- import
