@@ -42,7 +42,7 @@ from detr.download import MULTI30K_URL, fetch_multi30k
 from detr.embed import Embedder
 from detr.errors import ConfigError, DataError, DetrError
 from detr.evaluate import score_files, score_table
-from detr.export import ENGINES, ctranslate2_module, use_engine
+from detr.export import ENGINES, engine_module, use_engine
 from detr.labeller import Classifier, Tagger
 from detr.prepare import prepare
 from detr.readers import decode_lines, one_line, read_lines
@@ -185,24 +185,23 @@ def _with_prefixes(wishes: Iterator[Constraints], prefixes: Iterator[tuple[int, 
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.to != "ctranslate2" and args.quantize != "float32":
+        raise ConfigError(f"--quantize applies to --to ctranslate2; a {args.to} export keeps float32 weights")
     if args.to == "huggingface":
-        if args.quantize != "float32":
-            raise ConfigError("--quantize applies to --to ctranslate2; a Hugging Face export keeps float32 weights")
-        from detr.export import huggingface
-
-        done = huggingface.export(args.run, args.out, args.weights)
+        done = engine_module("huggingface").export(args.run, args.out, args.weights)
         print(f"exported {args.run} to {done.folder} (Hugging Face MarianMTModel; logits within "
               f"{done.logit_difference:.1g} of detr's)")
-        return 0
-    out = ctranslate2_module().export(args.run, args.out, args.quantize, args.weights)
-    print(f"exported {args.run} to {out} (CTranslate2, {args.quantize})")
+    elif args.to == "onnx":
+        out = engine_module("onnx").export(args.run, args.out, args.weights)
+        print(f"exported {args.run} to {out} (ONNX: encoder, cross-attention and decoder-step graphs)")
+    else:
+        out = engine_module("ctranslate2").export(args.run, args.out, args.quantize, args.weights)
+        print(f"exported {args.run} to {out} (CTranslate2, {args.quantize})")
     return 0
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from detr.export import huggingface
-
-    done = huggingface.import_marian(args.folder, args.to)
+    done = engine_module("huggingface").import_marian(args.folder, args.to)
     extra = "; its one extra vocabulary entry, <pad>, has a zero embedding" if done.extra_pad else ""
     print(f"imported {args.folder} as the detr run {done.run_dir} (logits within {done.logit_difference:.1g} of "
           f"Marian's{extra}); fine-tune it with: detr train {done.run_dir}/config.yaml --run_dir NEW "
@@ -498,8 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
     translate.add_argument("--alignment", action="store_true",
                            help="append a tab and source-target word alignments from cross-attention (0-0 1-2 ...)")
     translate.add_argument("--engine", choices=list(ENGINES), default="torch",
-                           help="who searches: detr's own PyTorch code, or CTranslate2 on a conversion of the run "
-                                "made once and kept in RUN/engines/ (greedy and beam, identical output)")
+                           help="who searches: detr's own PyTorch code; CTranslate2 on a conversion of the run; or "
+                                "detr's search over ONNX graphs of it run by ONNX Runtime (conversions made once and "
+                                "kept in RUN/engines/; greedy and beam, identical output on float32)")
     translate.add_argument("--quantize", choices=["float32", "int8", "int8_float32"], default="float32",
                            help="weights of the engine: int8 Linear layers in detr's own (dynamic, CPU) or in the "
                                 "CTranslate2 conversion; faster, not identical to float32")
@@ -507,8 +507,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help="write a translation run as a model for another inference engine")
     export.add_argument("run", help="run directory written by detr train")
-    export.add_argument("--to", choices=["ctranslate2", "huggingface"], required=True,
-                        help="the engine: a CTranslate2 model directory, or a folder transformers loads with "
+    export.add_argument("--to", choices=["ctranslate2", "onnx", "huggingface"], required=True,
+                        help="the engine: a CTranslate2 model directory, ONNX graphs (encoder, cross-attention, "
+                             "decoder step with its key/value cache), or a folder transformers loads with "
                              "MarianMTModel (post-norm runs)")
     export.add_argument("--out", required=True, help="the directory to write (replaced if it is an earlier export)")
     export.add_argument("--quantize", choices=["float32", "int8", "int8_float32"], default="float32",

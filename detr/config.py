@@ -330,9 +330,10 @@ class ServeConfig:
     api_key_file: str | None = option(None, "file with one API key per line; requests must send "
                                             "'Authorization: Bearer KEY' (/health stays open)")
     insecure_public: bool = option(False, "allow a non-loopback host without API keys")
-    engine: Literal["torch", "ctranslate2"] = option(
-        "torch", "translation runs: who searches; ctranslate2: greedy and beam by CTranslate2 on a conversion made "
-                 "once into RUN/engines/ (a run whose decode settings it would not carry out is refused at start)")
+    engine: Literal["torch", "ctranslate2", "onnxruntime"] = option(
+        "torch", "translation runs: who searches; ctranslate2 / onnxruntime: greedy and beam on a conversion made "
+                 "once into RUN/engines/ (a run whose decode settings the engine would not carry out is refused at "
+                 "start)")
     quantize: Literal["float32", "int8", "int8_float32"] = option(
         "float32", "translation runs: the engine's weights (int8: faster, not identical; int8_float32: CTranslate2)")
     max_batch_tokens: int = option(4096, "source tokens of the requests one model step serves together")
