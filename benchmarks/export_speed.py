@@ -1,5 +1,5 @@
-"""A trained run decoded by detr's own search (float32 and int8) and by its CTranslate2 export:
-speed, identity, BLEU.
+"""A trained run decoded by detr's own search (float32 and int8), by its CTranslate2 export, and by
+detr's search over its ONNX graphs in ONNX Runtime: speed, identity, BLEU.
 
 Translates `--src` (one call per engine over all lines, after one warm-up call on the first 50)
 with greedy and beam search (length penalty 0, which both engines rank the same way), and
@@ -18,6 +18,7 @@ import time
 import torch
 
 from detr import load
+from detr.export import onnx
 from detr.export.ctranslate2 import CTranslate2Search, cached_export
 from detr.metrics import bleu
 
@@ -39,6 +40,9 @@ def main() -> None:
         other = load(args.run)
         other.engine = CTranslate2Search(cached_export(args.run, quantize), translator.tokenizer, threads=args.threads)
         engines.append((f"CTranslate2 {quantize}", other))
+    other = load(args.run)
+    other.engine = onnx.OnnxSearch(onnx.cached_export(args.run), threads=args.threads)
+    engines.append(("detr search on ONNX Runtime", other))
     print(f"{len(lines)} sentences, {args.threads} threads, torch {torch.__version__}")
     print("| search | engine | sentences/s | ÷ detr | outputs equal to detr's | BLEU |")
     print("|---|---|---:|---:|---:|---:|")

@@ -7,9 +7,12 @@ Three graphs, exported from detr's own modules by PyTorch's exporter (`torch.onn
 `dynamo=True`; batch, source length and decoded length are dynamic):
 
     encoder.onnx   src (B, S) ids                               → memory (B, S, D)
-    cross.onnx     memory (B, S, D)                             → cross_k, cross_v (L, B, H, S, Dh)
-    step.onnx      tokens (B, 1), src_mask (B, S), past_k, past_v (L, B, H, T, Dh), cross_k, cross_v
-                                                                → logits (B, V), next_k, next_v (L, B, H, T+1, Dh)
+    cross.onnx     memory (B, S, D)                             → cross_k, cross_v (B, L, H, S, Dh)
+    step.onnx      tokens (B, 1), src_mask (B, S), past_k, past_v (B, L, H, T, Dh), cross_k, cross_v
+                                                                → logits (B, V), next_k, next_v (B, L, H, T+1, Dh)
+
+Keys and values of every layer travel stacked, batch first, so that the search's cache holds them
+as one tensor each that it reorders (beam search) with one index_select, with no copying per step.
 
 The runner is detr's own search (`detr.search.greedy`, `beam_search`) over an `OnnxModel` that
 stands in for the PyTorch model: the same code chooses tokens, keeps and reorders the key/value
@@ -59,7 +62,7 @@ class EncoderGraph(nn.Module):
 
 
 class CrossGraph(nn.Module):
-    """Every decoder layer's cross-attention keys and values of the memory, stacked by layer."""
+    """Every decoder layer's cross-attention keys and values of the memory, stacked (B, L, H, S, Dh)."""
 
     def __init__(self, model: Seq2Seq) -> None:
         super().__init__()
@@ -67,7 +70,7 @@ class CrossGraph(nn.Module):
 
     def forward(self, memory: Tensor) -> tuple[Tensor, Tensor]:
         kv = [layer.cross_attn.project_kv(memory) for layer in self.model.decoder.layers]
-        return torch.stack([k for k, _ in kv]), torch.stack([v for _, v in kv])
+        return torch.stack([k for k, _ in kv], dim=1), torch.stack([v for _, v in kv], dim=1)
 
 
 class StepGraph(nn.Module):
@@ -79,11 +82,12 @@ class StepGraph(nn.Module):
 
     def forward(self, tokens: Tensor, src_mask: Tensor, past_k: Tensor, past_v: Tensor, cross_k: Tensor,
                 cross_v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        cache = KVCache([LayerCache(past_k[i], past_v[i], cross_k[i], cross_v[i]) for i in range(past_k.size(0))],
+        layers = range(past_k.size(1))
+        cache = KVCache([LayerCache(past_k[:, i], past_v[:, i], cross_k[:, i], cross_v[:, i]) for i in layers],
                         length=past_k.size(3))
         logits = self.model.decode(tokens, None, src_mask[:, None, None, :], cache)[:, -1]
-        return (logits, torch.stack([lc.self_k for lc in cache.layers]),
-                torch.stack([lc.self_v for lc in cache.layers]))
+        return (logits, torch.stack([lc.self_k for lc in cache.layers], dim=1),
+                torch.stack([lc.self_v for lc in cache.layers], dim=1))
 
 
 def _example(model: Seq2Seq) -> tuple[Tensor, ...]:
@@ -91,7 +95,7 @@ def _example(model: Seq2Seq) -> tuple[Tensor, ...]:
     config: ModelConfig = model.config
     src = torch.tensor([[5, 6, 7, 8, EOS], [9, 10, EOS, PAD, PAD]]) % config.src_vocab_size
     layer = model.decoder.layers[0].self_attn
-    past = torch.zeros(len(model.decoder.layers), 2, layer.n_heads, 2, layer.d_head)
+    past = torch.zeros(2, len(model.decoder.layers), layer.n_heads, 2, layer.d_head)
     return src, past
 
 
@@ -107,8 +111,8 @@ def _export_graphs(model: Seq2Seq, folder: Path) -> None:
         (CrossGraph(model), (memory,), {"memory": {0: batch, 1: src_len}}, ["memory"], ["cross_k", "cross_v"]),
         # Two tensors for the two pasts: one passed twice would become one graph input.
         (StepGraph(model), (tokens, mask, past, past.clone(), cross_k, cross_v),
-         {"tokens": {0: batch}, "src_mask": {0: batch, 1: src_len}, "past_k": {1: batch, 3: done},
-          "past_v": {1: batch, 3: done}, "cross_k": {1: batch, 3: src_len}, "cross_v": {1: batch, 3: src_len}},
+         {"tokens": {0: batch}, "src_mask": {0: batch, 1: src_len}, "past_k": {0: batch, 3: done},
+          "past_v": {0: batch, 3: done}, "cross_k": {0: batch, 3: src_len}, "cross_v": {0: batch, 3: src_len}},
          ["tokens", "src_mask", "past_k", "past_v", "cross_k", "cross_v"], ["logits", "next_k", "next_v"]),
     ]
     with _quiet():
@@ -229,27 +233,29 @@ class OnnxModel:
         return KVCache()
 
     def decode(self, tokens: Tensor, memory: Tensor, src_mask: Tensor, cache: KVCache) -> Tensor:
-        """Logits (B, 1, V) of the next token after `tokens` (B, 1); `cache` grows by one position."""
+        """Logits (B, 1, V) of the next token after `tokens` (B, 1); `cache` grows by one position.
+        The cache holds one `LayerCache` with every layer's keys/values stacked (B, L, H, ·, Dh)."""
         if not cache.layers:  # the first step: the memory's cross-attention keys/values, once
-            cross_k, cross_v = self.cross.run(None, {"memory": memory.numpy()})
-            cache.layers = [LayerCache(None, None, torch.from_numpy(k), torch.from_numpy(v))
-                            for k, v in zip(cross_k, cross_v)]
-        first = cache.layers[0]
-        if first.self_k is None:
-            shape = (len(cache.layers), tokens.size(0), first.cross_k.size(1), 0, first.cross_k.size(3))
-            past_k = past_v = np.zeros(shape, dtype=np.float32)
+            cross_k, cross_v = (torch.from_numpy(a) for a in self.cross.run(None, {"memory": _array(memory)}))
+            cache.layers = [LayerCache(None, None, cross_k, cross_v)]
+        stacked = cache.layers[0]
+        if stacked.self_k is None:
+            B, L, H, _, Dh = stacked.cross_k.shape
+            past_k = past_v = np.zeros((B, L, H, 0, Dh), dtype=np.float32)
         else:
-            past_k = torch.stack([lc.self_k for lc in cache.layers]).numpy()
-            past_v = torch.stack([lc.self_v for lc in cache.layers]).numpy()
+            past_k, past_v = _array(stacked.self_k), _array(stacked.self_v)
         logits, next_k, next_v = self.step.run(None, {
-            "tokens": tokens.numpy(), "src_mask": src_mask.reshape(tokens.size(0), -1).numpy(),
-            "past_k": past_k, "past_v": past_v,
-            "cross_k": torch.stack([lc.cross_k for lc in cache.layers]).numpy(),
-            "cross_v": torch.stack([lc.cross_v for lc in cache.layers]).numpy()})
-        for lc, k, v in zip(cache.layers, torch.from_numpy(next_k), torch.from_numpy(next_v)):
-            lc.self_k, lc.self_v = k, v
+            "tokens": _array(tokens), "src_mask": _array(src_mask.reshape(tokens.size(0), -1)),
+            "past_k": past_k, "past_v": past_v, "cross_k": _array(stacked.cross_k),
+            "cross_v": _array(stacked.cross_v)})
+        stacked.self_k, stacked.self_v = torch.from_numpy(next_k), torch.from_numpy(next_v)
         cache.length += tokens.size(1)
         return torch.from_numpy(logits)[:, None, :]
+
+
+def _array(tensor: Tensor) -> np.ndarray:
+    """A tensor as the contiguous array ONNX Runtime reads (no copy when it already is one)."""
+    return np.ascontiguousarray(tensor.numpy())
 
 
 class OnnxSearch:
