@@ -31,17 +31,23 @@ def tiny_config():
     return ModelConfig.preset("tiny", src_vocab_size=50, tgt_vocab_size=60)
 
 
-@pytest.fixture(scope="session")
-def toy_run(tmp_path_factory):
-    """A tiny English→German model trained for a few seconds on the toy corpus (shared by tests)."""
+def train_toy(root: Path, steps: int = 250, test: int = 200, **settings: object) -> Path:
+    """Train `configs/tiny.yaml` (with `settings`, dotted keys) for `steps` on a toy corpus written to
+    root/data; the run is root/run. Returns `root`."""
     from detr import load_config, train
     from detr.toy import make_toy_corpus
 
-    root = tmp_path_factory.mktemp("toy_run")
-    make_toy_corpus(root / "data", train=3000, valid=50, test=200, seed=7)
+    make_toy_corpus(root / "data", train=3000, valid=50, test=test, seed=7)
     config = load_config(ROOT / "configs" / "tiny.yaml", {
         "run_dir": str(root / "run"), "data.train": str(root / "data" / "train"),
         "data.valid": str(root / "data" / "valid"), "data.test": str(root / "data" / "test"),
-        "train.max_steps": 250, "train.eval_every": 250, "train.save_every": 250, "train.threads": 1})
+        "train.max_steps": steps, "train.eval_every": steps, "train.save_every": steps, "train.threads": 1,
+        **settings})
     train(config)
     return root
+
+
+@pytest.fixture(scope="session")
+def toy_run(tmp_path_factory):
+    """A tiny English→German model trained for a few seconds on the toy corpus (shared by tests)."""
+    return train_toy(tmp_path_factory.mktemp("toy_run"))

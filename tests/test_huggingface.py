@@ -10,12 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from detr import ConfigError, load, load_config, train
+from detr import ConfigError, load
 from detr.errors import CheckpointError
 from detr.export import huggingface as hf
 from detr.rundir import RunDir
-from detr.toy import make_toy_corpus
-from tests.conftest import ROOT
+from tests.conftest import ROOT, train_toy
 
 transformers = pytest.importorskip("transformers")
 from transformers import AutoTokenizer, MarianMTModel  # noqa: E402
@@ -28,15 +27,8 @@ def detr_cli(*args):
 @pytest.fixture(scope="module")
 def post_norm_run(tmp_path_factory):
     """A tiny post-norm run (the layout Marian has), trained for a few seconds on the toy corpus."""
-    root = tmp_path_factory.mktemp("post_norm")
-    make_toy_corpus(root / "data", train=3000, valid=50, test=100, seed=7)
-    config = load_config(ROOT / "configs" / "tiny.yaml", {
-        "run_dir": str(root / "run"), "data.train": str(root / "data" / "train"),
-        "data.valid": str(root / "data" / "valid"), "data.test": str(root / "data" / "test"),
-        "train.max_steps": 200, "train.eval_every": 200, "train.save_every": 200, "train.threads": 1,
-        "model.norm": "post", "model.activation": "gelu"})
-    train(config)
-    return root
+    return train_toy(tmp_path_factory.mktemp("post_norm"), steps=200, test=100,
+                     **{"model.norm": "post", "model.activation": "gelu"})
 
 
 @pytest.fixture(scope="module")
