@@ -1,4 +1,5 @@
-"""Decoding speed: detr vs Hugging Face `generate` (MarianMT) vs CTranslate2, same shape, same run.
+"""Decoding speed: detr (float32, int8, its search on ONNX Runtime) vs Hugging Face `generate`
+(MarianMT) vs CTranslate2, same shape, same run.
 
 The paper-base shape (d_model 512, 8 heads, 6+6 layers, d_ff 2048, 32k shared vocabulary),
 random weights, 30 source tokens per sentence and exactly 30 output tokens (minimum =
@@ -21,8 +22,9 @@ from pathlib import Path
 
 import torch
 
-from detr import ModelConfig, build_model
+from detr import ModelConfig, Seq2Seq, build_model
 from detr.config import DecodeConfig
+from detr.quantize import quantize
 from detr.search import beam_search, greedy
 
 VOCAB, SRC_LEN, OUT_LEN = 32000, 30, 30
@@ -38,20 +40,36 @@ def timed(fn, repeat: int) -> float:
     return statistics.median(times)
 
 
-def detr_runner(src: torch.Tensor, beam: int, device: str):
+def detr_model(device: str, precision: str = "float32") -> Seq2Seq:
     torch.manual_seed(0)
     config = ModelConfig.preset("base", src_vocab_size=VOCAB, tgt_vocab_size=VOCAB, share_embeddings=True,
                                 max_positions=512)
-    model = build_model(config).to(device).eval()
+    return quantize(build_model(config).to(device).eval(), precision)
+
+
+def onnx_model(workdir: Path, threads: int):
+    """detr's random model as ONNX graphs, run by ONNX Runtime (exported once per benchmark run)."""
+    from detr.export import onnx
+
+    folder = workdir / "onnx"
+    if not folder.exists():
+        folder.mkdir()
+        with torch.no_grad():
+            onnx._export_graphs(detr_model("cpu"), folder)
+    return onnx.OnnxModel(folder, {"max_positions": 512}, threads=threads)
+
+
+def detr_runner(model, src: torch.Tensor, beam: int, device: str):
     decode = DecodeConfig(beam_size=beam, max_len_a=0.0, max_len_b=OUT_LEN, min_len=OUT_LEN)
     src = src.to(device)
+    models = [model]
 
     def run():
         with torch.inference_mode():
             if beam == 1:
-                out = [h.tokens for h in greedy(model, src, decode)]
+                out = [h.tokens for h in greedy(models, src, decode)]
             else:
-                out = [n[0].tokens for n in beam_search(model, src, decode)]
+                out = [n[0].tokens for n in beam_search(models, src, decode)]
         assert all(len(o) == OUT_LEN for o in out), [len(o) for o in out]
 
     return run
@@ -127,20 +145,26 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batches", default="1,32")
     parser.add_argument("--beams", default="1,4")
-    parser.add_argument("--skip", default="", help="comma-separated: hf, ct2")
+    parser.add_argument("--skip", default="", help="comma-separated: int8, onnx, hf, ct2")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     skip = set(filter(None, args.skip.split(",")))
     hf_model = marian(args.device) if {"hf", "ct2"} - skip else None
+    ours = {"detr": detr_model(args.device)}
+    if "int8" not in skip:
+        ours["detr int8"] = detr_model(args.device, "int8")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        if "onnx" not in skip:
+            ours["detr on ONNX Runtime"] = onnx_model(Path(tmp), args.threads)
         for batch in map(int, args.batches.split(",")):
             g = torch.Generator().manual_seed(batch)
             src = torch.randint(4, VOCAB - 1, (batch, SRC_LEN), generator=g)
             src[:, -1] = 2  # detr's </s>; the random ids never contain it elsewhere
             for beam in map(int, args.beams.split(",")):
                 tokens = batch * OUT_LEN
-                speeds = {"detr": tokens / timed(detr_runner(src, beam, args.device), args.repeat)}
+                speeds = {name: tokens / timed(detr_runner(model, src, beam, args.device), args.repeat)
+                          for name, model in ours.items()}
                 if "hf" not in skip:
                     hf_src = src.clone()
                     hf_src[:, -1] = 0  # Marian's </s>
@@ -152,12 +176,13 @@ def main() -> None:
                 print(f"batch {batch:>3} beam {beam}: " + "  ".join(f"{k} {v:,.0f} tok/s" for k, v in speeds.items()),
                       flush=True)
     print()
-    print("| batch | search | detr tok/s | HF generate tok/s | CTranslate2 tok/s | detr ÷ HF | detr ÷ CT2 |")
-    print("|---:|---|---:|---:|---:|---:|---:|")
+    names = list(rows[0][2])
+    print("| batch | search | " + " | ".join(f"{n} tok/s" for n in names) + " | detr ÷ HF | detr ÷ CT2 |")
+    print("|---:|---|" + "---:|" * (len(names) + 2))
     for batch, beam, s in rows:
-        ours, hf, ct2 = s["detr"], s.get("hf"), s.get("ct2")
-        cells = [f"{ours:,.0f}", f"{hf:,.0f}" if hf else "—", f"{ct2:,.0f}" if ct2 else "—",
-                 f"{ours / hf:.2f}" if hf else "—", f"{ours / ct2:.2f}" if ct2 else "—"]
+        mine, hf, ct2 = s["detr"], s.get("hf"), s.get("ct2")
+        cells = [f"{s[n]:,.0f}" for n in names]
+        cells += [f"{mine / hf:.2f}" if hf else "—", f"{mine / ct2:.2f}" if ct2 else "—"]
         print(f"| {batch} | {'greedy' if beam == 1 else f'beam {beam}'} | " + " | ".join(cells) + " |")
 
 if __name__ == "__main__":
