@@ -41,6 +41,17 @@ def test_the_float32_export_decodes_exactly_like_detr(toy_run, exported, beam):
         assert [s for _, s in mine] == pytest.approx([s for _, s in theirs], abs=2e-3)
 
 
+def test_greedy_lines_cut_at_their_budget_match_detr_in_text_and_score(toy_run, exported):
+    translator = load(toy_run / "run")
+    lines = (toy_run / "data" / "test.en").read_text().splitlines()[:60]
+    options = translator.options(beam_size=1, max_len_a=0.2, max_len_b=2)  # budgets of 3 to 6 tokens: most cut
+    expected = translator.translate_nbest(lines, options)
+    translator.engine = export.CTranslate2Search(exported, translator.tokenizer)
+    got = translator.translate_nbest(lines, options)
+    assert [n[0][0] for n in got] == [n[0][0] for n in expected]
+    assert [n[0][1] for n in got] == pytest.approx([n[0][1] for n in expected], abs=2e-3)
+
+
 def test_translate_engine_ctranslate2_converts_once_into_the_run_and_gives_the_same_lines(toy_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(toy_run / "run", run)

@@ -212,17 +212,42 @@ class CTranslate2Search:
         rows = [[int(i) for i in row if i != PAD] for row in src.tolist()]
         budgets = [max(1, min(int(np.floor(config.max_len_a * (len(r) - 1) + config.max_len_b)),
                               self.max_positions - 1)) for r in rows]
+        sources = [[self.src_tokens[i] for i in row] for row in rows]
+        if config.beam_size == 1:
+            return self._greedy(sources, budgets, config)
+        # A beam's search depends on its length limit: one call per output budget, so each line stops
+        # where detr stops it.
         by_budget: dict[int, list[int]] = defaultdict(list)
         for i, budget in enumerate(budgets):
             by_budget[budget].append(i)
         out: list[list[Hypothesis]] = [[] for _ in rows]
         for budget, index in by_budget.items():
-            results = self.translator.translate_batch(
-                [[self.src_tokens[i] for i in rows[j]] for j in index], beam_size=config.beam_size,
-                num_hypotheses=config.nbest, length_penalty=0.0, max_decoding_length=budget,
-                min_decoding_length=config.min_len, no_repeat_ngram_size=config.no_repeat_ngram,
-                max_input_length=0, return_scores=True)
+            results = self._translate([sources[j] for j in index], budget, config)
             for j, result in zip(index, results):
-                out[j] = [Hypothesis([self.tgt_ids[t] for t in tokens if self.tgt_ids[t] != EOS], float(score))
+                out[j] = [Hypothesis(self._ids(tokens), float(score))
                           for tokens, score in zip(result.hypotheses, result.scores)]
         return out
+
+    def _translate(self, sources: list[list[str]], budget: int, config: DecodeConfig) -> list:
+        return self.translator.translate_batch(
+            sources, beam_size=config.beam_size, num_hypotheses=config.nbest, length_penalty=0.0,
+            max_decoding_length=budget, min_decoding_length=config.min_len,
+            no_repeat_ngram_size=config.no_repeat_ngram, max_input_length=0, return_scores=True)
+
+    def _ids(self, tokens: list[str]) -> list[int]:
+        return [self.tgt_ids[t] for t in tokens if self.tgt_ids[t] != EOS]
+
+    def _greedy(self, sources: list[list[str]], budgets: list[int], config: DecodeConfig) -> list[list[Hypothesis]]:
+        """Greedy search in one call up to the largest budget: a greedy output's first n tokens do not
+        depend on the limit, so a line that ran past its own budget is cut there, and its score (the
+        log-probabilities of the tokens kept) is asked of CTranslate2 again."""
+        results = self._translate(sources, max(budgets), config)
+        out = [Hypothesis(self._ids(r.hypotheses[0]), float(r.scores[0])) for r in results]
+        # At its budget detr ends a line without </s> (and without its log-probability): rescore those too.
+        over = [j for j, (h, budget) in enumerate(zip(out, budgets)) if len(h.tokens) >= budget]
+        if over:
+            cut = [[token for token in results[j].hypotheses[0] if token != "</s>"][:budgets[j]] for j in over]
+            scored = self.translator.score_batch([sources[j] for j in over], cut)
+            for j, tokens, score in zip(over, cut, scored):
+                out[j] = Hypothesis(self._ids(tokens), float(sum(score.log_probs[:-1])))  # the last is </s>'s
+        return [[h] for h in out]
