@@ -44,8 +44,8 @@ def test_the_export_loads_in_transformers_and_gives_detrs_tokens_logits_and_gree
     marian = MarianMTModel.from_pretrained(exported).eval()
     tokenizer = AutoTokenizer.from_pretrained(exported)
     lines = (post_norm_run / "data" / "test.en").read_text().splitlines()
-    for number, line in enumerate(lines, 1):
-        assert tokenizer(line)["input_ids"] == translator.encode_line(number, line)
+    for number, line in enumerate(lines + [" a leading space", "two  spaces ", "\ttab"], 1):
+        assert tokenizer(line)["input_ids"] == translator.encode_line(number, line), line
     batch = tokenizer(lines[:8], padding=True, return_tensors="pt")
     prefix = torch.tensor([[1, *translator.tokenizer.tgt.encode("sie kaufen")]] * 8)
     with torch.no_grad():

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, pre_tokenizers, processors
+from tokenizers import decoders, normalizers, processors
 from tokenizers.models import Unigram
 from torch import Tensor
 
@@ -190,7 +190,10 @@ def hf_tokenizer_json(tokenizer: Tokenizer, side: str) -> str:
     the leading space detr adds (and takes off when decoding) and, on the source side, the </s> that
     ends detr's encoder input."""
     hf = HFTokenizer.from_str(getattr(tokenizer, side).hf.to_str())
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True, use_regex=True)
+    # detr puts one space before every text (even one that starts with a space); ByteLevel's own
+    # add_prefix_space adds one only where none is.
+    space = normalizers.Prepend(" ")
+    hf.normalizer = space if hf.normalizer is None else normalizers.Sequence([hf.normalizer, space])
     hf.decoder = decoders.Sequence([decoders.ByteLevel(), decoders.Strip(" ", 1, 0)])
     if side == "src":
         hf.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", EOS)])
