@@ -501,8 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 "detr's search over ONNX graphs of it run by ONNX Runtime (conversions made once and "
                                 "kept in RUN/engines/; greedy and beam, identical output on float32)")
     translate.add_argument("--quantize", choices=["float32", "int8", "int8_float32"], default="float32",
-                           help="weights of the engine: int8 Linear layers in detr's own (dynamic, CPU) or in the "
-                                "CTranslate2 conversion; faster, not identical to float32")
+                           help="weights of the engine: int8 Linear layers in detr's own (CPU; each input row "
+                                "quantized on its own, so batching changes nothing) or in the CTranslate2 "
+                                "conversion; not identical to float32")
     translate.set_defaults(func=cmd_translate)
 
     export = sub.add_parser("export", help="write a translation run as a model for another inference engine")

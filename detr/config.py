@@ -335,7 +335,8 @@ class ServeConfig:
                  "once into RUN/engines/ (a run whose decode settings the engine would not carry out is refused at "
                  "start)")
     quantize: Literal["float32", "int8", "int8_float32"] = option(
-        "float32", "translation runs: the engine's weights (int8: faster, not identical; int8_float32: CTranslate2)")
+        "float32", "translation runs: the engine's weights (int8: not identical to float32; int8_float32: "
+                   "CTranslate2 only)")
     max_batch_tokens: int = option(4096, "source tokens of the requests one model step serves together")
     max_wait_ms: float = option(10.0, "how long a request waits for others to share its batch")
     max_queue: int = option(256, "requests waiting per model; beyond it the answer is 429")

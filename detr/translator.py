@@ -105,7 +105,7 @@ class Translator:
         return out
 
     def quantize(self, precision: str) -> Translator:
-        """This translator with every model's Linear layers in `precision` ("int8": dynamic int8 on the
+        """This translator with every model's Linear layers in `precision` ("int8": `Int8Linear` on the
         CPU, see `detr.quantize`), changed in place.
 
         Raises:

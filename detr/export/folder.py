@@ -1,6 +1,7 @@
 """What every export folder shares: written beside its destination and renamed into place (a failure
 leaves no half-written folder), a marker file saying what it was made from (its absence: a partial
-export), and the check that decides whether a cached conversion inside a run is still current."""
+export), the check that decides whether a cached conversion inside a run is still current, and the
+probe batch an export is compared with detr on before it is kept."""
 
 from __future__ import annotations
 
@@ -12,8 +13,12 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
+from detr.config import ModelConfig
 from detr.errors import CheckpointError, ConfigError
 from detr.rundir import RunDir
+from detr.tokenizer import BOS, EOS, PAD, SPECIALS
 
 MARKER = "detr-export.json"
 
@@ -78,3 +83,16 @@ def is_current(folder: Path, weights: Path, read: Callable[[Path], dict]) -> boo
         return read(folder)["weights_sha256"] == file_digest(weights)
     except CheckpointError:
         return False
+
+
+def probe(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed source batch (3, 9) with one row padded, and a target prefix (3, 6), to compare a
+    conversion's output with detr's on."""
+    generator = torch.Generator().manual_seed(0)
+    src = torch.randint(len(SPECIALS), config.src_vocab_size, (3, 9), generator=generator)
+    src[:, -1] = EOS
+    src[1, 5:] = PAD
+    src[1, 4] = EOS
+    tgt = torch.randint(len(SPECIALS), config.tgt_vocab_size, (3, 6), generator=generator)
+    tgt[:, 0] = BOS
+    return src, tgt

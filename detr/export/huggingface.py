@@ -34,7 +34,7 @@ from torch import Tensor
 from detr.checkpoint import load_run, save_weights
 from detr.config import Config, DataConfig, ModelConfig, TrainConfig
 from detr.errors import CheckpointError, ConfigError, first_line
-from detr.export.folder import MARKER, check_destination, file_digest, weights_file, write_folder
+from detr.export.folder import MARKER, check_destination, file_digest, probe, weights_file, write_folder
 from detr.export.folder import read_marker as folder_marker
 from detr.model import Seq2Seq
 from detr.rundir import RunDir
@@ -162,18 +162,6 @@ def to_marian(model: torch.nn.Module, names: list[str]) -> dict[str, Tensor]:
         axis = residual_axis(name)
         state[name] = (tensor if axis is None else tensor.index_select(axis, order)).detach().float().clone()
     return state
-
-
-def probe(config: ModelConfig) -> tuple[Tensor, Tensor]:
-    """A fixed source batch (one row padded) and target prefix to compare two models' logits on."""
-    generator = torch.Generator().manual_seed(0)
-    src = torch.randint(len(SPECIALS), config.src_vocab_size, (3, 9), generator=generator)
-    src[:, -1] = EOS
-    src[1, 5:] = PAD
-    src[1, 4] = EOS
-    tgt = torch.randint(len(SPECIALS), config.tgt_vocab_size, (3, 6), generator=generator)
-    tgt[:, 0] = BOS
-    return src, tgt
 
 
 @torch.no_grad()

@@ -39,13 +39,13 @@ from torch.export import Dim
 from detr.checkpoint import load_run
 from detr.config import DecodeConfig, ModelConfig
 from detr.errors import CheckpointError, ConfigError
-from detr.export.folder import check_destination, file_digest, is_current, weights_file, write_folder
+from detr.export.folder import check_destination, file_digest, is_current, probe, weights_file, write_folder
 from detr.export.folder import read_marker as folder_marker
 from detr.layers import LayerCache
 from detr.model import KVCache, Seq2Seq, padding_mask
 from detr.rundir import RunDir
 from detr.search import Hypothesis, beam_search, greedy
-from detr.tokenizer import BOS, EOS, PAD, SPECIALS
+from detr.tokenizer import BOS, EOS, PAD
 
 FORMAT = "detr-onnx/1"
 GRAPHS = ("encoder.onnx", "cross.onnx", "step.onnx")
@@ -171,9 +171,7 @@ def export(run_dir: str | Path, out: str | Path, weights: str | Path | None = No
 @torch.no_grad()
 def _difference(model: Seq2Seq, graphs: OnnxModel) -> float:
     """The largest log-probability difference over four greedy steps on a probe batch."""
-    generator = torch.Generator().manual_seed(0)
-    src = torch.randint(len(SPECIALS), model.config.src_vocab_size, (3, 9), generator=generator)
-    src[:, -1], src[1, 4], src[1, 5:] = EOS, EOS, PAD
+    src, _ = probe(model.config)
     mask = padding_mask(src)
     caches, memories = [model.new_cache(), graphs.new_cache()], [model.encode(src, mask), graphs.encode(src, mask)]
     last, worst = torch.full((3, 1), BOS), 0.0
