@@ -28,7 +28,18 @@ from torch import Tensor
 from detr.config import DecodeConfig
 from detr.errors import DataError
 from detr.readers import json_object
-from detr.search import Decoding, Guide, Guides, Hypothesis, Models, constrain, guides_for, length_penalty, max_lengths
+from detr.search import (
+    Decoding,
+    Guide,
+    Guides,
+    Hypothesis,
+    Models,
+    constrain,
+    guides_for,
+    length_penalty,
+    max_lengths,
+    row_topk,
+)
 from detr.tokenizer import BOS, EOS, Subwords
 
 FIELDS = ("include", "exclude", "prefix")
@@ -245,7 +256,7 @@ def constrained_beam_search(model: Models, src: Tensor, decode: DecodeConfig, gu
                     logp[i * K + k, EOS] = -torch.inf
         constrain(decode, logp, history, at_limit.repeat_interleave(K),
                   guides_for(guides, alive_t.repeat_interleave(K)))
-        row_scores, row_tokens = logp.topk(min(2 * K, logp.size(1)), dim=1)
+        row_scores, row_tokens = row_topk(logp, min(2 * K, logp.size(1)))
         row_scores += scores.view(-1, 1)
         W = row_scores.size(1)
         top_scores, top_index = row_scores.view(b, K * W).topk(2 * K, dim=1)  # (b, 2K)

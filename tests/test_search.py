@@ -9,7 +9,7 @@ import detr
 from detr.batching import pad
 from detr.config import DecodeConfig
 from detr.model import padding_mask
-from detr.search import beam_search, greedy, length_penalty, sample
+from detr.search import beam_search, greedy, length_penalty, row_argmax, row_topk, sample
 from detr.tokenizer import BOS, EOS
 
 
@@ -144,3 +144,21 @@ def test_the_repetition_penalty_scales_seen_tokens_only(toy):
     assert repeats(plain) > 0 and repeats(strict) < repeats(plain)
     for nbest in beam_search(translator.model, src, DecodeConfig(beam_size=3, repetition_penalty=1e6)):
         assert len(nbest[0].tokens) == len(set(nbest[0].tokens))
+
+
+@pytest.mark.parametrize("vocab", [32000, 8000, 997, 40])  # chunked (several widths), prime (plain), too few chunks
+def test_two_pass_argmax_and_topk_equal_torchs(vocab):
+    g = torch.Generator().manual_seed(vocab)
+    x = torch.randn(37, vocab, generator=g)
+    x[0] = -torch.inf  # a row forced to nothing (only </s> at a length limit looks like this, minus one)
+    x[1, :] = -torch.inf
+    x[1, vocab - 1] = 0.0  # the maximum in the last chunk
+    x[2] = x[2].round()  # many ties: the first maximal position must win, as argmax's
+    x[3, 5] = x[3, vocab // 2] = x[3].max() + 1  # a tie for the maximum across chunks
+    assert torch.equal(row_argmax(x), x.argmax(-1))
+    for k in (1, 8, 10):
+        values, positions = row_topk(x, k)
+        expected = x.topk(k, dim=1).values
+        assert torch.equal(values, expected)  # the exact top k values, best first
+        assert torch.equal(x.gather(1, positions), values)  # at positions that hold them
+        assert all(len(set(row)) == k for row in positions.tolist())  # k distinct positions
