@@ -4,7 +4,8 @@
 The paper-base shape (d_model 512, 8 heads, 6+6 layers, d_ff 2048, 32k shared vocabulary),
 random weights, 30 source tokens per sentence and exactly 30 output tokens (minimum =
 maximum length), greedy and beam 4, batch 1 and 32. Reports generated tokens per second
-(sentences × 30 ÷ seconds, median of `--repeat` timed runs after one warm-up).
+(sentences × 30 ÷ seconds, median of `--repeat` timed runs after one warm-up; the engines take turns
+within each round, so drift of the machine's speed hits them alike).
 
     pip install "torch==2.13.0" -e ".[bench,export]"   # CTranslate2; transformers is a dependency of detr
     python benchmarks/decode_speed.py [--threads 2] [--repeat 3] [--device cpu]
@@ -30,14 +31,21 @@ from detr.search import beam_search, greedy
 VOCAB, SRC_LEN, OUT_LEN = 32000, 30, 30
 
 
-def timed(fn, repeat: int) -> float:
-    fn()  # warm-up
-    times = []
+def timed(runners: dict, repeat: int) -> dict[str, float]:
+    """Median seconds per run of each runner, after one warm-up each. The runners take turns
+    (round r times every runner once), so drift of the machine's speed hits them alike. Each timed
+    run starts after a second's pause: the engines keep their own OpenMP thread pools, whose
+    threads spin for a while after a call and would slow whichever engine runs next."""
+    for fn in runners.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in runners.items():
+            time.sleep(1.0)
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def detr_model(device: str, precision: str = "float32") -> Seq2Seq:
@@ -163,15 +171,14 @@ def main() -> None:
             src[:, -1] = 2  # detr's </s>; the random ids never contain it elsewhere
             for beam in map(int, args.beams.split(",")):
                 tokens = batch * OUT_LEN
-                speeds = {name: tokens / timed(detr_runner(model, src, beam, args.device), args.repeat)
-                          for name, model in ours.items()}
+                runners = {name: detr_runner(model, src, beam, args.device) for name, model in ours.items()}
                 if "hf" not in skip:
                     hf_src = src.clone()
                     hf_src[:, -1] = 0  # Marian's </s>
-                    speeds["hf"] = tokens / timed(hf_runner(hf_model, hf_src, beam, args.device), args.repeat)
+                    runners["hf"] = hf_runner(hf_model, hf_src, beam, args.device)
                 if "ct2" not in skip:
-                    runner = ct2_runner(hf_model, src, beam, args.threads, args.device, Path(tmp))
-                    speeds["ct2"] = tokens / timed(runner, args.repeat)
+                    runners["ct2"] = ct2_runner(hf_model, src, beam, args.threads, args.device, Path(tmp))
+                speeds = {name: tokens / seconds for name, seconds in timed(runners, args.repeat).items()}
                 rows.append((batch, beam, speeds))
                 print(f"batch {batch:>3} beam {beam}: " + "  ".join(f"{k} {v:,.0f} tok/s" for k, v in speeds.items()),
                       flush=True)

@@ -136,3 +136,19 @@ def test_serve_engine_ctranslate2_answers_as_the_offline_engine_and_refuses_a_ru
         assert mbr.status_code == 422 and "decode.mbr" in mbr.json()["error"]["message"]
     finally:
         server.stop()
+
+
+def test_the_conversion_is_checked_against_detr_before_it_is_kept(toy_run, exported, tmp_path, monkeypatch):
+    assert export.read_marker(exported)["logp_difference"] <= export.TOLERANCE
+    real_spec = export.model_spec
+
+    def wrong_spec(model, tokenizer):  # a mapping mistake: the decoder's first feed-forward output left out
+        spec = real_spec(model, tokenizer)
+        spec.decoder.layer[0].ffn.linear_1.weight = spec.decoder.layer[0].ffn.linear_1.weight * 0
+        return spec
+
+    monkeypatch.setattr(export, "model_spec", wrong_spec)
+    out = tmp_path / "wrong"
+    with pytest.raises(ConfigError, match="does not reproduce detr's log-probabilities .* nothing was written"):
+        export.export(toy_run / "run", out, quantize="int8")
+    assert not out.exists() and not any(tmp_path.iterdir())  # no staging folder left behind either

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from detr.checkpoint import load_run
 from detr.config import DecodeConfig, ModelConfig
 from detr.errors import CheckpointError, ConfigError
-from detr.export.folder import check_destination, file_digest, is_current, weights_file, write_folder
+from detr.export.folder import check_destination, file_digest, is_current, probe, weights_file, write_folder
 from detr.export.folder import read_marker as folder_marker
 from detr.rundir import RunDir
 from detr.search import Hypothesis
@@ -41,6 +41,7 @@ from detr.tokenizer import EOS, PAD, SPECIALS, Tokenizer
 QUANTIZATIONS = ("float32", "int8", "int8_float32")
 FORMAT = "detr-ctranslate2/1"
 MODEL_FILES = ("model.bin", "config.json")
+TOLERANCE = 1e-4  # largest log-probability difference between detr and the conversion, checked before it is kept
 
 
 def unsupported(config: ModelConfig, tokenizer: Tokenizer) -> list[str]:
@@ -147,17 +148,44 @@ def export(run_dir: str | Path, out: str | Path, quantize: str = "float32", weig
     run = load_run(run_dir, weights=weights)
     if run.config.task != "translate":
         raise ConfigError(f"{run_dir} is a {run.config.task} run; only translation runs export to CTranslate2")
-    spec = model_spec(run.model, run.task.tokenizer)
+    model_spec(run.model, run.task.tokenizer)  # refuses what CTranslate2 cannot hold before anything is written
+
+    def save(staging: Path, quantization: str | None) -> None:
+        spec = model_spec(run.model, run.task.tokenizer)  # a spec is optimized once: a fresh one per save
+        spec.validate()
+        spec.optimize(quantization=quantization)
+        spec.save(str(staging))
 
     def fill(staging: Path) -> dict:
-        spec.validate()
-        spec.optimize(quantization=None if quantize == "float32" else quantize)
-        spec.save(str(staging))
+        save(staging, None)  # float32 first: the conversion itself is checked without rounding
+        difference = _difference(run.model.eval(), run.task.tokenizer, staging)
+        if not difference <= TOLERANCE:
+            raise ConfigError(f"the CTranslate2 conversion does not reproduce detr's log-probabilities (largest "
+                              f"difference {difference:.2g} > {TOLERANCE}); nothing was written")
+        if quantize != "float32":
+            save(staging, quantize)
         shutil.copyfile(RunDir(run_dir).tokenizer, staging / RunDir(".").tokenizer.name)
         return {"format": FORMAT, "weights_sha256": file_digest(weights_file(run_dir, weights)), "quantize": quantize,
-                "max_positions": run.model.config.max_positions, "ctranslate2": ctranslate2.__version__}
+                "max_positions": run.model.config.max_positions, "ctranslate2": ctranslate2.__version__,
+                "logp_difference": difference}
 
     return write_folder(out, fill)
+
+
+@torch.no_grad()
+def _difference(model: nn.Module, tokenizer: Tokenizer, folder: Path) -> float:
+    """The largest difference between detr's teacher-forced log-probabilities on `probe`'s batch and
+    those CTranslate2 gives the same targets (`score_batch`) with the float32 model in `folder`."""
+    src, tgt = probe(model.config)
+    logp = model(src, tgt).float().log_softmax(-1)  # (3, 6, V): the tokens after tgt[:, :t+1]
+    targets = torch.cat([tgt[:, 1:], torch.full((tgt.size(0), 1), EOS)], dim=1)
+    ours = logp.gather(2, targets.unsqueeze(2)).squeeze(2)
+    src_tokens, tgt_tokens = vocabulary(tokenizer, "src"), vocabulary(tokenizer, "tgt")
+    sources = [[src_tokens[i] for i in row if i != PAD] for row in src.tolist()]
+    scored = ctranslate2.Translator(str(folder), compute_type="float32", intra_threads=1).score_batch(
+        sources, [[tgt_tokens[i] for i in row] for row in tgt[:, 1:].tolist()])
+    theirs = torch.tensor([result.log_probs for result in scored])  # each target token, then </s>
+    return float((ours - theirs).abs().max())
 
 
 def read_marker(folder: Path) -> dict:
