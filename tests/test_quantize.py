@@ -81,11 +81,15 @@ def test_int8_is_refused_off_the_cpu(toy_run):
 
 def test_serve_quantize_int8_answers_as_the_offline_int8_translator(toy_run):
     pytest.importorskip("fastapi", reason="needs the serving extra")
+    import httpx
+
     from tests.test_serve import SENTENCES, Server
 
     server = Server(f"de={toy_run / 'run'}", "--quantize", "int8")
     try:
         got = server.post("/v1/translate", {"model": "de", "texts": SENTENCES}).json()
         assert got["translations"] == load(toy_run / "run").quantize("int8").translate(SENTENCES)
+        described = httpx.get(server.url + "/v1/models").json()["models"][0]
+        assert described["parameters"] == load(toy_run / "run").model.num_parameters()  # the model's, not its buffers'
     finally:
         server.stop()

@@ -189,6 +189,7 @@ class Served:
 
     name: str
     run: Run
+    parameters: int  # counted as loaded: an int8 engine keeps its weights as buffers, not parameters
     predictor: Translator | Classifier | Tagger
     batcher: Batcher
 
@@ -196,7 +197,7 @@ class Served:
         config = self.run.config
         info: dict[str, Any] = {
             "name": self.name, "task": config.task,
-            "parameters": sum(p.numel() for p in self.run.model.parameters()),
+            "parameters": self.parameters,
             "decode": dataclasses.asdict(config.decode)}
         if isinstance(self.predictor, Translator):
             info["languages"] = {"src": config.data.src_lang, "tgt": config.data.tgt_lang}
@@ -235,7 +236,8 @@ def create_app(runs: dict[str, Run], config: ServeConfig, api_keys: list[str] | 
         ConfigError: a monitor model that is not served, or not a single-text classifier.
     """
     metrics = Metrics()
-    models = {name: Served(name, run, _predictor(name, run, config),
+    # Arguments run left to right: the parameters are counted before `_predictor` may quantize the model.
+    models = {name: Served(name, run, sum(p.numel() for p in run.model.parameters()), _predictor(name, run, config),
                            Batcher(name, config.max_batch_tokens, config.max_wait_ms / 1000, config.max_queue,
                                    metrics.on_batch(name)))
               for name, run in runs.items()}
