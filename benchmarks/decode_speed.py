@@ -1,14 +1,16 @@
-"""Decoding speed: detr (float32, int8, its search on ONNX Runtime) vs Hugging Face `generate`
-(MarianMT) vs CTranslate2, same shape, same run.
+"""Decoding speed: detr (float32, int8, its search on ONNX Runtime), detr's CTranslate2 conversion
+(float32, int8), Hugging Face `generate` (MarianMT) and CTranslate2 on that Marian model; same
+shape, same run.
 
 The paper-base shape (d_model 512, 8 heads, 6+6 layers, d_ff 2048, 32k shared vocabulary),
 random weights, 30 source tokens per sentence and exactly 30 output tokens (minimum =
 maximum length), greedy and beam 4, batch 1 and 32. Reports generated tokens per second
 (sentences × 30 ÷ seconds, median of `--repeat` timed runs after one warm-up; the engines take turns
-within each round, so drift of the machine's speed hits them alike).
+within each round, so drift of the machine's speed hits them alike), the sizes on disk, and with
+`--rss` each engine's peak memory in a process of its own.
 
     pip install "torch==2.13.0" -e ".[bench,export]"   # CTranslate2; transformers is a dependency of detr
-    python benchmarks/decode_speed.py [--threads 2] [--repeat 3] [--device cpu]
+    python benchmarks/decode_speed.py [--threads 2] [--repeat 3] [--device cpu] [--rss] [--skip "hf,ct2"]
 
 Not part of the test run.
 """
@@ -16,9 +18,13 @@ Not part of the test run.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -120,13 +126,13 @@ class _FakeTokenizer:
         return {token: i for token, i in vocab.items() if token not in ("t0", "t1", f"t{VOCAB - 1}")}
 
 
-def ct2_runner(model, src: torch.Tensor, beam: int, threads: int, device: str, workdir: Path):
+def ct2_runner(model: Callable, src: torch.Tensor, beam: int, threads: int, device: str, workdir: Path):
     import ctranslate2
     from ctranslate2.converters import TransformersConverter
 
     hf_dir, ct2_dir = workdir / "hf", workdir / "ct2"
     if not ct2_dir.exists():
-        model.save_pretrained(hf_dir)
+        model().save_pretrained(hf_dir)
 
         class Converter(TransformersConverter):
             def load_tokenizer(self, tokenizer_class, model_name_or_path, **kwargs):
@@ -146,6 +152,116 @@ def ct2_runner(model, src: torch.Tensor, beam: int, threads: int, device: str, w
     return run
 
 
+class _Side:
+    """What detr's CTranslate2 converter reads of one side of a tokenizer: subword strings by id."""
+
+    class hf:  # noqa: N801 (stands in for a `tokenizers.Tokenizer`)
+        @staticmethod
+        def get_vocab_size() -> int:
+            return VOCAB
+
+        @staticmethod
+        def id_to_token(i: int) -> str:
+            return f"t{i}"
+
+    @staticmethod
+    def languages() -> list[str]:
+        return []
+
+
+class _FakeDetrTokenizer:
+    src = tgt = _Side()
+
+
+def detr_ct2_runner(src: torch.Tensor, beam: int, threads: int, device: str, workdir: Path, quantization: str):
+    """detr's random model through detr's own CTranslate2 converter (`detr export --to ctranslate2`'s
+    spec), decoded by CTranslate2 the way `--engine ctranslate2` calls it."""
+    import ctranslate2
+
+    from detr.export.ctranslate2 import model_spec, vocabulary
+
+    folder = workdir / f"detr-ct2-{quantization}"
+    if not folder.exists():
+        spec = model_spec(detr_model("cpu"), _FakeDetrTokenizer())
+        spec.validate()
+        spec.optimize(quantization=None if quantization == "float32" else quantization)
+        folder.mkdir()
+        spec.save(str(folder))
+    translator = ctranslate2.Translator(str(folder), device=device, intra_threads=threads)
+    tokens = vocabulary(_FakeDetrTokenizer(), "src")
+    batch = [[tokens[int(i)] for i in row] for row in src]  # ends in detr's </s>, as the engine sends it
+
+    def run():
+        out = translator.translate_batch(batch, beam_size=beam, max_decoding_length=OUT_LEN,
+                                         min_decoding_length=OUT_LEN, length_penalty=0.0, return_scores=False)
+        assert all(len(r.hypotheses[0]) == OUT_LEN for r in out), [len(r.hypotheses[0]) for r in out]
+
+    return run
+
+
+def engines(args, workdir: Path, wanted: set[str]) -> dict:
+    """name → runner factory (src, beam) for every engine in `wanted`; models are built once here."""
+    made: dict = {}
+    hf_model = functools.cache(lambda: marian(args.device))  # built when first needed
+    for name, precision in (("detr", "float32"), ("detr int8", "int8")):
+        if name in wanted:
+            model = detr_model(args.device, precision)
+            made[name] = lambda src, beam, model=model: detr_runner(model, src, beam, args.device)
+    if "detr on ONNX Runtime" in wanted:
+        model = onnx_model(workdir, args.threads)
+        made["detr on ONNX Runtime"] = lambda src, beam: detr_runner(model, src, beam, args.device)
+    for name, quantization in (("detr→CT2", "float32"), ("detr→CT2 int8", "int8")):
+        if name in wanted:
+            made[name] = lambda src, beam, q=quantization: detr_ct2_runner(src, beam, args.threads, args.device,
+                                                                           workdir, q)
+    if "hf" in wanted:
+        def hf(src, beam):
+            hf_src = src.clone()
+            hf_src[:, -1] = 0  # Marian's </s>
+            return hf_runner(hf_model(), hf_src, beam, args.device)
+        made["hf"] = hf
+    if "ct2" in wanted:
+        made["ct2"] = lambda src, beam: ct2_runner(hf_model, src, beam, args.threads, args.device, workdir)
+    return made
+
+
+ALL = ("detr", "detr int8", "detr on ONNX Runtime", "detr→CT2", "detr→CT2 int8", "hf", "ct2")
+
+
+def source(batch: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(batch)
+    src = torch.randint(4, VOCAB - 1, (batch, SRC_LEN), generator=g)
+    src[:, -1] = 2  # detr's </s>; the random ids never contain it elsewhere
+    return src
+
+
+def peak_rss(name: str, args, workdir: Path) -> float:
+    """Peak resident memory (MB) of a fresh process that loads engine `name` alone (conversions made
+    beforehand, in `workdir`) and decodes batch 32 with beam 4 once."""
+    command = [sys.executable, __file__, "--only-engine", name, "--threads", str(args.threads), "--device", args.device,
+               "--workdir", str(workdir)]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def only_engine(args) -> None:
+    engines(args, Path(args.workdir), {args.only_engine})[args.only_engine](source(32), 4)()
+    # VmHWM, not getrusage's ru_maxrss: that one keeps the parent's peak across fork and exec.
+    status = Path("/proc/self/status").read_text().splitlines()
+    print(int(next(line.split()[1] for line in status if line.startswith("VmHWM:"))) / 1024)  # kB → MB
+
+
+def sizes(workdir: Path) -> dict[str, float]:
+    """Model sizes on disk (MB): detr's weights file, its CTranslate2 conversions (made by the run)."""
+    from detr.checkpoint import save_weights
+
+    save_weights(detr_model("cpu"), workdir / "model.safetensors")
+    found = {"detr model.safetensors (float32)": workdir / "model.safetensors",
+             "detr→CT2 model.bin (float32)": workdir / "detr-ct2-float32" / "model.bin",
+             "detr→CT2 model.bin (int8)": workdir / "detr-ct2-int8" / "model.bin"}
+    return {name: path.stat().st_size / 2**20 for name, path in found.items() if path.exists()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -153,44 +269,42 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batches", default="1,32")
     parser.add_argument("--beams", default="1,4")
-    parser.add_argument("--skip", default="", help="comma-separated: int8, onnx, hf, ct2")
+    parser.add_argument("--skip", default="", help=f"comma-separated engines to leave out, of: {', '.join(ALL)}")
+    parser.add_argument("--rss", action="store_true", help="also each engine's peak memory, one process each")
+    parser.add_argument("--only-engine", help=argparse.SUPPRESS)  # the --rss child
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    skip = set(filter(None, args.skip.split(",")))
-    hf_model = marian(args.device) if {"hf", "ct2"} - skip else None
-    ours = {"detr": detr_model(args.device)}
-    if "int8" not in skip:
-        ours["detr int8"] = detr_model(args.device, "int8")
+    if args.only_engine:
+        return only_engine(args)
+    wanted = [name for name in ALL if name not in set(args.skip.split(","))]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        if "onnx" not in skip:
-            ours["detr on ONNX Runtime"] = onnx_model(Path(tmp), args.threads)
+        made = engines(args, Path(tmp), set(wanted))
         for batch in map(int, args.batches.split(",")):
-            g = torch.Generator().manual_seed(batch)
-            src = torch.randint(4, VOCAB - 1, (batch, SRC_LEN), generator=g)
-            src[:, -1] = 2  # detr's </s>; the random ids never contain it elsewhere
+            src = source(batch)
             for beam in map(int, args.beams.split(",")):
-                tokens = batch * OUT_LEN
-                runners = {name: detr_runner(model, src, beam, args.device) for name, model in ours.items()}
-                if "hf" not in skip:
-                    hf_src = src.clone()
-                    hf_src[:, -1] = 0  # Marian's </s>
-                    runners["hf"] = hf_runner(hf_model, hf_src, beam, args.device)
-                if "ct2" not in skip:
-                    runners["ct2"] = ct2_runner(hf_model, src, beam, args.threads, args.device, Path(tmp))
-                speeds = {name: tokens / seconds for name, seconds in timed(runners, args.repeat).items()}
+                runners = {name: made[name](src, beam) for name in wanted}
+                speeds = {name: batch * OUT_LEN / seconds for name, seconds in timed(runners, args.repeat).items()}
                 rows.append((batch, beam, speeds))
                 print(f"batch {batch:>3} beam {beam}: " + "  ".join(f"{k} {v:,.0f} tok/s" for k, v in speeds.items()),
                       flush=True)
+        on_disk = sizes(Path(tmp))
+        memory = {name: peak_rss(name, args, Path(tmp)) for name in wanted} if args.rss else {}
     print()
-    names = list(rows[0][2])
-    print("| batch | search | " + " | ".join(f"{n} tok/s" for n in names) + " | detr ÷ HF | detr ÷ CT2 |")
-    print("|---:|---|" + "---:|" * (len(names) + 2))
+    print("| batch | search | " + " | ".join(wanted) + " | detr ÷ HF | detr ÷ CT2 |")
+    print("|---:|---|" + "---:|" * (len(wanted) + 2))
     for batch, beam, s in rows:
-        mine, hf, ct2 = s["detr"], s.get("hf"), s.get("ct2")
-        cells = [f"{s[n]:,.0f}" for n in names]
-        cells += [f"{mine / hf:.2f}" if hf else "—", f"{mine / ct2:.2f}" if ct2 else "—"]
+        mine, hf, ct2 = s.get("detr"), s.get("hf"), s.get("ct2")
+        cells = [f"{s[n]:,.0f}" for n in wanted]
+        cells += [f"{mine / hf:.2f}" if mine and hf else "—", f"{mine / ct2:.2f}" if mine and ct2 else "—"]
         print(f"| {batch} | {'greedy' if beam == 1 else f'beam {beam}'} | " + " | ".join(cells) + " |")
+    print()
+    for name, mb in on_disk.items():
+        print(f"size on disk: {name}: {mb:,.0f} MB")
+    for name, mb in memory.items():
+        print(f"peak RSS, batch 32 beam 4, {name} alone in a process: {mb:,.0f} MB")
+
 
 if __name__ == "__main__":
     main()
