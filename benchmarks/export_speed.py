@@ -19,8 +19,30 @@ import torch
 
 from detr import load
 from detr.export import onnx
-from detr.export.ctranslate2 import CTranslate2Search, cached_export
+from detr.export.ctranslate2 import CTranslate2Search, cached_export, vocabulary
 from detr.metrics import bleu
+
+
+class DirectCTranslate2:
+    """CTranslate2 called directly, as a user of it would without detr: the run's subword tokenizer
+    (`tokenizers`, batch encode/decode), then one `translate_batch` over every line with its own
+    batching (the same token budget as detr's batches) and one length limit for all."""
+
+    def __init__(self, folder, tokenizer, threads: int) -> None:
+        import ctranslate2
+
+        self.translator = ctranslate2.Translator(str(folder), intra_threads=threads)
+        self.src, self.tgt = tokenizer.src, tokenizer.tgt
+        self.tokens = vocabulary(tokenizer, "src")
+        self.ids = {t: i for i, t in enumerate(vocabulary(tokenizer, "tgt"))}
+
+    def translate(self, lines: list[str], options) -> list[str]:
+        sources = [[self.tokens[i] for i in ids] + ["</s>"] for ids in self.src.encode_batch(lines)]
+        longest = max(map(len, sources))
+        results = self.translator.translate_batch(
+            sources, max_batch_size=options.max_tokens, batch_type="tokens", beam_size=options.beam_size,
+            length_penalty=0.0, max_decoding_length=int(options.max_len_a * longest + options.max_len_b))
+        return self.tgt.decode_batch([[self.ids[t] for t in r.hypotheses[0]] for r in results])
 
 
 def main() -> None:
@@ -40,6 +62,9 @@ def main() -> None:
         other = load(args.run)
         other.engine = CTranslate2Search(cached_export(args.run, quantize), translator.tokenizer, threads=args.threads)
         engines.append((f"CTranslate2 {quantize}", other))
+        if quantize == "float32":
+            direct = DirectCTranslate2(cached_export(args.run, quantize), translator.tokenizer, args.threads)
+            engines.append(("CTranslate2 float32, called directly", direct))
     other = load(args.run)
     other.engine = onnx.OnnxSearch(onnx.cached_export(args.run), threads=args.threads)
     engines.append(("detr search on ONNX Runtime", other))
