@@ -26,7 +26,8 @@ __version__ = "0.1.0"
 
 def load(run_dir: str | Path, device: str = "cpu", weights: str | Path | None = None) -> Any:
     """The predictor of any run directory written by `detr train`: a `Translator` (task translate),
-    a `Classifier` (classify) or a `Tagger` (tag), with its weights in eval mode.
+    a `Classifier` (classify) or a `Tagger` (tag), with its weights in eval mode and, on the CPU,
+    its Linear layers packed for inference (`detr.quantize.PackedLinear`).
 
     Args:
         run_dir: the run directory.

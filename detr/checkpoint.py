@@ -23,6 +23,7 @@ from detr.atomic import atomic_path
 from detr.config import Config, load_config
 from detr.errors import CheckpointError, ConfigError
 from detr.pretrained import encoder_for
+from detr.quantize import quantize
 from detr.rundir import RunDir
 from detr.tasks import Task, make_task
 
@@ -134,7 +135,9 @@ class Run:
     run_dir: Path
 
     def predictor(self) -> Any:
-        """What predicts with this run: a `Translator`, `Classifier` or `Tagger`."""
+        """What predicts with this run: a `Translator`, `Classifier` or `Tagger`. On the CPU the
+        model's Linear layers are packed for inference first (`detr.quantize.PackedLinear`)."""
+        quantize(self.model, "float32")
         return self.task.predictor(self.model, self.config)
 
 

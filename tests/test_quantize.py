@@ -1,5 +1,6 @@
-"""int8 in detr's own engine: Linear layers hold int8 weights, the model predicts nearly as in float32,
-and the command line offers it in one flag."""
+"""detr's own engine at inference: float32 Linear layers packed for the CPU's GEMM compute what
+nn.Linear does; int8 Linear layers hold int8 weights, the model
+predicts nearly as in float32, and the command line offers it in one flag."""
 
 import subprocess
 import sys
@@ -8,10 +9,44 @@ import pytest
 import sacrebleu
 import torch
 
-from detr import ConfigError, load
+from detr import ConfigError, load, load_run
 from detr.model import padding_mask
-from detr.quantize import Int8Linear, is_quantized
+from detr.quantize import Int8Linear, PackedLinear, _can_pack, is_quantized
 from tests.conftest import ROOT
+
+needs_mkl = pytest.mark.skipif(not _can_pack(torch.nn.Linear(2, 2)), reason="this PyTorch has no MKL packed GEMM")
+
+
+@needs_mkl
+@pytest.mark.parametrize("shape", [(64, 64), (512, 2048), (2048, 512), (8000, 256)])
+def test_a_packed_linear_computes_what_linear_does(shape):
+    n_in, n_out = shape
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(n_in, n_out)
+    packed = PackedLinear(linear)
+    assert packed.weight is linear.weight and packed.bias is linear.bias  # shared, not copied
+    x = torch.randn(200, n_in)
+    with torch.no_grad():
+        full = packed(x)
+        assert torch.allclose(full, linear(x), atol=1e-5, rtol=1e-5)
+        for rows in (1, 2, 7, 31, 128, 129):  # other row counts than the packing was sized for
+            assert torch.allclose(packed(x[:rows]), full[:rows], atol=1e-5, rtol=1e-5)
+        assert torch.equal(packed(x.view(20, 10, n_in)), full.view(20, 10, n_out))  # any leading shape
+    y = packed(x[:3])  # gradients wanted: a plain Linear
+    y.sum().backward()
+    assert linear.weight.grad is not None
+
+
+@needs_mkl
+def test_a_loaded_run_predicts_with_packed_layers_and_the_same_outputs(toy_run):
+    lines = (toy_run / "data" / "test.en").read_text().splitlines()
+    loaded = load(toy_run / "run")
+    assert any(isinstance(m, PackedLinear) for m in loaded.model.modules())
+    run = load_run(toy_run / "run")
+    plain = run.task.predictor(run.model, run.config)  # what training validates with: plain Linear layers
+    assert not any(isinstance(m, PackedLinear) for m in plain.model.modules())
+    assert loaded.translate(lines) == plain.translate(lines)
+    assert loaded.model.num_parameters() == plain.model.num_parameters()
 
 
 def test_int8_logits_stay_close_and_most_outputs_are_the_same(toy_run):
