@@ -5,12 +5,12 @@ shape, same run.
 The paper-base shape (d_model 512, 8 heads, 6+6 layers, d_ff 2048, 32k shared vocabulary),
 random weights, 30 source tokens per sentence and exactly 30 output tokens (minimum =
 maximum length), greedy and beam 4, batch 1 and 32. Reports generated tokens per second
-(sentences × 30 ÷ seconds, median of `--repeat` timed runs after one warm-up; the engines take turns
-within each round, so drift of the machine's speed hits them alike), the sizes on disk, and with
-`--rss` each engine's peak memory in a process of its own.
+(sentences × 30 ÷ seconds, the median over `--repeat` rounds; in each round every engine runs in a
+process of its own, one timed run per point after a warm-up, so engines never share a process and
+drift of the machine's speed hits them alike), the sizes on disk, and each engine's peak memory.
 
     pip install "torch==2.13.0" -e ".[bench,export]"   # CTranslate2; transformers is a dependency of detr
-    python benchmarks/decode_speed.py [--threads 2] [--repeat 3] [--device cpu] [--rss] [--skip "hf,ct2"]
+    python benchmarks/decode_speed.py [--threads 2] [--repeat 3] [--device cpu] [--skip "hf,ct2"]
 
 Not part of the test run.
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import statistics
 import subprocess
 import sys
@@ -37,28 +38,16 @@ from detr.search import beam_search, greedy
 VOCAB, SRC_LEN, OUT_LEN = 32000, 30, 30
 
 
-def timed(runners: dict, repeat: int) -> dict[str, float]:
-    """Median seconds per run of each runner, after one warm-up each. The runners take turns
-    (round r times every runner once), so drift of the machine's speed hits them alike. Each timed
-    run starts after a second's pause: the engines keep their own OpenMP thread pools, whose
-    threads spin for a while after a call and would slow whichever engine runs next."""
-    for fn in runners.values():
-        fn()  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(repeat):
-        for name, fn in runners.items():
-            time.sleep(1.0)
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
-def detr_model(device: str, precision: str = "float32") -> Seq2Seq:
+def random_model(device: str) -> Seq2Seq:
     torch.manual_seed(0)
     config = ModelConfig.preset("base", src_vocab_size=VOCAB, tgt_vocab_size=VOCAB, share_embeddings=True,
                                 max_positions=512)
-    return quantize(build_model(config).to(device).eval(), precision)
+    return build_model(config).to(device).eval()
+
+
+def detr_model(device: str, precision: str = "float32") -> Seq2Seq:
+    """The random model as detr's engine runs it: float32 packed for the CPU's GEMM, or int8."""
+    return quantize(random_model(device), precision)
 
 
 def onnx_model(workdir: Path, threads: int):
@@ -69,7 +58,7 @@ def onnx_model(workdir: Path, threads: int):
     if not folder.exists():
         folder.mkdir()
         with torch.no_grad():
-            onnx._export_graphs(detr_model("cpu"), folder)
+            onnx._export_graphs(random_model("cpu"), folder)
     return onnx.OnnxModel(folder, {"max_positions": 512}, threads=threads)
 
 
@@ -182,7 +171,7 @@ def detr_ct2_runner(src: torch.Tensor, beam: int, threads: int, device: str, wor
 
     folder = workdir / f"detr-ct2-{quantization}"
     if not folder.exists():
-        spec = model_spec(detr_model("cpu"), _FakeDetrTokenizer())
+        spec = model_spec(random_model("cpu"), _FakeDetrTokenizer())
         spec.validate()
         spec.optimize(quantization=None if quantization == "float32" else quantization)
         folder.mkdir()
@@ -235,27 +224,40 @@ def source(batch: int) -> torch.Tensor:
     return src
 
 
-def peak_rss(name: str, args, workdir: Path) -> float:
-    """Peak resident memory (MB) of a fresh process that loads engine `name` alone (conversions made
-    beforehand, in `workdir`) and decodes batch 32 with beam 4 once."""
+def measure_in_child(name: str, args, workdir: Path) -> dict:
+    """Seconds per run of engine `name` at every point, and its peak memory, measured in a fresh
+    process that holds that engine alone (conversions are kept in `workdir` across processes)."""
     command = [sys.executable, __file__, "--only-engine", name, "--threads", str(args.threads), "--device", args.device,
-               "--workdir", str(workdir)]
+               "--workdir", str(workdir), "--batches", args.batches, "--beams", args.beams]
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-    return float(out.strip().splitlines()[-1])
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def only_engine(args) -> None:
-    engines(args, Path(args.workdir), {args.only_engine})[args.only_engine](source(32), 4)()
-    # VmHWM, not getrusage's ru_maxrss: that one keeps the parent's peak across fork and exec.
+    """The child: one timed run per point after a warm-up, then VmHWM (not getrusage's ru_maxrss,
+    which keeps the parent's peak across fork and exec)."""
+    make = engines(args, Path(args.workdir), {args.only_engine})[args.only_engine]
+    seconds = {}
+    for batch, beam in points(args):
+        run = make(source(batch), beam)
+        run()  # warm-up
+        start = time.perf_counter()
+        run()
+        seconds[f"{batch},{beam}"] = time.perf_counter() - start
     status = Path("/proc/self/status").read_text().splitlines()
-    print(int(next(line.split()[1] for line in status if line.startswith("VmHWM:"))) / 1024)  # kB → MB
+    rss = int(next(line.split()[1] for line in status if line.startswith("VmHWM:"))) / 1024  # kB → MB
+    print(json.dumps({"seconds": seconds, "rss": rss}))
+
+
+def points(args) -> list[tuple[int, int]]:
+    return [(batch, beam) for batch in map(int, args.batches.split(",")) for beam in map(int, args.beams.split(","))]
 
 
 def sizes(workdir: Path) -> dict[str, float]:
     """Model sizes on disk (MB): detr's weights file, its CTranslate2 conversions (made by the run)."""
     from detr.checkpoint import save_weights
 
-    save_weights(detr_model("cpu"), workdir / "model.safetensors")
+    save_weights(random_model("cpu"), workdir / "model.safetensors")
     found = {"detr model.safetensors (float32)": workdir / "model.safetensors",
              "detr→CT2 model.bin (float32)": workdir / "detr-ct2-float32" / "model.bin",
              "detr→CT2 model.bin (int8)": workdir / "detr-ct2-int8" / "model.bin"}
@@ -270,27 +272,26 @@ def main() -> None:
     parser.add_argument("--batches", default="1,32")
     parser.add_argument("--beams", default="1,4")
     parser.add_argument("--skip", default="", help=f"comma-separated engines to leave out, of: {', '.join(ALL)}")
-    parser.add_argument("--rss", action="store_true", help="also each engine's peak memory, one process each")
-    parser.add_argument("--only-engine", help=argparse.SUPPRESS)  # the --rss child
+    parser.add_argument("--only-engine", help=argparse.SUPPRESS)  # a child: one engine, every point
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.only_engine:
         return only_engine(args)
     wanted = [name for name in ALL if name not in set(args.skip.split(","))]
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        made = engines(args, Path(tmp), set(wanted))
-        for batch in map(int, args.batches.split(",")):
-            src = source(batch)
-            for beam in map(int, args.beams.split(",")):
-                runners = {name: made[name](src, beam) for name in wanted}
-                speeds = {name: batch * OUT_LEN / seconds for name, seconds in timed(runners, args.repeat).items()}
-                rows.append((batch, beam, speeds))
-                print(f"batch {batch:>3} beam {beam}: " + "  ".join(f"{k} {v:,.0f} tok/s" for k, v in speeds.items()),
-                      flush=True)
+        # Round r measures every engine once, each in a process of its own: engines never share a
+        # process (their thread pools and allocators would meet), and drift hits them alike. The
+        # first round makes the conversions (kept in tmp) and is not counted.
+        rounds = [{name: measure_in_child(name, args, Path(tmp)) for name in wanted}
+                  for _ in range(args.repeat + 1)][1:]
         on_disk = sizes(Path(tmp))
-        memory = {name: peak_rss(name, args, Path(tmp)) for name in wanted} if args.rss else {}
+    rows = []
+    for batch, beam in points(args):
+        key = f"{batch},{beam}"
+        rows.append((batch, beam, {name: batch * OUT_LEN / statistics.median(r[name]["seconds"][key] for r in rounds)
+                                   for name in wanted}))
+    memory = {name: max(r[name]["rss"] for r in rounds) for name in wanted}
     print()
     print("| batch | search | " + " | ".join(wanted) + " | detr ÷ HF | detr ÷ CT2 |")
     print("|---:|---|" + "---:|" * (len(wanted) + 2))
@@ -303,7 +304,7 @@ def main() -> None:
     for name, mb in on_disk.items():
         print(f"size on disk: {name}: {mb:,.0f} MB")
     for name, mb in memory.items():
-        print(f"peak RSS, batch 32 beam 4, {name} alone in a process: {mb:,.0f} MB")
+        print(f"peak RSS of a process holding {name} alone and decoding every point: {mb:,.0f} MB")
 
 
 if __name__ == "__main__":

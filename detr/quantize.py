@@ -47,8 +47,8 @@ def _can_pack(linear: nn.Linear) -> bool:
 class PackedLinear(nn.Linear):
     """An `nn.Linear` (the same weight and bias tensors, so ties and state-dict names stay) that
     multiplies with a copy of its weight packed once for MKL's GEMM when no gradient is wanted (the
-    packed op has none; with gradients on it is a plain Linear). The copy is not updated: for
-    inference only."""
+    packed op has none; with gradients on, or traced by an exporter, it is a plain Linear). The copy
+    is not updated: for inference only."""
 
     def __init__(self, linear: nn.Linear) -> None:
         nn.Module.__init__(self)
@@ -57,7 +57,7 @@ class PackedLinear(nn.Linear):
         self.packed = torch.ops.mkl._mkl_reorder_linear_weight(linear.weight.detach(), PACK_ROWS)
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.is_grad_enabled():  # gradients wanted (saliency, training): the op has none
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():  # the op has no gradient, no export
             return super().forward(x)
         rows = x.numel() // self.in_features
         # Given the actual row count as the packing's, the op always takes the packed kernel
