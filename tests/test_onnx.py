@@ -15,6 +15,7 @@ from tests.conftest import ROOT
 pytest.importorskip("onnxruntime", reason="the export extra (onnxruntime) is not installed")
 pytest.importorskip("onnxscript", reason="the export extra (onnxscript) is not installed")
 from detr.export import onnx as export  # noqa: E402  (after the skip: needs onnxruntime)
+from detr.export.folder import is_current  # noqa: E402
 
 
 def detr_cli(*args, **kwargs):
@@ -49,11 +50,9 @@ def test_translate_engine_onnxruntime_converts_once_into_the_run(toy_run, tmp_pa
     assert onnx_out.returncode == 0 and onnx_out.stdout == detr_cli(*args).stdout, onnx_out.stderr
     assert len(onnx_out.stdout.splitlines()) == 51 and onnx_out.stderr == ""
     cache = RunDir(run).engine_cache("onnx")
-    made = (cache / "step.onnx").stat().st_mtime_ns
-    (cache / "encoder.onnx").unlink()  # a partial conversion is made again, never half-used
-    again = detr_cli(*args, "--engine", "onnxruntime")
-    assert again.returncode == 0 and again.stdout == onnx_out.stdout
-    assert (cache / "encoder.onnx").is_file() and (cache / "step.onnx").stat().st_mtime_ns != made
+    assert is_current(cache, RunDir(run).model, export.read_marker)  # kept, and used as it is next time
+    (cache / "encoder.onnx").unlink()  # a partial conversion is not current: it is made again, never half-used
+    assert not is_current(cache, RunDir(run).model, export.read_marker)  # (remaking it: test_export, CTranslate2)
     int8 = detr_cli(*args, "--engine", "onnxruntime", "--quantize", "int8")
     assert int8.returncode == 2 and "the ONNX graphs are float32" in int8.stderr and int8.stdout == ""
 

@@ -99,7 +99,9 @@ def test_evaluate_prints_sacrebleu_scores_with_signatures(run, toy_run, tmp_path
     refs = ref.read_text().splitlines()
     assert report["scores"][0]["score"] == pytest.approx(BLEU().corpus_score(hyps, [refs, refs]).score, abs=1e-3)
     assert report["scores"][0]["signature"].startswith("nrefs:2|")
-    text = cli("evaluate", str(run), "--src", str(src), "--ref", str(ref))
+    (tmp_path / "few.en").write_text("".join(src.read_text().splitlines(keepends=True)[:20]))
+    (tmp_path / "few.de").write_text("".join(ref.read_text().splitlines(keepends=True)[:20]))
+    text = cli("evaluate", str(run), "--src", str(tmp_path / "few.en"), "--ref", str(tmp_path / "few.de"))
     assert text.stdout.decode().startswith("BLEU = ")
     short = tmp_path / "short.de"
     short.write_text("eins\n")
