@@ -65,7 +65,6 @@ class PackedLinear(nn.Linear):
         return torch.ops.mkl._mkl_linear(x.contiguous(), self.packed, self.weight, self.bias, rows)
 
 
-
 def _int8_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     """`x` (N, K) as int8 with one scale per row: x ≈ q · scale, q in [-127, 127], scale (N, 1)
     (a row's largest |x| maps to 127; rounding cannot go past it)."""

@@ -148,22 +148,21 @@ def export(run_dir: str | Path, out: str | Path, quantize: str = "float32", weig
     run = load_run(run_dir, weights=weights)
     if run.config.task != "translate":
         raise ConfigError(f"{run_dir} is a {run.config.task} run; only translation runs export to CTranslate2")
-    model_spec(run.model, run.task.tokenizer)  # refuses what CTranslate2 cannot hold before anything is written
+    spec = model_spec(run.model, run.task.tokenizer)  # refuses what CTranslate2 cannot hold before anything is written
 
-    def save(staging: Path, quantization: str | None) -> None:
-        spec = model_spec(run.model, run.task.tokenizer)  # a spec is optimized once: a fresh one per save
+    def save(spec: transformer_spec.TransformerSpec, staging: Path, quantization: str | None) -> None:
         spec.validate()
         spec.optimize(quantization=quantization)
         spec.save(str(staging))
 
     def fill(staging: Path) -> dict:
-        save(staging, None)  # float32 first: the conversion itself is checked without rounding
+        save(spec, staging, None)  # float32 first: the conversion itself is checked without rounding
         difference = _difference(run.model.eval(), run.task.tokenizer, staging)
         if not difference <= TOLERANCE:
             raise ConfigError(f"the CTranslate2 conversion does not reproduce detr's log-probabilities (largest "
                               f"difference {difference:.2g} > {TOLERANCE}); nothing was written")
-        if quantize != "float32":
-            save(staging, quantize)
+        if quantize != "float32":  # a spec is optimized once: int8 from a fresh one
+            save(model_spec(run.model, run.task.tokenizer), staging, quantize)
         shutil.copyfile(RunDir(run_dir).tokenizer, staging / RunDir(".").tokenizer.name)
         return {"format": FORMAT, "weights_sha256": file_digest(weights_file(run_dir, weights)), "quantize": quantize,
                 "max_positions": run.model.config.max_positions, "ctranslate2": ctranslate2.__version__,
