@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from detr.config import ModelConfig
-from detr.layers import AttentionRecord
+from detr.layers import AttentionRecord, Dropout
 from detr.model import Encoder, initialize, padding_mask
 from detr.tokenizer import PAD
 
@@ -42,7 +42,7 @@ class SequenceClassifier(nn.Module):
     def __init__(self, encoder: nn.Module, n_labels: int, pooling: str = "mean", dropout: float = 0.1) -> None:
         super().__init__()
         self.encoder, self.pooling = encoder, pooling
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.out = init_output(nn.Linear(encoder.d_model, n_labels))
 
     def forward(self, ids: Tensor, attention: AttentionRecord | None = None) -> Tensor:
@@ -62,7 +62,7 @@ class TokenTagger(nn.Module):
     def __init__(self, encoder: nn.Module, n_labels: int, dropout: float = 0.1) -> None:
         super().__init__()
         self.encoder = encoder
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.out = init_output(nn.Linear(encoder.d_model, n_labels))
 
     def forward(self, ids: Tensor, attention: AttentionRecord | None = None) -> Tensor:

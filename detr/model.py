@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from detr.config import ModelConfig
-from detr.layers import AttentionRecord, DecoderLayer, EncoderLayer, LayerCache, PositionalEncoding
+from detr.layers import AttentionRecord, DecoderLayer, Dropout, EncoderLayer, LayerCache, PositionalEncoding
 from detr.tokenizer import PAD
 
 
@@ -40,7 +40,7 @@ class Embedding(nn.Module):
         self.tokens = tokens
         self.scale = math.sqrt(config.d_model)
         self.positions = PositionalEncoding(config.d_model, config.max_positions, config.positional == "learned")
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, ids: Tensor, offset: int = 0) -> Tensor:
         return self.dropout(self.positions(self.tokens(ids) * self.scale, offset))  # (B, T, D)

@@ -1,7 +1,9 @@
 import torch
 import torch.nn.functional as F
 
-from detr.layers import MultiHeadAttention, PositionalEncoding
+from detr.layers import Dropout, MultiHeadAttention, PositionalEncoding
+from detr.loss import cross_entropy
+from detr.tokenizer import PAD
 
 
 def reference_attention(mha: MultiHeadAttention, q, kv, key_padding):
@@ -56,3 +58,46 @@ def test_sinusoidal_positions_match_the_paper_formula():
     assert abs(table[pos, 4].item() - torch.sin(torch.tensor(angle)).item()) < 1e-6
     assert abs(table[pos, 5].item() - torch.cos(torch.tensor(angle)).item()) < 1e-6
     torch.testing.assert_close(pe(x[:, :3], offset=4)[0], table[4:7])
+
+
+def test_dropout_keeps_each_element_with_probability_one_minus_p_and_scales_it():
+    torch.manual_seed(0)
+    drop = Dropout(0.1).train()
+    x = torch.ones(1000, 1000, requires_grad=True)
+    y = drop(x)
+    kept = y != 0
+    assert abs(float(kept.float().mean()) - 0.9) < 0.002  # 10⁶ draws: the standard error is 0.0003
+    assert torch.allclose(y[kept], torch.tensor(1 / 0.9))
+    assert abs(float(kept[:, :4].float().mean()) - 0.9) < 0.01  # each of the 4 elements a 64-bit draw feeds
+    assert abs(float(kept[:, 3::4].float().mean()) - 0.9) < 0.01
+    y.backward(torch.full_like(y, 2.0))
+    assert torch.equal(x.grad, torch.where(kept, 2 / 0.9, 0.0))  # the same mask, scaled, in the backward pass
+
+
+def test_dropout_is_the_identity_in_eval_mode_and_reproducible_from_a_seed():
+    x = torch.randn(6, 10)
+    assert Dropout(0.3).eval()(x) is x
+    drop = Dropout(0.3).train()
+    torch.manual_seed(1)
+    a = drop(x)
+    torch.manual_seed(1)
+    assert torch.equal(a, drop(x))
+    odd = Dropout(0.3).train()(torch.ones(3, 3))  # 9 elements: not a multiple of 4 (torch's own dropout)
+    assert bool(((odd == 0) | torch.isclose(odd, torch.tensor(1 / 0.7))).all())
+
+
+def test_fused_cross_entropy_equals_torch_in_value_and_gradient():
+    torch.manual_seed(0)
+    logits = (torch.randn(37, 50) * 3).requires_grad_()
+    target = torch.randint(0, 50, (37,))
+    target[::5] = PAD
+    for smoothing in (0.0, 0.1):
+        ours = cross_entropy(logits, target, PAD, smoothing)
+        (grad,) = torch.autograd.grad(ours, logits, torch.tensor(0.7))
+        theirs = F.cross_entropy(logits, target, ignore_index=PAD, label_smoothing=smoothing, reduction="sum")
+        (expected,) = torch.autograd.grad(theirs, logits, torch.tensor(0.7))
+        assert torch.allclose(ours, theirs, rtol=1e-6)
+        assert torch.allclose(grad, expected, atol=1e-6)
+        assert grad[::5].abs().max() == 0  # ignored rows get no gradient
+    nothing = torch.full((4,), PAD)
+    assert float(cross_entropy(logits[:4].detach(), nothing, PAD, 0.1)) == 0.0
