@@ -44,6 +44,11 @@ class MultiHeadAttention(nn.Module):
         self.k_proj = nn.Linear(d_model, d_model)
         self.v_proj = nn.Linear(d_model, d_model)
         self.out_proj = nn.Linear(d_model, d_model)
+        # The key bias adds q·b to every score of a query, which softmax ignores: its exact gradient
+        # is 0, and what backpropagation computes is rounding noise that Adam would scale up to
+        # learning-rate-sized steps (and that differs with the summation order, say across ranks).
+        # It stays as initialised or loaded: kept for the checkpoint layout and the exporters.
+        self.k_proj.bias.requires_grad_(False)
 
     def split_heads(self, x: Tensor) -> Tensor:
         B, T, _ = x.shape

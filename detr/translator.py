@@ -315,8 +315,11 @@ class Translator:
         return [(text, h.score) for text, h in zip(self.tokenizer.tgt.decode_batch([h.tokens for h in drawn]), drawn)]
 
     def batches(self, ids: list[list[int]], config: DecodeConfig, rows_per_sentence: int) -> list[list[int]]:
-        """Indices of non-empty inputs, sorted by length, grouped under the token and sentence budgets."""
+        """Indices of non-empty inputs, sorted by length, grouped under the token and sentence budgets
+        (all in one group for an engine that batches by itself)."""
         order = sorted((i for i, x in enumerate(ids) if len(x) > 1), key=lambda i: len(ids[i]))
+        if self.engine is not None and self.engine.batches_itself:
+            return [order] if order else []
         return pack_by_tokens([(len(x),) for x in ids], config.max_tokens, order, rows_per_sentence,
                               config.batch_size)
 
@@ -364,6 +367,8 @@ class Translator:
 
 class Engine(Protocol):
     """Greedy and beam search done by another inference engine on a conversion of the model."""
+
+    batches_itself: bool  # True: it takes a whole chunk of inputs and batches them under decode.max_tokens
 
     def check(self, config: DecodeConfig) -> None:
         """Raise ConfigError for options the engine would not carry out as detr's own search does."""

@@ -52,6 +52,31 @@ def test_greedy_lines_cut_at_their_budget_match_detr_in_text_and_score(toy_run, 
     assert [n[0][1] for n in got] == pytest.approx([n[0][1] for n in expected], abs=2e-3)
 
 
+class CountingTranslator:
+    """A CTranslate2 translator that counts the calls made to it."""
+
+    def __init__(self, translator):
+        self.translator, self.calls = translator, []
+
+    def __getattr__(self, name):
+        def call(sources, *args, **kwargs):
+            self.calls.append((name, len(sources), kwargs.get("max_batch_size")))
+            return getattr(self.translator, name)(sources, *args, **kwargs)
+        return call
+
+
+def test_the_engine_takes_a_whole_chunk_and_ctranslate2_batches_it_under_the_token_budget(toy_run, exported):
+    translator = load(toy_run / "run")
+    lines = (toy_run / "data" / "test.en").read_text().splitlines()  # 200 sentences: one chunk
+    options = translator.options(beam_size=1, max_tokens=64)  # detr itself would make about 40 batches
+    expected = translator.translate(lines, options)
+    translator.engine = export.CTranslate2Search(exported, translator.tokenizer)
+    translator.engine.translator = counting = CountingTranslator(translator.engine.translator)
+    assert translator.translate(lines, options) == expected
+    assert counting.calls[0] == ("translate_batch", 200, 64)  # all of them, batched by CTranslate2 itself
+    assert all(name == "score_batch" for name, _, _ in counting.calls[1:])  # lines cut at their budget, rescored
+
+
 def test_translate_engine_ctranslate2_converts_once_into_the_run_and_gives_the_same_lines(toy_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(toy_run / "run", run)

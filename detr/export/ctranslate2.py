@@ -207,7 +207,12 @@ def cached_export(run_dir: str | Path, quantize: str, weights: str | Path | None
 
 class CTranslate2Search:
     """Greedy and beam search by CTranslate2 on an exported model, for a `Translator` to call
-    in place of its own (`translator.engine`): source ids in, detr `Hypothesis` lists out."""
+    in place of its own (`translator.engine`): source ids in, detr `Hypothesis` lists out.
+
+    It takes a whole chunk of inputs at once and lets CTranslate2 sort and batch them under
+    `decode.max_tokens` source tokens, as a direct caller of CTranslate2 would."""
+
+    batches_itself = True
 
     def __init__(self, folder: str | Path, tokenizer: Tokenizer, threads: int = 0, device: str = "cpu") -> None:
         folder = Path(folder)
@@ -257,9 +262,10 @@ class CTranslate2Search:
 
     def _translate(self, sources: list[list[str]], budget: int, config: DecodeConfig) -> list:
         return self.translator.translate_batch(
-            sources, beam_size=config.beam_size, num_hypotheses=config.nbest, length_penalty=0.0,
-            max_decoding_length=budget, min_decoding_length=config.min_len,
-            no_repeat_ngram_size=config.no_repeat_ngram, max_input_length=0, return_scores=True)
+            sources, max_batch_size=config.max_tokens, batch_type="tokens", beam_size=config.beam_size,
+            num_hypotheses=config.nbest, length_penalty=0.0, max_decoding_length=budget,
+            min_decoding_length=config.min_len, no_repeat_ngram_size=config.no_repeat_ngram, max_input_length=0,
+            return_scores=True)
 
     def _ids(self, tokens: list[str]) -> list[int]:
         return [self.tgt_ids[t] for t in tokens if self.tgt_ids[t] != EOS]
@@ -274,7 +280,8 @@ class CTranslate2Search:
         over = [j for j, (h, budget) in enumerate(zip(out, budgets)) if len(h.tokens) >= budget]
         if over:
             cut = [[token for token in results[j].hypotheses[0] if token != "</s>"][:budgets[j]] for j in over]
-            scored = self.translator.score_batch([sources[j] for j in over], cut)
+            scored = self.translator.score_batch([sources[j] for j in over], cut, max_batch_size=config.max_tokens,
+                                                 batch_type="tokens")
             for j, tokens, score in zip(over, cut, scored):
                 out[j] = Hypothesis(self._ids(tokens), float(sum(score.log_probs[:-1])))  # the last is </s>'s
         return [[h] for h in out]

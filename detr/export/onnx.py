@@ -260,6 +260,8 @@ class OnnxSearch:
     """detr's greedy and beam search over the ONNX graphs, for a `Translator` to call in place of its
     own (`translator.engine`): source ids in, `Hypothesis` lists out."""
 
+    batches_itself = False  # detr's own search: detr's batches
+
     def __init__(self, folder: str | Path, threads: int = 0) -> None:
         self.model = OnnxModel(folder, threads=threads)
 
