@@ -5,7 +5,10 @@ Translates `--src` (one call per engine over all lines, after one warm-up call o
 with greedy and beam search (length penalty 0, which both engines rank the same way), and
 reports sentences per second, how many outputs equal detr's own, and BLEU against `--ref`.
 
-    python benchmarks/export_speed.py RUN --src test.en --ref test.de [--threads 2] [--beams 1,4]
+    python benchmarks/export_speed.py RUN --src test.en --ref test.de [--threads 2] [--beams 1,4] [--only WORDS]
+
+`--only CTranslate2` times the CTranslate2 rows alone in the process (engines sharing a process
+slow each other: RESULTS.md).
 
 Not part of the test run; the conversions go to RUN/engines/ as with `detr translate --engine`.
 """
@@ -25,24 +28,34 @@ from detr.metrics import bleu
 
 class DirectCTranslate2:
     """CTranslate2 called directly, as a user of it would without detr: the run's subword tokenizer
-    (`tokenizers`, batch encode/decode), then one `translate_batch` over every line with its own
-    batching (the same token budget as detr's batches) and one length limit for all."""
+    (`tokenizers`, batch encode/decode), then `translate_batch` over every line with its own
+    batching (the same token budget as detr's batches) and one length limit for all; or, with
+    `per_line_budgets`, one call per distinct length limit of detr's rule (a · source length + b),
+    which is what reproducing detr's lengths without detr takes."""
 
-    def __init__(self, folder, tokenizer, threads: int) -> None:
+    def __init__(self, folder, tokenizer, threads: int, per_line_budgets: bool = False) -> None:
         import ctranslate2
 
         self.translator = ctranslate2.Translator(str(folder), intra_threads=threads)
         self.src, self.tgt = tokenizer.src, tokenizer.tgt
         self.tokens = vocabulary(tokenizer, "src")
         self.ids = {t: i for i, t in enumerate(vocabulary(tokenizer, "tgt"))}
+        self.per_line_budgets = per_line_budgets
 
     def translate(self, lines: list[str], options) -> list[str]:
         sources = [[self.tokens[i] for i in ids] + ["</s>"] for ids in self.src.encode_batch(lines)]
-        longest = max(map(len, sources))
-        results = self.translator.translate_batch(
-            sources, max_batch_size=options.max_tokens, batch_type="tokens", beam_size=options.beam_size,
-            length_penalty=0.0, max_decoding_length=int(options.max_len_a * longest + options.max_len_b))
-        return self.tgt.decode_batch([[self.ids[t] for t in r.hypotheses[0]] for r in results])
+        budget = [int(options.max_len_a * (len(s) - 1) + options.max_len_b) for s in sources]
+        groups: dict[int, list[int]] = {}
+        for i, b in enumerate(budget):
+            groups.setdefault(b if self.per_line_budgets else max(budget), []).append(i)
+        hypotheses: list = [None] * len(lines)
+        for limit, index in groups.items():
+            results = self.translator.translate_batch(
+                [sources[i] for i in index], max_batch_size=options.max_tokens, batch_type="tokens",
+                beam_size=options.beam_size, length_penalty=0.0, max_decoding_length=limit)
+            for i, result in zip(index, results):
+                hypotheses[i] = [self.ids[t] for t in result.hypotheses[0]]
+        return self.tgt.decode_batch(hypotheses)
 
 
 def main() -> None:
@@ -52,39 +65,57 @@ def main() -> None:
     parser.add_argument("--ref", required=True)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--beams", default="1,4")
+    parser.add_argument("--only", help="time only the engines whose names contain one of these comma-separated "
+                                       "words (detr's own output is still made, untimed, to compare with)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     lines = open(args.src, encoding="utf-8").read().splitlines()
     refs = open(args.ref, encoding="utf-8").read().splitlines()
     translator = load(args.run)
-    engines = [("detr (torch)", translator), ("detr (torch) int8", load(args.run).quantize("int8"))]
-    for quantize in ("float32", "int8"):
+
+    def ctranslate2(quantize: str):
         other = load(args.run)
         other.engine = CTranslate2Search(cached_export(args.run, quantize), translator.tokenizer, threads=args.threads)
-        engines.append((f"CTranslate2 {quantize}", other))
-        if quantize == "float32":
-            direct = DirectCTranslate2(cached_export(args.run, quantize), translator.tokenizer, args.threads)
-            engines.append(("CTranslate2 float32, called directly", direct))
-    other = load(args.run)
-    other.engine = onnx.OnnxSearch(onnx.cached_export(args.run), threads=args.threads)
-    engines.append(("detr search on ONNX Runtime", other))
+        return other
+
+    def onnx_runtime():
+        other = load(args.run)
+        other.engine = onnx.OnnxSearch(onnx.cached_export(args.run), threads=args.threads)
+        return other
+
+    def direct(per_line_budgets: bool):
+        return DirectCTranslate2(cached_export(args.run, "float32"), translator.tokenizer, args.threads,
+                                 per_line_budgets)
+
+    makers = {
+        "detr (torch)": lambda: translator,
+        "detr (torch) int8": lambda: load(args.run).quantize("int8"),
+        "CTranslate2 float32": lambda: ctranslate2("float32"),
+        "CTranslate2 float32, called directly": lambda: direct(False),
+        "CTranslate2 float32, called directly with detr's per-line length limits": lambda: direct(True),
+        "CTranslate2 int8": lambda: ctranslate2("int8"),
+        "detr search on ONNX Runtime": onnx_runtime,
+    }
+    wanted = [w.strip() for w in args.only.split(",")] if args.only else [""]
+    engines = [(name, make()) for name, make in makers.items() if any(w in name for w in wanted)]
     print(f"{len(lines)} sentences, {args.threads} threads, torch {torch.__version__}")
     print("| search | engine | sentences/s | ÷ detr | outputs equal to detr's | BLEU |")
     print("|---|---|---:|---:|---:|---:|")
     for beam in map(int, args.beams.split(",")):
         options = translator.options(beam_size=beam, length_penalty=0.0)
-        own: list[str] = []
-        base = 0.0
+        timed = []
         for name, engine in engines:
             engine.translate(lines[:50], options)  # warm-up
             start = time.perf_counter()
             out = engine.translate(lines, options)
-            speed = len(lines) / (time.perf_counter() - start)
-            own, base = (out, speed) if engine is translator else (own, base)
+            timed.append((name, out, len(lines) / (time.perf_counter() - start)))
+        own = dict((name, out) for name, out, _ in timed).get("detr (torch)") or translator.translate(lines, options)
+        base = dict((name, speed) for name, _, speed in timed).get("detr (torch)")
+        for name, out, speed in timed:
             same = sum(a == b for a, b in zip(out, own))
-            score = bleu(out, [refs]).score
-            print(f"| {'greedy' if beam == 1 else f'beam {beam}'} | {name} | {speed:,.1f} | {speed / base:.2f} | "
-                  f"{same}/{len(lines)} | {score:.2f} |", flush=True)
+            ratio = f"{speed / base:.2f}" if base else "—"
+            print(f"| {'greedy' if beam == 1 else f'beam {beam}'} | {name} | {speed:,.1f} | {ratio} | "
+                  f"{same}/{len(lines)} | {bleu(out, [refs]).score:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
