@@ -39,6 +39,7 @@ from detr.tokenizer import BOS, PAD, Tokenizer
 log = logging.getLogger(__name__)
 
 CHUNK_BATCHES = 8  # lines read ahead = this × decode.batch_size: enough to sort by length, little to lose
+ENGINE_READ_AHEAD = 4096  # lines read ahead for an engine that batches by itself (it sorts them by length)
 
 Search = Callable[[torch.Tensor, Guides], list[list[Hypothesis]]]
 
@@ -78,7 +79,7 @@ class Translator:
         self.max_src_len = min(max_src_len or model.config.max_positions, model.config.max_positions)
         self.languages = tokenizer.src.languages()  # a multilingual run's target languages → tag ids
         self.on_overlong = "truncate"  # or "error"
-        self.read_ahead: int | None = None  # lines decoded together; None: CHUNK_BATCHES × batch_size
+        self.read_ahead: int | None = None  # lines decoded together; None: the chunk sizes above
         self.engine: Engine | None = None  # greedy/beam search by another engine (`detr translate --engine`)
 
     @classmethod
@@ -327,7 +328,8 @@ class Translator:
                      search: Search, constraints: Iterable[Constraints] | None = None, sampling: bool = False
                      ) -> Iterator[list[tuple[str, float]]]:
         numbered = enumerate(_paired(lines, constraints), start=1)
-        size = self.read_ahead or CHUNK_BATCHES * config.batch_size
+        batches_itself = self.engine is not None and self.engine.batches_itself
+        size = self.read_ahead or (ENGINE_READ_AHEAD if batches_itself else CHUNK_BATCHES * config.batch_size)
         failure: DetrError | None = None
         while not failure:
             chunk = []
