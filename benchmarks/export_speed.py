@@ -1,7 +1,8 @@
 """A trained run decoded by detr's own search (float32 and int8), by its CTranslate2 export, and by
 detr's search over its ONNX graphs in ONNX Runtime: speed, identity, BLEU.
 
-Translates `--src` (one call per engine over all lines, after one warm-up call on the first 50)
+Translates `--src` (one call per engine over all lines, after one warm-up call on the first 50;
+with `--repeat N`, N rounds that interleave the engines, and the median)
 with greedy and beam search (length penalty 0, which both engines rank the same way), and
 reports sentences per second, how many outputs equal detr's own, and BLEU against `--ref`.
 
@@ -16,6 +17,7 @@ Not part of the test run; the conversions go to RUN/engines/ as with `detr trans
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -65,6 +67,7 @@ def main() -> None:
     parser.add_argument("--ref", required=True)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--beams", default="1,4")
+    parser.add_argument("--repeat", type=int, default=1, help="timed runs per engine, interleaved; the median counts")
     parser.add_argument("--only", help="time only the engines whose names contain one of these comma-separated "
                                        "words (detr's own output is still made, untimed, to compare with)")
     args = parser.parse_args()
@@ -103,12 +106,16 @@ def main() -> None:
     print("|---|---|---:|---:|---:|---:|")
     for beam in map(int, args.beams.split(",")):
         options = translator.options(beam_size=beam, length_penalty=0.0)
-        timed = []
-        for name, engine in engines:
+        for _, engine in engines:
             engine.translate(lines[:50], options)  # warm-up
-            start = time.perf_counter()
-            out = engine.translate(lines, options)
-            timed.append((name, out, len(lines) / (time.perf_counter() - start)))
+        seconds: dict[str, list[float]] = {name: [] for name, _ in engines}
+        outputs: dict[str, list[str]] = {}
+        for _ in range(args.repeat):  # rounds interleave the engines: the machine's drift hits them alike
+            for name, engine in engines:
+                start = time.perf_counter()
+                outputs[name] = engine.translate(lines, options)
+                seconds[name].append(time.perf_counter() - start)
+        timed = [(name, outputs[name], len(lines) / statistics.median(seconds[name])) for name, _ in engines]
         own = dict((name, out) for name, out, _ in timed).get("detr (torch)") or translator.translate(lines, options)
         base = dict((name, speed) for name, _, speed in timed).get("detr (torch)")
         for name, out, speed in timed:

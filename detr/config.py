@@ -458,6 +458,28 @@ class RecommendConfig:
 
 
 @dataclass
+class EmbedTuneConfig:
+    """`detr assistant tune`: contrastive fine-tuning of a sentence encoder on pairs of texts that
+    should embed close together. Each pair's partner is its positive and the other pairs' partners
+    in the batch are its negatives (in-batch negatives: sentence-transformers'
+    MultipleNegativesRankingLoss); pairs of one group (one answer) are never each other's negatives."""
+
+    epochs: int = option(1, "passes over the pairs")
+    lr: float = option(2e-5, "AdamW learning rate: linear warm-up over the first tenth of the steps, then linear decay")
+    batch_size: int = option(32, "pairs per step")
+    scale: float = option(20.0, "similarity scale (inverse temperature) of the in-batch softmax")
+    seed: int = option(0, "shuffling and dropout seed")
+
+    def validate(self) -> None:
+        _check_types(self, "tune")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"tune.{name} must be positive, got {getattr(self, name)}")
+        if not self.lr > 0 or not self.scale > 0:
+            raise ConfigError(f"tune.lr and tune.scale must be positive, got {self.lr} and {self.scale}")
+
+
+@dataclass
 class AssistantConfig:
     """`detr assistant`: how an FAQ index is built and when an answer is retrieved, generated or
     handed to a person. Saved in the assistant's folder at build; the flags of `ask`, `chat` and

@@ -9,15 +9,20 @@ compare such vectors by their dot product (= cosine similarity).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+import shutil
+import tempfile
+from collections.abc import Hashable, Iterable, Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from detr.batching import pack_by_tokens, pad
 from detr.checkpoint import load_run
-from detr.config import DecodeConfig
+from detr.config import DecodeConfig, EmbedTuneConfig
 from detr.errors import ConfigError
 from detr.labeller import Labeller
 from detr.pretrained import load_hf_tokenizer, load_pretrained_encoder, resolve_pretrained
@@ -69,9 +74,69 @@ class Embedder:
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         for group in pack_by_tokens([(len(x),) for x in ids], self.batching.max_tokens, order,
                                     max_items=self.batching.batch_size):
-            batch = pad([ids[i] for i in group]).to(device)
-            mask = (batch != PAD).unsqueeze(-1).float()  # (B, S, 1)
-            hidden = self.encoder(batch).float()  # (B, S, D)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-            out[group] = torch.nn.functional.normalize(pooled, dim=-1).cpu()
+            out[group] = self.pooled(pad([ids[i] for i in group]).to(device)).cpu()
+        return out
+
+    def pooled(self, batch: Tensor) -> Tensor:
+        """Unit-length mean-pooled vectors (B, D) of padded ids (B, S); differentiable."""
+        mask = (batch != PAD).unsqueeze(-1).float()  # (B, S, 1)
+        hidden = self.encoder(batch).float()  # (B, S, D)
+        return F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1)
+
+    def tune(self, pairs: Sequence[tuple[str, str]], groups: Sequence[Hashable], config: EmbedTuneConfig,
+             progress: bool = False) -> list[float]:
+        """Fine-tune the encoder so that each pair's two texts embed close together and apart from
+        the other pairs' second texts in its batch (in-batch negatives); pairs with the same entry
+        in `groups` are not each other's negatives. Returns the mean loss of each epoch."""
+        config.validate()
+        generator = torch.Generator().manual_seed(config.seed)
+        torch.manual_seed(config.seed)  # dropout
+        device = next(self.encoder.parameters()).device
+        ids = [(self.text.sentence(a)[0], self.text.sentence(b)[0]) for a, b in pairs]
+        group_id = torch.tensor([{g: i for i, g in enumerate(dict.fromkeys(groups))}[g] for g in groups])
+        per_epoch = math.ceil(len(pairs) / config.batch_size)
+        total = config.epochs * per_epoch
+        optimizer = torch.optim.AdamW(self.encoder.parameters(), lr=config.lr)
+        warm = max(1, total // 10)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min((step + 1) / warm, max(0.0, (total - step) / max(1, total - warm))))
+        losses = []
+        self.encoder.train()
+        try:
+            with tqdm(total=total, desc="tune", unit="step", disable=not progress) as bar:
+                for _ in range(config.epochs):
+                    order = torch.randperm(len(pairs), generator=generator)
+                    summed = 0.0
+                    for start in range(0, len(pairs), config.batch_size):
+                        rows = order[start:start + config.batch_size]
+                        left = self.pooled(pad([ids[i][0] for i in rows]).to(device))
+                        right = self.pooled(pad([ids[i][1] for i in rows]).to(device))
+                        same = group_id[rows].unsqueeze(1) == group_id[rows].unsqueeze(0)  # (B, B)
+                        scores = (config.scale * left @ right.T).masked_fill(
+                            (same & ~torch.eye(len(rows), dtype=torch.bool)).to(device), -torch.inf)
+                        loss = F.cross_entropy(scores, torch.arange(len(rows), device=device))
+                        optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                        optimizer.step()
+                        schedule.step()
+                        summed += float(loss) * len(rows)
+                        bar.update(1)
+                    losses.append(summed / len(pairs))
+        finally:
+            self.encoder.eval()
+        return losses
+
+    def save(self, out: str | Path) -> Path:
+        """Write the encoder and its tokenizer as a pretrained folder (`Embedder.load` reads it),
+        in one rename. Only for an embedder of a pretrained encoder."""
+        hf, tokenizer = getattr(self.encoder, "hf", None), getattr(self.text, "hf", None)
+        if hf is None or tokenizer is None:
+            raise ConfigError("only an embedder of a pretrained (Hugging Face) encoder can be saved as a folder")
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+        hf.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
         return out

@@ -13,8 +13,9 @@ import threading
 import numpy as np
 import pytest
 
-from detr.apps.assistant import SEP, Assistant, ExchangeLog, Index, build_index, generator_input
-from detr.config import AssistantConfig
+from detr.apps.assistant import SEP, Assistant, ExchangeLog, Index, build_index, generator_input, tuning_pairs
+from detr.config import AssistantConfig, EmbedTuneConfig
+from detr.embed import Embedder
 from detr.errors import ConfigError, DataError
 from tests.conftest import ROOT
 from tests.test_cli import run
@@ -75,6 +76,41 @@ def test_an_incremental_build_equals_a_full_build(built, tmp_path):
     grown, full = Index.load(tmp_path / "grown"), Index.load(built)
     assert grown.pairs == full.pairs
     np.testing.assert_allclose(grown.vectors, full.vectors, atol=1e-6)
+
+
+WORDINGS = FAQ + [("I forgot my password", FAQ[0][1]), ("When are you open?", FAQ[1][1]),
+                  ("Do you deliver to other countries?", FAQ[2][1]), ("How can I send something back?", FAQ[3][1])]
+
+
+def test_tuning_the_encoder_on_the_faq_draws_its_wordings_together_and_build_takes_it(tmp_path):
+    pairs, groups = tuning_pairs(WORDINGS)
+    assert ("How do I reset my password?", "I forgot my password") in pairs  # two wordings of one answer
+    assert len(pairs) == len(WORDINGS) + 4 and groups[pairs.index(("Do you ship abroad?", FAQ[2][1]))] == FAQ[2][1]
+    before = Embedder.load(AssistantConfig().encoder)
+    losses = before.tune(pairs, groups, EmbedTuneConfig(epochs=3, batch_size=4, lr=1e-4))
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    before.save(tmp_path / "encoder")
+    tuned, plain = Embedder.load(tmp_path / "encoder"), Embedder.load(AssistantConfig().encoder)
+
+    def closeness(embedder):  # mean cosine of each pair's two texts
+        left, right = embedder.embed([a for a, _ in pairs]), embedder.embed([b for _, b in pairs])
+        return float((left * right).sum(1).mean())
+
+    assert closeness(tuned) > closeness(plain) + 0.02
+    cli = run("assistant", "tune", "--pairs", str(write_faq(tmp_path / "faq.tsv", WORDINGS)), "--out",
+              str(tmp_path / "cli_encoder"), "--epochs", "1", "--batch-size", "4", "--no-progress")
+    assert cli.returncode == 0, cli.stderr
+    build_index(tmp_path / "faq.tsv", AssistantConfig(encoder=str(tmp_path / "cli_encoder")), tmp_path / "dir")
+    assistant = Assistant.load(tmp_path / "dir", {"log": str(tmp_path / "log.sqlite")})
+    assert assistant.ask("How do I reset my password?").answer == FAQ[0][1]
+    assistant.close()
+    bad = run("assistant", "tune", "--pairs", str(write_faq(tmp_path / "bad.tsv", [("a question", " ")])),
+              "--out", str(tmp_path / "never"))
+    assert bad.returncode != 0 and "bad.tsv" in bad.stderr and "empty answer" in bad.stderr
+    assert not (tmp_path / "never").exists()
+    wrong = run("assistant", "tune", "--pairs", str(tmp_path / "faq.tsv"), "--out", str(tmp_path / "never"),
+                "--epochs", "0")
+    assert wrong.returncode != 0 and "tune.epochs must be positive" in wrong.stderr
 
 
 def test_the_log_feedback_and_export(built, tmp_path):

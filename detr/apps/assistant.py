@@ -3,6 +3,8 @@ answer from related ones with a detr generator, hands off what it does not know,
 exchange for the next model.
 
     build_index("faq.tsv", AssistantConfig(), "assistant/")        # embeds the questions (incremental)
+    tune_encoder("faq.tsv", AssistantConfig(), EmbedTuneConfig(), "encoder/")  # optional: the encoder
+        # fine-tuned on the FAQ's own wordings; then build with AssistantConfig(encoder="encoder/")
     assistant = Assistant.load("assistant/")
     reply = assistant.ask("how do I reset my password?", session="s1")
     # → Reply(id=1, answer=..., source="retrieved" | "generated" | "handoff", confidence=0.91, matches=[...])
@@ -28,7 +30,7 @@ import yaml
 import detr
 from detr.apps.database import Database
 from detr.atomic import atomic_path, atomic_write_text
-from detr.config import AssistantConfig, section_from_dict
+from detr.config import AssistantConfig, EmbedTuneConfig, section_from_dict
 from detr.embed import Embedder
 from detr.errors import CheckpointError, ConfigError, DataError
 from detr.readers import one_line, read_jsonl, read_tsv
@@ -130,6 +132,46 @@ def build_index(pairs_path: str | Path, config: AssistantConfig, out: str | Path
         index.save(out)
     atomic_write_text(out / SETTINGS, yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
     return BuildReport(len(fresh), len(index.pairs), len(pairs) - len(fresh))
+
+
+def tuning_pairs(pairs: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], list[str]]:
+    """What an FAQ teaches its sentence encoder, with each pair's group (its answer): every question
+    beside its answer, and every two wordings of a question that share an answer."""
+    questions_of: dict[str, list[str]] = {}
+    for question, answer in pairs:
+        questions_of.setdefault(answer, [])
+        if question not in questions_of[answer]:
+            questions_of[answer].append(question)
+    out, groups = [], []
+    for answer, questions in questions_of.items():
+        for question in questions:
+            out.append((question, answer))
+            groups.append(answer)
+        for i, question in enumerate(questions):
+            for other in questions[i + 1:]:
+                out.append((question, other))
+                groups.append(answer)
+    return out, groups
+
+
+def tune_encoder(pairs_path: str | Path, config: AssistantConfig, tune: EmbedTuneConfig, out: str | Path,
+                 progress: bool = False) -> list[float]:
+    """Fine-tune `config.encoder` on an FAQ's pairs (`tuning_pairs`) and save it as a pretrained
+    folder `out`, for `build --encoder out`. Returns the mean loss of each epoch.
+
+    Raises:
+        DataError: a bad pairs file; ConfigError: bad settings, or an encoder that is not a
+            pretrained (Hugging Face) one.
+    """
+    config.validate()
+    tune.validate()
+    pairs, groups = tuning_pairs(read_pairs(pairs_path, config))
+    embedder = Embedder.load(config.encoder)
+    if getattr(embedder.encoder, "hf", None) is None:
+        raise ConfigError(f"assistant.encoder={config.encoder}: tuning needs a pretrained (Hugging Face) encoder")
+    losses = embedder.tune(pairs, groups, tune, progress)
+    embedder.save(out)
+    return losses
 
 
 def read_settings(folder: Path) -> AssistantConfig:

@@ -28,13 +28,14 @@ from detr.apps.assistant import (
     generator_input,
     generator_pairs,
     read_settings,
+    tune_encoder,
 )
 from detr.apps.monitor import IngestReport, Monitor, MonitorStore, aggregate, follow
 from detr.apps.recommend import Recommender, load_recommend_config, read_log, train_recommender, words
 from detr.apps.report import write_report
 from detr.atomic import atomic_write_text
 from detr.command import add_config_flags, config_from_flags, run_training
-from detr.config import AssistantConfig, MonitorConfig
+from detr.config import AssistantConfig, EmbedTuneConfig, MonitorConfig
 from detr.errors import ConfigError, DataError
 from detr.labeller import Classifier
 from detr.readers import decode_lines, json_object, one_line, read_lines
@@ -288,6 +289,15 @@ def cmd_assistant_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_assistant_tune(args: argparse.Namespace) -> int:
+    config = config_from_flags(args, AssistantConfig, "assistant")
+    losses = tune_encoder(args.pairs, config, config_from_flags(args, EmbedTuneConfig, "tune"), args.out,
+                          progress=not args.no_progress)
+    print(f"detr assistant: {config.encoder} tuned on {args.pairs} (loss per epoch: "
+          f"{', '.join(f'{x:.3f}' for x in losses)}) into {args.out}; build with --encoder {args.out}", file=sys.stderr)
+    return 0
+
+
 def _print_reply(reply: Any, as_json: bool) -> None:
     if as_json:
         print(json.dumps(reply.to_dict(), ensure_ascii=False), flush=True)
@@ -362,6 +372,16 @@ def add_assistant(sub: Any) -> None:
     build.add_argument("--out", required=True, help="the assistant folder")
     add_config_flags(build.add_argument_group("settings"), AssistantConfig, "assistant", "default")
     build.set_defaults(func=cmd_assistant_build)
+
+    tune = actions.add_parser("tune", help="fine-tune the sentence encoder on a pairs file (each question beside "
+                                           "its answer and its other wordings), for build --encoder OUT")
+    tune.add_argument("--pairs", required=True, help="FAQ pairs: TSV with a header, or JSON lines")
+    tune.add_argument("--out", required=True, help="folder for the tuned encoder (a pretrained-model folder)")
+    tune.add_argument("--no-progress", action="store_true", help="no progress bar")
+    settings = tune.add_argument_group("settings")
+    add_config_flags(settings, AssistantConfig, "assistant", "default", ("encoder", "question_field", "answer_field"))
+    add_config_flags(settings, EmbedTuneConfig, "tune", "default")
+    tune.set_defaults(func=cmd_assistant_tune)
 
     def asking(name: str, helptext: str, func: Any) -> argparse.ArgumentParser:
         p = actions.add_parser(name, help=helptext)
