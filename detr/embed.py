@@ -119,7 +119,7 @@ class Embedder:
                         loss.backward()
                         optimizer.step()
                         schedule.step()
-                        summed += float(loss) * len(rows)
+                        summed += float(loss.detach()) * len(rows)
                         bar.update(1)
                     losses.append(summed / len(pairs))
         finally:
