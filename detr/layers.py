@@ -185,61 +185,12 @@ class Sublayer(nn.Module):
 
 @dataclass
 class LayerCache:
-    """One decoder layer's keys and values, each (B, H, length, Dh).
-
-    A cache that starts empty keeps its self-attention keys and values in time-major buffers
-    (capacity, B, H, Dh) that grow by doubling: a step writes its position in place, and
-    `self_k`/`self_v` are strided views of the positions so far (attention reads them as they
-    are). Concatenating instead would copy the whole cache at every step. A cache given its
-    keys and values from outside (the ONNX decoder step's inputs), or filled with gradients on,
-    concatenates.
-    """
+    """One decoder layer's keys and values, each (B, H, length, Dh)."""
 
     self_k: Tensor | None = None
     self_v: Tensor | None = None
     cross_k: Tensor | None = None
     cross_v: Tensor | None = None
-    buffers: list[Tensor] = field(default_factory=list)  # flat storage: keys, values, and a spare of each
-
-    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Add the keys/values (B, H, T, Dh) of T new positions; all of them so far, (B, H, length + T, Dh)."""
-        if not self.buffers and (self.self_k is not None or (k.requires_grad and torch.is_grad_enabled())):
-            if self.self_k is not None:
-                k, v = torch.cat([self.self_k, k], dim=2), torch.cat([self.self_v, v], dim=2)
-            self.self_k, self.self_v = k, v
-            return k, v
-        length = 0 if self.self_k is None else self.self_k.size(2)
-        B, H, T, Dh = k.shape
-        if not self.buffers or self.buffers[0].numel() < (length + T) * B * H * Dh:
-            capacity = max(2 * (length + T), 16) * B * H * Dh
-            grown = [torch.empty(capacity, dtype=k.dtype, device=k.device) for _ in range(4)]
-            for old, new in zip(self.buffers[:2], grown):
-                new[:length * B * H * Dh] = old[:length * B * H * Dh]
-            self.buffers = grown
-        views = []
-        for buffer, new in zip(self.buffers[:2], (k, v)):
-            view = buffer[:(length + T) * B * H * Dh].view(length + T, B, H, Dh)
-            view[length:] = new.permute(2, 0, 1, 3)
-            views.append(view.permute(1, 2, 0, 3))  # (B, H, length + T, Dh), strided
-        self.self_k, self.self_v = views
-        return self.self_k, self.self_v
-
-    def select_rows(self, index: Tensor) -> None:
-        """Keep the self-attention rows `index` (B',), in that order."""
-        if self.self_k is None:
-            return
-        if not self.buffers:
-            self.self_k, self.self_v = self.self_k.index_select(0, index), self.self_v.index_select(0, index)
-            return
-        B, H, length, Dh = self.self_k.shape
-        views = []
-        for i in range(2):
-            current = self.buffers[i][:length * B * H * Dh].view(length, B, H, Dh)
-            spare = self.buffers[i + 2][:length * index.numel() * H * Dh].view(length, index.numel(), H, Dh)
-            torch.index_select(current, 1, index, out=spare)
-            views.append(spare.permute(1, 2, 0, 3))
-        self.buffers = [self.buffers[2], self.buffers[3], self.buffers[0], self.buffers[1]]
-        self.self_k, self.self_v = views
 
 
 class EncoderLayer(nn.Module):
@@ -296,7 +247,10 @@ class DecoderLayer(nn.Module):
         h = self.self_block.inputs(x)
         k, v = self.self_attn.project_kv(h)
         if cache is not None:
-            k, v = cache.append(k, v)  # (B, H, T_past + T, Dh)
+            if cache.self_k is not None:
+                k = torch.cat([cache.self_k, k], dim=2)  # (B, H, T_past + T, Dh)
+                v = torch.cat([cache.self_v, v], dim=2)
+            cache.self_k, cache.self_v = k, v
         y, self_weights = self.self_attn.attend(h, k, v, self_mask, need_weights)
         x = self.self_block.merge(x, y)
 

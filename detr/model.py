@@ -100,7 +100,8 @@ class KVCache:
         """
         cross_index = index if cross_index is None else cross_index
         for lc in self.layers:
-            lc.select_rows(index)
+            if lc.self_k is not None:
+                lc.self_k, lc.self_v = lc.self_k.index_select(0, index), lc.self_v.index_select(0, index)
             if lc.cross_k is not None and not _is_identity(cross_index, lc.cross_k.size(0)):
                 lc.cross_k = lc.cross_k.index_select(0, cross_index)
                 lc.cross_v = lc.cross_v.index_select(0, cross_index)
@@ -214,7 +215,7 @@ class Seq2Seq(nn.Module):
         return self.decode(tgt_in, self.encode(src, src_mask), src_mask)
 
     def num_parameters(self) -> int:
-        """Parameters (the frozen key biases included), each shared tensor counted once."""
+        """Trainable parameters, each shared tensor counted once."""
         return sum(p.numel() for p in self.parameters())
 
 
