@@ -215,7 +215,7 @@ class Seq2Seq(nn.Module):
         return self.decode(tgt_in, self.encode(src, src_mask), src_mask)
 
     def num_parameters(self) -> int:
-        """Trainable parameters, each shared tensor counted once."""
+        """Parameters (the frozen key biases included), each shared tensor counted once."""
         return sum(p.numel() for p in self.parameters())
 
 
