@@ -132,11 +132,28 @@ class Embedder:
         hf, tokenizer = getattr(self.encoder, "hf", None), getattr(self.text, "hf", None)
         if hf is None or tokenizer is None:
             raise ConfigError("only an embedder of a pretrained (Hugging Face) encoder can be saved as a folder")
-        out = Path(out)
+        out = replaceable_folder(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-        hf.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
+        try:
+            hf.save_pretrained(str(tmp))
+            tokenizer.save_pretrained(str(tmp))
+            shutil.rmtree(out, ignore_errors=True)
+            tmp.rename(out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         return out
+
+
+def replaceable_folder(out: str | Path) -> Path:
+    """`out`, if a model folder may be written there: absent, empty, or an earlier model folder
+    (it holds config.json), which is replaced.
+
+    Raises:
+        ConfigError: `out` is a file or a folder of something else (nothing is deleted).
+    """
+    out = Path(out)
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / "config.json").is_file())):
+        raise ConfigError(f"{out}: exists and is not a model folder; choose another --out (nothing was written)")
+    return out

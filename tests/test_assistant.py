@@ -108,6 +108,11 @@ def test_tuning_the_encoder_on_the_faq_draws_its_wordings_together_and_build_tak
               "--out", str(tmp_path / "never"))
     assert bad.returncode != 0 and "bad.tsv" in bad.stderr and "empty answer" in bad.stderr
     assert not (tmp_path / "never").exists()
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("mine")
+    taken = run("assistant", "tune", "--pairs", str(tmp_path / "faq.tsv"), "--out", str(keep), "--epochs", "1")
+    assert taken.returncode != 0 and "is not a model folder" in taken.stderr and (keep / "notes.txt").exists()
     wrong = run("assistant", "tune", "--pairs", str(tmp_path / "faq.tsv"), "--out", str(tmp_path / "never"),
                 "--epochs", "0")
     assert wrong.returncode != 0 and "tune.epochs must be positive" in wrong.stderr

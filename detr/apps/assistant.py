@@ -31,7 +31,7 @@ import detr
 from detr.apps.database import Database
 from detr.atomic import atomic_path, atomic_write_text
 from detr.config import AssistantConfig, EmbedTuneConfig, section_from_dict
-from detr.embed import Embedder
+from detr.embed import Embedder, replaceable_folder
 from detr.errors import CheckpointError, ConfigError, DataError
 from detr.readers import one_line, read_jsonl, read_tsv
 from detr.translator import Translator
@@ -165,6 +165,7 @@ def tune_encoder(pairs_path: str | Path, config: AssistantConfig, tune: EmbedTun
     """
     config.validate()
     tune.validate()
+    replaceable_folder(out)  # before the tuning, not after it
     pairs, groups = tuning_pairs(read_pairs(pairs_path, config))
     embedder = Embedder.load(config.encoder)
     if getattr(embedder.encoder, "hf", None) is None:
