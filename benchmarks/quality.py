@@ -6,11 +6,11 @@ RECIPE is a file in configs/ (without .yaml); what is measured depends on its ki
 
     translation     multi30k_en_de      BLEU, chrF (sacrebleu) on test2016; beam search; length penalty
                                         chosen on valid among --lp; optional checkpoint averaging
-    summarization   dialogsum, dialogsum_minilm, bbc_headline, bbc_headline_minilm
-                                        ROUGE-1/2/L (best of the references per example) beside LEAD-k
-    dialogue        dialogue_turns, chatterbot
-                                        perplexity, BLEU, Distinct-1/2 of beam and sampled responses,
-                                        five example exchanges
+    summarization   dialogsum, dialogsum_minilm, dialogsum_b2b, bbc_headline, bbc_headline_minilm,
+                    bbc_headline_b2b    ROUGE-1/2/L (best of the references per example) beside LEAD-k
+    dialogue        dialogue_turns, dialogue_b2b, chatterbot
+                                        perplexity (per subword and per word), BLEU, Distinct-1/2 of
+                                        beam and sampled responses, five example exchanges
 
 en→fr is the en→de recipe with `--set data.tgt_lang=fr --name multi30k_en_fr`. The run goes
 to runs/quality/NAME (an existing run there is continued, or only scored if it is finished);
@@ -28,6 +28,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import platform
 import re
 import sys
@@ -41,7 +42,7 @@ import detr
 from detr.checkpoint import average_checkpoints, list_checkpoints
 from detr.config import Config, load_config
 from detr.evaluate import read_test_data, score_texts
-from detr.metrics import Score, bleu, rouge, score
+from detr.metrics import Score, bleu, distinct, rouge, score
 from detr.readers import read_examples, split_files
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,19 +56,28 @@ class Spec:
     kind: str  # "translation", "summarization" or "dialogue"
     refs: list[str] = field(default_factory=list)  # reference fields of the test file (summarization/dialogue)
     lead: int = 0  # summarization: sentences in the LEAD baseline
+    split: str = ""  # the recipe's data/ files are made from ../shared/data by this function of the module
 
 
 SPECS = {
     "multi30k_en_de": Spec("translation"),
     "dialogsum": Spec("summarization", ["summary1", "summary2", "summary3"], lead=3),
     "dialogsum_minilm": Spec("summarization", ["summary1", "summary2", "summary3"], lead=3),
+    "dialogsum_b2b": Spec("summarization", ["summary1", "summary2", "summary3"], lead=3),
     "bbc_headline": Spec("summarization", ["title"], lead=1),
     "bbc_headline_minilm": Spec("summarization", ["title"], lead=1),
+    "bbc_headline_b2b": Spec("summarization", ["title"], lead=1),
     "dialogue_turns": Spec("dialogue", ["response"]),
-    "chatterbot": Spec("dialogue", ["response"]),
+    "dialogue_b2b": Spec("dialogue", ["response"], split="make_dialogue_turns_split"),
+    "chatterbot": Spec("dialogue", ["response"], split="make_chatterbot_split"),
 }
 
 CHATTERBOT_PAIRS = "dialogue/chatterbot_corpus_en/pairs.tsv"
+DIALOGUE_TURNS = "dialogue/dialogsum_turn_pairs/valid.tsv"  # the training pairs of the turn recipes
+# Dialogue decoding chosen on valid: beam search with repetition controls, and sampling.
+BEAM_GRID = [{"repetition_penalty": r, "no_repeat_ngram": n} for r in (1.0, 1.2, 1.5) for n in (0, 3)]
+SAMPLING_GRID = [{"top_p": p, "temperature": t} for p in (0.8, 0.9, 1.0) for t in (0.7, 1.0)]
+VALID_CHOICE_EXAMPLES = 300
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 
 
@@ -105,6 +115,20 @@ def make_chatterbot_split(shared: Path, out: Path) -> None:
         rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
     for split, part in split_by_group(rows, "context", (10, 10)).items():
         write_tsv(out / f"{split}.tsv", part, ["context", "response"])
+
+
+def make_dialogue_turns_split(shared: Path, out: Path) -> None:
+    """data/dialogue_turns/{train,valid}.tsv from the turn pairs the turn recipes train on, split by
+    dialogue (90/10: a dialogue's pairs share turns). A dialogue starts at a context of one turn."""
+    with open(shared / DIALOGUE_TURNS, encoding="utf-8") as f:
+        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    dialogue = 0
+    for row in rows:
+        dialogue += "[SEP]" not in row["context"]
+        row["dialogue"] = f"dialogue {dialogue}"
+    parts = split_by_group(rows, "dialogue", (10, 0))
+    for split in ("train", "valid"):
+        write_tsv(out / f"{split}.tsv", parts[split], ["context", "response"])
 
 
 def subset(config: Config, lines: int, folder: Path) -> list[str]:
@@ -151,6 +175,39 @@ def score_row(name: str, scores: list[Score]) -> dict:
     return {"system": name, **{s.name: round(s.score, 2) for s in scores}}
 
 
+def word_perplexity(translator, sources: list[str], targets: list[str]) -> Score:
+    """Perplexity per target word (whitespace-separated, plus one for the end): the same unit for
+    runs with different vocabularies, unlike the per-subword "PPL"."""
+    scored = translator.score(sources, targets)
+    words = sum(len(t.split()) + 1 for t in targets)
+    return Score("PPL/word", math.exp(min(-sum(s.total for s in scored) / words, 100.0)),
+                 "teacher forcing, per whitespace word + 1 for the end, first reference")
+
+
+def choose_dialogue_decoding(translator, config: Config, beam: int) -> dict:
+    """Beam repetition controls (`BEAM_GRID`) and sampling settings (`SAMPLING_GRID`) chosen on the
+    first `VALID_CHOICE_EXAMPLES` valid pairs: the best BLEU among the settings whose Distinct-2
+    is at least half the references' (all settings when none is), so replies neither collapse
+    to one safe answer nor wander off."""
+    examples = list(itertools.islice(read_examples(config.data, "valid"), VALID_CHOICE_EXAMPLES))
+    sources, refs = [e.src for e in examples], [[e.tgt for e in examples]]
+    floor = distinct(refs[0], 2).score / 2
+    chosen, tried = {}, {}
+    for name, grid in (("beam", BEAM_GRID), ("sampling", SAMPLING_GRID)):
+        results = []
+        for setting in grid:
+            if name == "beam":
+                outputs = translator.translate(sources, translator.options(beam_size=beam, **setting))
+            else:
+                outputs = [s[0][0] for s in translator.generate(sources, translator.options(seed=1, **setting))]
+            scores = {s.name: s.score for s in score(["bleu", "distinct"], outputs, refs)}
+            results.append((setting, scores))
+        varied = [r for r in results if r[1]["Distinct-2"] >= floor] or results
+        chosen[name] = max(varied, key=lambda r: r[1]["BLEU"])[0]
+        tried[name] = [{**setting, **{k: round(v, 2) for k, v in scores.items()}} for setting, scores in results]
+    return {**chosen, "tried": tried, "references_distinct2": round(2 * floor, 2), "examples": len(sources)}
+
+
 def evaluate_recipe(translator, config: Config, spec: Spec, args: argparse.Namespace, out: Path) -> dict:
     sources, references = test_set(config, spec)
     rows, details = [], {}
@@ -160,6 +217,9 @@ def evaluate_recipe(translator, config: Config, spec: Spec, args: argparse.Names
             translator, config, args.lp, decode["beam_size"])
     elif args.lp:
         decode["length_penalty"] = args.lp[0]
+    if spec.kind == "dialogue" and config.data.valid:
+        details["chosen_on_valid"] = choose_dialogue_decoding(translator, config, decode["beam_size"])
+        decode.update(details["chosen_on_valid"]["beam"])
     start = time.perf_counter()
     if spec.kind == "translation":
         report = score_texts(translator, sources, references, ["bleu", "chrf"], out / "test.hyp",
@@ -175,9 +235,14 @@ def evaluate_recipe(translator, config: Config, spec: Spec, args: argparse.Names
     else:
         report = score_texts(translator, sources, references, ["ppl", "bleu", "distinct"], out / "test.hyp",
                              translator.options(**decode))
-        rows.append(score_row(f"detr, beam {decode['beam_size']}", report.scores))
-        sampled = [s[0][0] for s in translator.generate(sources, translator.options(seed=1, top_p=config.decode.top_p))]
-        rows.append(score_row(f"detr, nucleus sampling p={config.decode.top_p}",
+        rows.append(score_row(f"detr, beam {decode['beam_size']}", report.scores + [word_perplexity(
+            translator, sources, references[0])]))
+        sampling = {"top_p": config.decode.top_p, "seed": 1}
+        if "chosen_on_valid" in details:
+            sampling.update(details["chosen_on_valid"]["sampling"])
+        sampled = [s[0][0] for s in translator.generate(sources, translator.options(**sampling))]
+        rows.append(score_row("detr, nucleus sampling " + ", ".join(f"{k}={v}" for k, v in sampling.items()
+                                                                     if k != "seed"),
                               score(["bleu", "distinct"], sampled, references)))
         rows.append(score_row("the references themselves", score(["distinct"], references[0], references)))
         details["examples"] = [{"context": s, "reference": r, "beam": h, "sampled": x}
@@ -218,8 +283,8 @@ def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     overrides = [f"run_dir={out / 'run'}", f"train.threads={args.threads}", *args.set]
     config = load_config(ROOT / "configs" / f"{recipe}.yaml", overrides)
-    if recipe == "chatterbot" and not Path(config.data.train).is_file():
-        make_chatterbot_split(Path(args.shared), Path(config.data.train).parent)
+    if spec.split and not Path(config.data.train).is_file():
+        globals()[spec.split](Path(args.shared), Path(config.data.train).parent)
     if args.lines:
         config = load_config(ROOT / "configs" / f"{recipe}.yaml", overrides + subset(config, args.lines, out / "data"))
     result = detr.train(config, resume=True)

@@ -105,7 +105,7 @@ def saliency(model: Seq2Seq, src: Tensor, tgt_out: Tensor) -> Tensor:
     """
     tgt_in = torch.cat([torch.full_like(tgt_out[:, :1], BOS), tgt_out[:, :-1]], dim=1)
     picks = [(t, int(tgt_out[0, t])) for t in range(tgt_out.size(1))]
-    return gradient_x_input(model, model.encoder.embed.tokens,
+    return gradient_x_input(model, model.encoder.embeddings,
                             lambda: torch.log_softmax(model(src, tgt_in).float(), dim=-1)[0], picks)
 
 

@@ -54,6 +54,10 @@ class ModelConfig:
     # classify / tag: the encoder is detr's (sizes above) or a pretrained BERT-style one
     pretrained: str | None = None  # local Hugging Face folder, or "package:NAME" (NAME.get_model_path())
     pooling: Literal["mean", "first"] = "mean"  # classify: mean over tokens, or the first token ([CLS])
+    # translate: the decoder warm-started from the same pretrained encoder (BERT2BERT, Rothe et al. 2020):
+    # its layers with causal self-attention, its embeddings and tied output projection, new cross-attention
+    pretrained_decoder: str | None = None  # the same name as model.pretrained (one WordPiece vocabulary)
+    share_pretrained: bool = False  # one set of layer weights for encoder and decoder (shared BERT2BERT)
 
     def with_vocab(self, src: int, tgt: int) -> ModelConfig:
         """A copy with the vocabulary sizes a tokenizer has.
@@ -106,6 +110,13 @@ class ModelConfig:
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ConfigError(f"model.{name} must be in [0, 1), got {value}")
+        if self.pretrained_decoder is not None and self.pretrained_decoder != self.pretrained:
+            raise ConfigError(f"model.pretrained_decoder={self.pretrained_decoder!r} needs model.pretrained to name "
+                              f"the same encoder (source and target share its WordPiece vocabulary), got "
+                              f"{self.pretrained!r}")
+        if self.share_pretrained and self.pretrained_decoder is None:
+            raise ConfigError("model.share_pretrained: true needs model.pretrained_decoder (the decoder it shares with "
+                              "the pretrained encoder)")
         if self.share_embeddings and None not in (self.src_vocab_size, self.tgt_vocab_size) \
                 and self.src_vocab_size != self.tgt_vocab_size:
             raise ConfigError(

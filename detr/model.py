@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from detr.config import ModelConfig
 from detr.layers import AttentionRecord, DecoderLayer, Dropout, EncoderLayer, LayerCache, PositionalEncoding
 from detr.tokenizer import PAD
+from detr.warmstart import warm_start_decoder
 
 
 def padding_mask(ids: Tensor) -> Tensor:
@@ -64,6 +65,11 @@ class Encoder(nn.Module):
         self.embed = Embedding(tokens, config)
         self.layers = nn.ModuleList(EncoderLayer(*_layer_args(config)) for _ in range(config.n_layers))
         self.norm = _final_norm(config)
+
+    @property
+    def embeddings(self) -> nn.Embedding:
+        """The source token embedding (as `PretrainedEncoder.embeddings`)."""
+        return self.embed.tokens
 
     def forward(self, src: Tensor, src_mask: Tensor, attention: AttentionRecord | None = None) -> Tensor:
         """src: (B, S) ids; src_mask: (B, 1, 1, S). Returns memory (B, S, D)."""
@@ -114,9 +120,9 @@ def _is_identity(index: Tensor, size: int) -> bool:
 class Decoder(nn.Module):
     """Embeds target ids and runs masked self-attention + cross-attention layers."""
 
-    def __init__(self, config: ModelConfig, tokens: nn.Embedding) -> None:
+    def __init__(self, config: ModelConfig, tokens: nn.Embedding | None) -> None:
         super().__init__()
-        self.embed = Embedding(tokens, config)
+        self.embed = Embedding(tokens, config) if tokens is not None else None  # None: warm-started later
         self.layers = nn.ModuleList(DecoderLayer(*_layer_args(config)) for _ in range(config.decoder_layers))
         self.norm = _final_norm(config)
 
@@ -167,7 +173,9 @@ class Seq2Seq(nn.Module):
 
     `encoder` replaces detr's own encoder with any module called as
     `encoder(src, src_mask, attention)` → memory (B, S, d_model), such as a pretrained
-    BERT-style encoder (`detr.heads.PretrainedEncoder`); its weights are left as they are.
+    BERT-style encoder (`detr.pretrained.PretrainedEncoder`); its weights are left as they are.
+    With `config.pretrained_decoder` the decoder is warm-started from that encoder's embedding
+    and layers (`detr.warmstart`).
     """
 
     def __init__(self, config: ModelConfig, encoder: nn.Module | None = None) -> None:
@@ -175,13 +183,17 @@ class Seq2Seq(nn.Module):
         self.config = config
         D = config.d_model
         own = encoder is None
+        warm = config.pretrained_decoder is not None  # the decoder's embedding and layers come from `encoder`
         src_tokens = nn.Embedding(config.src_vocab_size, D, padding_idx=PAD) if own else None
         tgt_tokens = src_tokens if config.share_embeddings and own \
-            else nn.Embedding(config.tgt_vocab_size, D, padding_idx=PAD)
+            else None if warm else nn.Embedding(config.tgt_vocab_size, D, padding_idx=PAD)
         self.encoder = Encoder(config, src_tokens) if own else encoder
         self.decoder = Decoder(config, tgt_tokens)
         self.output = nn.Linear(D, config.tgt_vocab_size, bias=False)
         initialize(self if own else nn.ModuleList([self.decoder, self.output]), D)  # a given encoder keeps its weights
+        if warm:
+            warm_start_decoder(self.decoder, encoder, config)
+            tgt_tokens = self.decoder.embed.tokens
         if config.share_embeddings or config.tie_output:
             self.output.weight = tgt_tokens.weight  # the paper's shared weight matrix
 

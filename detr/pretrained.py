@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from detr.config import ModelConfig
@@ -64,6 +65,13 @@ class PretrainedEncoder(nn.Module):
     @property
     def embeddings(self) -> nn.Embedding:
         return self.hf.get_input_embeddings()
+
+    def reorder_vocabulary(self, order: list[int]) -> None:
+        """Row i of the word embeddings becomes the pretrained row `order[i]`, in place: the ids of a
+        renumbered vocabulary (`detr.tokenizer.RenumberedVocab`)."""
+        weight = self.embeddings.weight
+        with torch.no_grad():
+            weight.copy_(weight[torch.tensor(order, device=weight.device)])
 
 
 def resolve_pretrained(spec: str) -> Path:

@@ -70,6 +70,9 @@ def describe_model(config_or_preset: str, overrides: list[str] | None = None, se
         if not labelled:
             check_width(folder, config)
             described += f" + {config.decoder_layers} layers"
+        if config.pretrained_decoder is not None:  # one WordPiece vocabulary on both sides
+            config = dataclasses.replace(config, tgt_vocab_size=hf.vocab_size)
+            described += " warm-started from it" + (" (shared)" if config.share_pretrained else "")
     B, S, T = 2, 7, 5
     src = torch.randint(4, config.src_vocab_size, (B, S))
     if labelled:

@@ -145,7 +145,68 @@ class PretrainedVocab(Subwords):
         return self.token_strings(ids)
 
 
-SUBWORD_KINDS = {"detr": Subwords, "pretrained": PretrainedVocab}
+HYPHEN = re.compile(r"(\w) - (?=\w)")  # WordPiece output: a hyphen between words, spaced
+CONTRACTION = re.compile(r" ' (s|t|re|ve|ll|d|m)\b")
+
+
+class RenumberedVocab(PretrainedVocab):
+    """A pretrained WordPiece vocabulary on both sides of a warm-started encoder-decoder
+    (`model.pretrained_decoder`), renumbered so detr's target specials hold their usual ids.
+
+    Search, batching and the exporters know the target's specials by id (<pad> 0, <s> 1, </s> 2,
+    <unk> 3). Here [CLS], [SEP] and [UNK] are moved to ids 1, 2 and 3, each swapped with the entry
+    there ([unused0..2] in BERT's vocabulary); `order` maps a new id to the pretrained one, and the
+    model reorders its embedding rows with it (`PretrainedEncoder.reorder_vocabulary`). The source
+    side reads `[CLS] text [SEP]` as the encoder was trained on; the target side
+    (`RenumberedTargetVocab`) has no [CLS] in front: the decoder starts from it.
+    """
+
+    kind = "pretrained-renumbered"
+    starts_with_bos = True
+
+    def __init__(self, hf: HFTokenizer) -> None:
+        super().__init__(hf)
+        order = list(range(hf.get_vocab_size()))
+        for new, token in ((BOS, "[CLS]"), (EOS, "[SEP]"), (UNK, "[UNK]")):
+            if hf.token_to_id(token) is None:
+                raise CheckpointError(f"pretrained tokenizer: needs a {token} token")
+            old = order.index(hf.token_to_id(token))
+            order[new], order[old] = order[old], order[new]
+        self.order = order  # new id → the pretrained vocabulary's id
+        self.renumber = [0] * len(order)
+        for new, old in enumerate(order):
+            self.renumber[old] = new
+        self.bos, self.eos = BOS, EOS
+
+    def _ids(self, ids: list[int]) -> list[int]:
+        ids = [self.renumber[i] for i in ids]
+        return [BOS] + ids if self.starts_with_bos else ids
+
+    def encode(self, text: str) -> list[int]:
+        return self._ids(self.hf.encode(text, add_special_tokens=False).ids)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self._ids(e.ids) for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`. BERT's pre-tokenizer splits at every punctuation mark and its decoder puts
+        a space around each; hyphens between words and apostrophes of contractions are joined again
+        ("peer-to-peer", "it's"), as a detokenizer would."""
+        text = self.hf.decode([self.order[i] for i in ids], skip_special_tokens=True)
+        return CONTRACTION.sub(r"'\1", HYPHEN.sub(r"\1-", text))
+
+    def token_strings(self, ids: Iterable[int]) -> list[str]:
+        return [self.hf.id_to_token(self.order[i]) or "[UNK]" for i in ids]
+
+
+class RenumberedTargetVocab(RenumberedVocab):
+    """`RenumberedVocab` for the target side: no [CLS] in front (the decoder starts from <s>, that is [CLS])."""
+
+    kind = "pretrained-renumbered-target"
+    starts_with_bos = False
+
+
+SUBWORD_KINDS = {cls.kind: cls for cls in (Subwords, PretrainedVocab, RenumberedVocab, RenumberedTargetVocab)}
 
 
 class Tokenizer:
@@ -178,6 +239,8 @@ class Tokenizer:
             "src": json.loads(self.src.hf.to_str()),
             "tgt": None if self.joint else json.loads(self.tgt.hf.to_str()),
         }
+        if self.tgt.kind != Subwords.kind and not self.joint:  # only then: earlier runs keep their fingerprints
+            data["tgt_kind"] = self.tgt.kind
         return json.dumps(data, ensure_ascii=False)
 
     def save(self, path: str | Path) -> None:
@@ -195,7 +258,8 @@ class Tokenizer:
             if data.get("format") != FORMAT:
                 raise ValueError(f"format is {data.get('format')!r}, expected {FORMAT!r}")
             src = SUBWORD_KINDS[data.get("src_kind", "detr")](HFTokenizer.from_str(json.dumps(data["src"])))
-            tgt = None if data["joint"] else Subwords(HFTokenizer.from_str(json.dumps(data["tgt"])))
+            tgt = None if data["joint"] else \
+                SUBWORD_KINDS[data.get("tgt_kind", "detr")](HFTokenizer.from_str(json.dumps(data["tgt"])))
         except FileNotFoundError:
             raise CheckpointError(f"{path}: tokenizer file not found") from None
         except CheckpointError as err:
@@ -268,11 +332,12 @@ def _chain(*iterables: Iterable[str]) -> Iterator[str]:
         yield from it
 
 
-def build_tokenizer(config: DataConfig, pretrained: Path | None = None) -> Tokenizer:
+def build_tokenizer(config: DataConfig, pretrained: Path | None = None, both_sides: bool = False) -> Tokenizer:
     """Load `config.tokenizer` if set, else learn one on (up to `tokenizer_max_lines` of) the training data.
 
     `pretrained`: a pretrained encoder's folder; its vocabulary is the source side and only
-    the target side is learned (`joint_vocab` does not apply).
+    the target side is learned (`joint_vocab` does not apply), or, with `both_sides` (a pretrained
+    decoder too), its vocabulary renumbered (`RenumberedVocab`) is both sides and nothing is learned.
     """
     if config.tokenizer is not None:
         return Tokenizer.load(config.tokenizer)
@@ -282,6 +347,8 @@ def build_tokenizer(config: DataConfig, pretrained: Path | None = None) -> Token
         for e in itertools.islice(read_examples(config, "train"), config.tokenizer_max_lines):
             yield getattr(e, name)
 
+    if pretrained is not None and both_sides:
+        return Tokenizer(RenumberedVocab.from_folder(pretrained), RenumberedTargetVocab.from_folder(pretrained))
     if pretrained is not None:
         if config.multilingual:
             raise ConfigError("data.tgt_lang: a multilingual run needs detr's own source vocabulary, "

@@ -47,9 +47,10 @@ from detr.checkpoint import load_trainer_state, load_weights, save_trainer_state
 from detr.config import Config, TrainConfig, load_config
 from detr.distributed import World, config_digest, whole
 from detr.errors import CheckpointError, ConfigError, TrainingError
-from detr.pretrained import PretrainedEncoder, encoder_for
+from detr.pretrained import encoder_for
 from detr.rundir import RunDir
 from detr.tasks import make_task
+from detr.warmstart import pretrained_parameters
 
 log = logging.getLogger(__name__)
 
@@ -329,9 +330,10 @@ class Trainer:
 
     def _optimizer(self) -> torch.optim.Optimizer:
         # Weight decay on matrices only: biases, LayerNorm gains and embeddings' scale stay free.
-        # A pretrained encoder learns at lr × pretrained_lr_scale: a new decoder needs a far larger
+        # A pretrained encoder (and a decoder warm-started from it, but for its new cross-attention)
+        # learns at lr × pretrained_lr_scale: a new decoder needs a far larger
         # step than weights that are already good.
-        pretrained = {id(p) for m in self.model.modules() if isinstance(m, PretrainedEncoder) for p in m.parameters()}
+        pretrained = {id(p) for p in pretrained_parameters(self.model)}
         new = [p for p in self.model.parameters() if id(p) not in pretrained]
         old = [p for p in self.model.parameters() if id(p) in pretrained]
         groups = []

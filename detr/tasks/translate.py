@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 from collections.abc import Callable
@@ -20,8 +21,9 @@ from detr.model import build_model
 from detr.pretrained import check_width, resolve_pretrained, save_pretrained_files
 from detr.readers import Example, check_split, read_examples
 from detr.rundir import RunDir
-from detr.tokenizer import Tokenizer, build_tokenizer
+from detr.tokenizer import RenumberedVocab, Tokenizer, build_tokenizer
 from detr.translator import Translator
+from detr.warmstart import check_decoder_fits
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +48,14 @@ class TranslateTask:
         check_split(self.config.data, "train")
         if self.config.data.valid is not None:
             check_split(self.config.data, "valid")
-        if self.config.model.pretrained is not None:
-            check_width(resolve_pretrained(self.config.model.pretrained), self.config.model)
-            if self.config.model.share_embeddings:
+        model = self.config.model
+        if model.pretrained is not None:
+            folder = resolve_pretrained(model.pretrained)
+            check_width(folder, model)
+            if model.pretrained_decoder is not None:
+                check_decoder_fits(model, json.loads((folder / "config.json").read_text(encoding="utf-8")),
+                                   model.pretrained_decoder)
+            elif model.share_embeddings:
                 raise ConfigError("model.share_embeddings: the pretrained encoder keeps its own vocabulary; "
                                   "set model.share_embeddings: false")
 
@@ -60,10 +67,10 @@ class TranslateTask:
             self.tokenizer = Tokenizer.load(run.tokenizer)
         else:
             folder = resolve_pretrained(pretrained) if pretrained is not None else None
-            if self.config.data.tokenizer is None:
+            if self.config.data.tokenizer is None and self.config.model.pretrained_decoder is None:
                 log.info("learning a %s vocabulary of %d from %s", self.config.data.subword,
                          self.config.data.vocab_size, self.config.data.train)
-            self.tokenizer = build_tokenizer(self.config.data, folder)
+            self.tokenizer = build_tokenizer(self.config.data, folder, self.config.model.pretrained_decoder is not None)
             if folder is not None:
                 save_pretrained_files(folder, run.pretrained)
             self.tokenizer.save(run.tokenizer)
@@ -72,6 +79,10 @@ class TranslateTask:
         if missing:
             raise ConfigError(f"data.tokenizer: no language tag for {', '.join(missing)}; a multilingual run needs "
                               f"a tokenizer learned with its data.tgt_lang list")
+        if self.config.model.pretrained_decoder is not None and not isinstance(self.tokenizer.tgt, RenumberedVocab):
+            raise ConfigError(f"model.pretrained_decoder: the target vocabulary must be the pretrained encoder's "
+                              f"WordPiece one, but {self.config.data.tokenizer or run.tokenizer} is another; "
+                              f"leave data.tokenizer unset")
         if self.config.model.share_embeddings and not self.tokenizer.one_id_space:
             raise ConfigError("model.share_embeddings needs a joint vocabulary: set data.joint_vocab: true")
         if self.config.data.valid is not None:
@@ -85,7 +96,11 @@ class TranslateTask:
         self.tokenizer = Tokenizer.load(run.tokenizer)
 
     def build_model(self, model: ModelConfig, encoder: nn.Module | None = None) -> nn.Module:
-        """A `Seq2Seq` (a new decoder on `encoder` when one is given: a warm start)."""
+        """A `Seq2Seq` (a new decoder on `encoder` when one is given: a warm start; with
+        `model.pretrained_decoder` the decoder is warm-started from it too, in the renumbered
+        vocabulary the tokenizer uses)."""
+        if encoder is not None and self.tokenizer is not None and isinstance(self.tokenizer.src, RenumberedVocab):
+            encoder.reorder_vocabulary(self.tokenizer.src.order)
         return build_model(model, encoder)
 
     def stream(self, max_tokens: int, seed: int) -> BatchStream:
