@@ -75,9 +75,9 @@ SPECS = {
 CHATTERBOT_PAIRS = "dialogue/chatterbot_corpus_en/pairs.tsv"
 DIALOGUE_TURNS = "dialogue/dialogsum_turn_pairs/valid.tsv"  # the training pairs of the turn recipes
 # Dialogue decoding chosen on valid: beam search with repetition controls, and sampling.
-BEAM_GRID = [{"repetition_penalty": r, "no_repeat_ngram": n} for r in (1.0, 1.2, 1.5) for n in (0, 3)]
+BEAM_GRID = [{"repetition_penalty": r, "no_repeat_ngram": n} for r in (1.0, 1.3) for n in (0, 2, 3)]
 SAMPLING_GRID = [{"top_p": p, "temperature": t} for p in (0.8, 0.9, 1.0) for t in (0.7, 1.0)]
-VALID_CHOICE_EXAMPLES = 300
+VALID_CHOICE_EXAMPLES = 200
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 
 
@@ -184,28 +184,30 @@ def word_perplexity(translator, sources: list[str], targets: list[str]) -> Score
                  "teacher forcing, per whitespace word + 1 for the end, first reference")
 
 
-def choose_dialogue_decoding(translator, config: Config, beam: int) -> dict:
-    """Beam repetition controls (`BEAM_GRID`) and sampling settings (`SAMPLING_GRID`) chosen on the
-    first `VALID_CHOICE_EXAMPLES` valid pairs: the best BLEU among the settings whose Distinct-2
-    is at least half the references' (all settings when none is), so replies neither collapse
-    to one safe answer nor wander off."""
+def choose_decoding(translator, config: Config, kind: str, beam: int) -> dict:
+    """Beam repetition controls (`BEAM_GRID`), and for dialogue sampling settings (`SAMPLING_GRID`),
+    chosen on the first `VALID_CHOICE_EXAMPLES` valid examples. Summaries: the best ROUGE-1.
+    Dialogue: the best BLEU among the settings whose Distinct-2 is at least half the references'
+    (all settings when none is), so replies neither collapse to one safe answer nor wander off."""
     examples = list(itertools.islice(read_examples(config.data, "valid"), VALID_CHOICE_EXAMPLES))
     sources, refs = [e.src for e in examples], [[e.tgt for e in examples]]
-    floor = distinct(refs[0], 2).score / 2
+    metrics, key = (["bleu", "distinct"], "BLEU") if kind == "dialogue" else (["rouge"], "ROUGE-1")
+    floor = distinct(refs[0], 2).score / 2 if kind == "dialogue" else 0.0
     chosen, tried = {}, {}
-    for name, grid in (("beam", BEAM_GRID), ("sampling", SAMPLING_GRID)):
+    grids = {"beam": BEAM_GRID, "sampling": SAMPLING_GRID} if kind == "dialogue" else {"beam": BEAM_GRID}
+    for name, grid in grids.items():
         results = []
         for setting in grid:
             if name == "beam":
                 outputs = translator.translate(sources, translator.options(beam_size=beam, **setting))
             else:
                 outputs = [s[0][0] for s in translator.generate(sources, translator.options(seed=1, **setting))]
-            scores = {s.name: s.score for s in score(["bleu", "distinct"], outputs, refs)}
-            results.append((setting, scores))
-        varied = [r for r in results if r[1]["Distinct-2"] >= floor] or results
-        chosen[name] = max(varied, key=lambda r: r[1]["BLEU"])[0]
+            results.append((setting, {s.name: s.score for s in score(metrics, outputs, refs)}))
+        varied = [r for r in results if r[1].get("Distinct-2", 0.0) >= floor] or results
+        chosen[name] = max(varied, key=lambda r: r[1][key])[0]
         tried[name] = [{**setting, **{k: round(v, 2) for k, v in scores.items()}} for setting, scores in results]
-    return {**chosen, "tried": tried, "references_distinct2": round(2 * floor, 2), "examples": len(sources)}
+    return {**chosen, "by": key, "tried": tried, "examples": len(sources),
+            **({"references_distinct2": round(2 * floor, 2)} if kind == "dialogue" else {})}
 
 
 def evaluate_recipe(translator, config: Config, spec: Spec, args: argparse.Namespace, out: Path) -> dict:
@@ -217,8 +219,8 @@ def evaluate_recipe(translator, config: Config, spec: Spec, args: argparse.Names
             translator, config, args.lp, decode["beam_size"])
     elif args.lp:
         decode["length_penalty"] = args.lp[0]
-    if spec.kind == "dialogue" and config.data.valid:
-        details["chosen_on_valid"] = choose_dialogue_decoding(translator, config, decode["beam_size"])
+    if spec.kind != "translation" and config.data.valid:
+        details["chosen_on_valid"] = choose_decoding(translator, config, spec.kind, decode["beam_size"])
         decode.update(details["chosen_on_valid"]["beam"])
     start = time.perf_counter()
     if spec.kind == "translation":

@@ -135,6 +135,8 @@ def test_a_bert2bert_run_trains_resumes_exactly_decodes_averages_and_is_inspecte
     maps = attention_maps(translator, SENTENCES[0], ref_text="two dogs")
     assert maps[0].cross.shape[:2] == (2, 12) and maps[0].tgt_tokens == ["two", "dogs", "[SEP]"]
     assert maps[0].saliency.shape == (3, len(maps[0].src_tokens))
+    int8 = detr.load(tmp_path / "whole").quantize("int8")
+    assert len(int8.translate(SENTENCES, greedy)) == 3
     path, steps = average_checkpoints(tmp_path / "whole", 2)
     assert steps == [2, 4] and detr.load(tmp_path / "whole", weights=path).translate(SENTENCES[:1], greedy)
 
