@@ -77,7 +77,6 @@ DIALOGUE_TURNS = "dialogue/dialogsum_turn_pairs/valid.tsv"  # the training pairs
 # Dialogue decoding chosen on valid: beam search with repetition controls, and sampling.
 BEAM_GRID = [{"repetition_penalty": r, "no_repeat_ngram": n} for r in (1.0, 1.3) for n in (0, 2, 3)]
 SAMPLING_GRID = [{"top_p": p, "temperature": t} for p in (0.8, 0.9, 1.0) for t in (0.7, 1.0)]
-VALID_CHOICE_EXAMPLES = 200
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 
 
@@ -184,13 +183,13 @@ def word_perplexity(translator, sources: list[str], targets: list[str]) -> Score
                  "teacher forcing, per whitespace word + 1 for the end, first reference")
 
 
-def choose_decoding(translator, config: Config, kind: str, beam: int) -> dict:
+def choose_decoding(translator, config: Config, kind: str, beam: int, examples: int) -> dict:
     """Beam repetition controls (`BEAM_GRID`), and for dialogue sampling settings (`SAMPLING_GRID`),
-    chosen on the first `VALID_CHOICE_EXAMPLES` valid examples. Summaries: the best ROUGE-1.
+    chosen on the first `examples` valid examples. Summaries: the best ROUGE-1.
     Dialogue: the best BLEU among the settings whose Distinct-2 is at least half the references'
     (all settings when none is), so replies neither collapse to one safe answer nor wander off."""
-    examples = list(itertools.islice(read_examples(config.data, "valid"), VALID_CHOICE_EXAMPLES))
-    sources, refs = [e.src for e in examples], [[e.tgt for e in examples]]
+    valid = list(itertools.islice(read_examples(config.data, "valid"), examples))
+    sources, refs = [e.src for e in valid], [[e.tgt for e in valid]]
     metrics, key = (["bleu", "distinct"], "BLEU") if kind == "dialogue" else (["rouge"], "ROUGE-1")
     floor = distinct(refs[0], 2).score / 2 if kind == "dialogue" else 0.0
     chosen, tried = {}, {}
@@ -220,7 +219,8 @@ def evaluate_recipe(translator, config: Config, spec: Spec, args: argparse.Names
     elif args.lp:
         decode["length_penalty"] = args.lp[0]
     if spec.kind != "translation" and config.data.valid:
-        details["chosen_on_valid"] = choose_decoding(translator, config, spec.kind, decode["beam_size"])
+        details["chosen_on_valid"] = choose_decoding(translator, config, spec.kind, decode["beam_size"],
+                                                     args.choose_examples)
         decode.update(details["chosen_on_valid"]["beam"])
     start = time.perf_counter()
     if spec.kind == "translation":
@@ -317,6 +317,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lp", type=lambda s: [float(x) for x in s.split(",")], default=[],
                         help="length penalties: one to use, or several to choose from on valid (translation)")
     parser.add_argument("--lines", type=int, default=0, help="use only the first N examples of every split")
+    parser.add_argument("--choose-examples", type=int, default=200,
+                        help="summaries and dialogue: valid examples the decoding is chosen on")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     return parser.parse_args(argv)
 

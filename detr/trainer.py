@@ -47,10 +47,9 @@ from detr.checkpoint import load_trainer_state, load_weights, save_trainer_state
 from detr.config import Config, TrainConfig, load_config
 from detr.distributed import World, config_digest, whole
 from detr.errors import CheckpointError, ConfigError, TrainingError
-from detr.pretrained import encoder_for
+from detr.pretrained import encoder_for, pretrained_parameters
 from detr.rundir import RunDir
 from detr.tasks import make_task
-from detr.warmstart import pretrained_parameters
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,9 @@ under its LayerNorm (`PretrainedEmbedding`); the output projection is tied to th
 `model.share_pretrained` (shared BERT2BERT) makes the warm-started parts the encoder's own modules:
 one set of weights, trained from both sides. Otherwise the decoder starts from a copy.
 
-The modules that came from the checkpoint are flagged `warm_started` (`pretrained_parameters`), so
-the trainer gives them `train.pretrained_lr_scale` as it does the pretrained encoder.
+The modules that came from the checkpoint are flagged `warm_started`
+(`detr.pretrained.pretrained_parameters`), so the trainer gives them `train.pretrained_lr_scale`
+as it does the pretrained encoder.
 """
 
 from __future__ import annotations
@@ -111,15 +112,3 @@ def warm_start_decoder(decoder: nn.Module, encoder: nn.Module, config: ModelConf
                     p.normal_(0.0, hf.config.initializer_range)
                 else:
                     p.zero_()
-
-
-def pretrained_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters `model` took from a pretrained checkpoint: its pretrained encoder's and those of
-    the modules warm-started from it (each once)."""
-    from detr.pretrained import PretrainedEncoder  # the encoder's module imports transformers lazily
-
-    found: dict[int, nn.Parameter] = {}
-    for module in model.modules():
-        if isinstance(module, PretrainedEncoder) or getattr(module, "warm_started", False):
-            found.update((id(p), p) for p in module.parameters())
-    return list(found.values())
