@@ -211,6 +211,10 @@ class TrainConfig:
     warmup_steps: int = 4000
     schedule: Literal["inverse_sqrt", "cosine", "constant"] = "inverse_sqrt"
     min_lr: float = 0.0
+    # cosine with max_minutes: at the end of warm-up the schedule's length becomes the number of steps the
+    # remaining minutes hold at the speed measured so far (validation included; at most max_steps), and
+    # training stops there, so the learning rate reaches min_lr when the clock runs out on any machine
+    fit_schedule_to_clock: bool = False
     optimizer: Literal["adam", "adamw"] = "adamw"
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-9
@@ -266,6 +270,9 @@ class TrainConfig:
             raise ConfigError(f"train.betas must be two numbers in [0, 1), got {self.betas}")
         if self.clip_norm < 0:
             raise ConfigError(f"train.clip_norm must not be negative, got {self.clip_norm}")
+        if self.fit_schedule_to_clock and (self.schedule != "cosine" or not self.max_minutes or not self.warmup_steps):
+            raise ConfigError("train.fit_schedule_to_clock needs train.schedule: cosine, train.max_minutes and "
+                              "train.warmup_steps (the speed is measured during warm-up)")
 
 
 def option(default: Any, help: str) -> Any:
@@ -545,8 +552,9 @@ class Config:
                               f"model.max_positions={self.model.max_positions}: "
                               f"inputs that long would not fit the positional encoding; lower data.max_len or "
                               f"raise model.max_positions")
-        if self.train.schedule == "cosine" and not self.train.max_steps:
-            raise ConfigError("train.schedule=cosine needs train.max_steps (it decays to min_lr there)")
+        if self.train.schedule == "cosine" and not self.train.max_steps and not self.train.fit_schedule_to_clock:
+            raise ConfigError("train.schedule=cosine needs train.max_steps (it decays to min_lr there) or "
+                              "train.fit_schedule_to_clock")
         if self.train.precision != "fp32" and self.train.device == "cpu":
             raise ConfigError(f"train.precision={self.train.precision} needs a CUDA device; use fp32 on the CPU")
 

@@ -66,7 +66,7 @@ class TrainResult:
     steps: int
     epochs: int  # epochs completed
     seconds: float  # training time over all sessions of this run
-    stopped: str  # "max_steps", "max_epochs", "max_minutes", "early_stopping"
+    stopped: str  # "max_steps", "max_epochs", "max_minutes", "early_stopping", "schedule_end"
     best: dict[str, Any] | None  # {"metric", "value", "step"} of the best validation
     model_path: Path
     nonfinite_skipped: int
@@ -81,11 +81,12 @@ class Interrupted(TrainingError):
         super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint saved in {run_dir}")
 
 
-def learning_rate(config: TrainConfig, step: int) -> float:
+def learning_rate(config: TrainConfig, step: int, horizon: int | None = None) -> float:
     """Learning rate for optimiser step `step` (1-based).
 
     inverse_sqrt (the paper's): linear warm-up to `lr`, then `lr · sqrt(warmup / step)`;
-    cosine: warm-up, then half a cosine down to `min_lr` at `max_steps`; constant: warm-up, then `lr`.
+    cosine: warm-up, then half a cosine down to `min_lr` at `horizon` (default `max_steps`);
+    constant: warm-up, then `lr`.
     """
     warm = config.warmup_steps
     if warm and step < warm:
@@ -93,7 +94,7 @@ def learning_rate(config: TrainConfig, step: int) -> float:
     if config.schedule == "inverse_sqrt":
         rate = config.lr * math.sqrt(max(warm, 1) / max(step, 1))
     elif config.schedule == "cosine":
-        span = max(config.max_steps - warm, 1)
+        span = max((horizon or config.max_steps) - warm, 1)
         progress = min(max(step - warm, 0) / span, 1.0)
         rate = config.min_lr + (config.lr - config.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
     else:
@@ -203,6 +204,7 @@ class Trainer:
             self.bad_evals = 0
             self.nonfinite_in_row = self.nonfinite_total = 0
             self.stopped: str | None = None
+            self.horizon = self.tc.max_steps  # where the cosine ends; fit_schedule_to_clock sets it
             self.saved_step = self.evaluated_step = -1
             self.signal_received: int | None = None
             self._batches = None  # the running epoch's iterator
@@ -363,6 +365,7 @@ class Trainer:
             "nonfinite": [self.nonfinite_in_row, self.nonfinite_total],
             "stopped": self.stopped,
             "seconds": self.seconds,
+            "horizon": self.horizon,
         }
 
     def _load_state(self, state: dict[str, Any]) -> None:
@@ -384,6 +387,7 @@ class Trainer:
         self.step, self.best, self.bad_evals = state["step"], state["best"], state["bad_evals"]
         self.nonfinite_in_row, self.nonfinite_total = state["nonfinite"]
         self.stopped, self.seconds = state["stopped"], state["seconds"]
+        self.horizon = state.get("horizon", self.tc.max_steps)  # states from before the field have none
         self.saved_step = self.step
         if self.world.main:
             self._truncate_metrics()
@@ -442,7 +446,19 @@ class Trainer:
             return "max_epochs"
         if self.tc.max_minutes and self.seconds >= 60 * self.tc.max_minutes:
             return "max_minutes"
+        if self.tc.fit_schedule_to_clock and self.step > self.tc.warmup_steps and self.step >= self.horizon:
+            return "schedule_end"
         return None
+
+    def fit_schedule(self) -> None:
+        """fit_schedule_to_clock, at the last warm-up step: the cosine's end becomes the step at
+        which the remaining minutes run out at the speed so far (every rank agrees on the clock).
+        Saved with the checkpoints, so a run resumed after this point keeps it exactly."""
+        per_step = self.seconds / self.step
+        fit = self.step + int((60 * self.tc.max_minutes - self.seconds) / per_step)
+        self.horizon = min(fit, self.tc.max_steps) if self.tc.max_steps else fit
+        log.info("schedule fitted to the clock: %.2f s per step so far, so the cosine ends at step %d "
+                 "(%.1f minutes left)", per_step, self.horizon, self.tc.max_minutes - self.seconds / 60)
 
     def next_batches(self) -> list[Any]:
         """The step's global batch list: the next `accumulate` batches of every rank, crossing epoch
@@ -498,7 +514,7 @@ class Trainer:
                                     f"{self.step + 1}); stopping: {last}. Try a lower train.lr or train.clip_norm")
             return None
         self.nonfinite_in_row = 0
-        lr = learning_rate(self.tc, self.step + 1)
+        lr = learning_rate(self.tc, self.step + 1, self.horizon)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)  # states saved before lr_scale existed have none
         self.scaler.unscale_(self.optimizer)
@@ -639,6 +655,8 @@ class Trainer:
             self.step += 1
             self.seconds = seconds_before + time.perf_counter() - session_start
             self._agree()
+            if self.tc.fit_schedule_to_clock and self.step == self.tc.warmup_steps:
+                self.fit_schedule()
             window_tokens += int(out["tokens"])
             elapsed = time.perf_counter() - window_start
             speed = window_tokens / max(elapsed, 1e-9)

@@ -65,6 +65,30 @@ def test_cosine_reaches_min_lr_at_max_steps_and_constant_stays():
     assert learning_rate(c, 1) == learning_rate(c, 99) == 1e-3
 
 
+def test_a_schedule_fitted_to_the_clock_ends_where_the_minutes_do(tmp_path, monkeypatch):
+    config = toy_config(tmp_path, **{"train.max_steps": 0, "train.max_minutes": 0.4, "train.schedule": "cosine",
+                                     "train.fit_schedule_to_clock": True, "train.min_lr": 1e-5})
+    fit = Trainer.fit_schedule
+
+    def two_seconds_a_step(self):  # a clock that read 2 s per step during warm-up
+        self.seconds = 2.0 * self.step
+        fit(self)
+
+    monkeypatch.setattr(Trainer, "fit_schedule", two_seconds_a_step)
+    result = train(config)
+    # 4 warm-up steps took 8 s of the 24: the 16 left hold 8 more steps at 2 s each
+    assert result.stopped == "schedule_end" and result.steps == 12
+    assert load_trainer_state(tmp_path / "run" / TRAINER_STATE)["horizon"] == 12
+    lrs = [m["lr"] for m in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+           if m["split"] == "train"]
+    assert lrs[-1] == pytest.approx(1e-5) and lrs[1] == pytest.approx(learning_rate(config.train, 4))
+    resumed = Trainer(config, resume=True)
+    assert resumed.horizon == 12 and resumed.stop_reason() == "schedule_end"
+    resumed.close()
+    with pytest.raises(ConfigError, match="fit_schedule_to_clock needs train.schedule: cosine"):
+        toy_config(tmp_path, **{"train.max_minutes": 1, "train.fit_schedule_to_clock": True})
+
+
 # ----------------------------------------------------------------------------- the run directory
 
 
