@@ -16,6 +16,12 @@ the corpus has few), for the MiniLM retriever
 (`detr.apps.assistant`), BM25 (`rank-bm25`, Okapi, lower-cased word tokens) and TF-IDF cosine
 (scikit-learn, word unigrams and bigrams).
 
+Leave-one-out retrieval (more questions than the split holds): every question of an answer that
+two or more questions share is held out alone in turn (its pairs leave the index, everything else
+stays), and the three retrievers are scored on all of them, and apart on the answers whose
+questions are wordings of one question (`WORDINGS`, judged by reading the questions: most
+shared answers are short replies that unrelated questions share, "Paris", "Yes.", "5").
+
 Thresholds: on valid, the answer threshold is the lowest similarity at which the retrieved
 answers are right at least 80% of the time (`--precision`), and the hand-off threshold the
 highest one that still hands off at most 10% of the answerable questions; the test split then
@@ -43,6 +49,7 @@ import statistics
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -61,17 +68,28 @@ from detr.apps.assistant import (  # noqa: E402
     tune_encoder,
 )
 from detr.config import AssistantConfig, EmbedTuneConfig  # noqa: E402
+from detr.embed import Embedder  # noqa: E402
 from detr.metrics import chrf, rouge  # noqa: E402
 from detr.readers import one_line  # noqa: E402
 
 PAIRS = ROOT.parent / "shared" / "data" / "dialogue" / "chatterbot_corpus_en" / "pairs.tsv"
+# The shared answers whose questions ask one thing in other words ("How are you?" / "How are you
+# doing?"); the other shared answers join unrelated questions ("Paris": Orly airport / Jim Morrison).
+WORDINGS = {"Anger is not an emotion I can experience.", "I am doing well, how about you?", "I am doing well.",
+            "I work on all kinds of computers, Mac, IBM or UNIX. it doesn't matter to me.",
+            "No, software will live forever.", "Thank you. You too.", "Yes it is."}
 
 
 def words(text: str) -> list[str]:
     return re.findall(r"\w+", text.lower())
 
 
-def split(seed: int) -> dict:
+def real(question: str) -> bool:
+    return len(words(question)) >= 2  # the corpus holds a few junk questions ("?", "i", "")
+
+
+def read_rows() -> tuple[list[tuple[str, str]], dict[str, set[str]], dict[str, set[str]]]:
+    """The (question, answer) pairs with both sides, each question's answers, each answer's questions."""
     with open(PAIRS, encoding="utf-8") as f:
         rows = [(r["context"].strip(), r["response"].strip()) for r in
                 csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if r["context"].strip() and
@@ -80,8 +98,12 @@ def split(seed: int) -> dict:
     for q, a in rows:
         answers_of[q].add(a)
         questions_of[a].add(q)
+    return rows, answers_of, questions_of
+
+
+def split(seed: int) -> dict:
+    rows, answers_of, questions_of = read_rows()
     rng = random.Random(seed)
-    real = lambda q: len(words(q)) >= 2  # the corpus holds a few junk questions ("?", "i", "")
     groups = [sorted(q for q in qs if real(q)) for _, qs in sorted(questions_of.items())]
     answerable = sorted({rng.choice(g) for g in groups if len(g) > 1})
     siblings = {other for q in answerable for a in answers_of[q] for other in questions_of[a]}
@@ -102,6 +124,47 @@ def split(seed: int) -> dict:
 def accuracy(ranked: list[list[str]], truth: list[set[str]]) -> dict[str, float]:
     return {f"top{k}": round(100 * sum(bool(set(r[:k]) & t) for r, t in zip(ranked, truth)) / len(truth), 1)
             for k in (1, 5)}
+
+
+Ranker = Callable[[str], np.ndarray]
+
+
+def lexical_rankers(questions: list[str]) -> dict[str, Ranker]:
+    """BM25 (Okapi, lower-cased word tokens) and TF-IDF cosine (word 1-2-grams, sublinear tf) over
+    `questions`: each maps a query to the rows' order, best first (ties in row order)."""
+    from rank_bm25 import BM25Okapi
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    bm25 = BM25Okapi([words(q) for q in questions])
+    tfidf = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True).fit(questions)
+    matrix = tfidf.transform(questions)
+    return {"BM25": lambda q: np.argsort(-bm25.get_scores(words(q)), kind="stable"),
+            "TF-IDF cosine": lambda q: np.argsort(-(matrix @ tfidf.transform([q]).T).toarray()[:, 0], kind="stable")}
+
+
+def leave_one_out(embedder: Embedder) -> dict:
+    """Top-1/top-5 answer accuracy of MiniLM (the assistant's scoring: cosine of unit vectors,
+    ties in row order), BM25 and TF-IDF with every question of a shared answer held out alone."""
+    rows, answers_of, questions_of = read_rows()
+    rows = list(dict.fromkeys(rows))  # build skips exact repeats too
+    shared = {a: {q for q in qs if real(q)} for a, qs in questions_of.items()}
+    held = sorted({q for qs in shared.values() if len(qs) > 1 for q in qs})
+    judged = {q for a in WORDINGS for q in shared[a]}
+    vectors = embedder.embed([q for q, _ in rows]).numpy()
+    hits: dict[str, list[tuple[str, list[str]]]] = defaultdict(list)
+    for q in held:
+        keep = [i for i, (other, _) in enumerate(rows) if other != q]
+        orders = {"MiniLM (detr assistant)": np.argsort(-(vectors[keep] @ embedder.embed([q]).numpy()[0]),
+                                                        kind="stable")}
+        orders.update({name: rank(q) for name, rank in lexical_rankers([rows[i][0] for i in keep]).items()})
+        for name, order in orders.items():
+            hits[name].append((q, [rows[keep[i]][1] for i in order[:5]]))
+    out: dict = {"questions": len(held), "questions_of_wordings": len(judged)}
+    for name, ranked in hits.items():
+        out[name] = accuracy([r for _, r in ranked], [answers_of[q] for q, _ in ranked])
+        mine = [(q, r) for q, r in ranked if q in judged]
+        out[name + ", wordings only"] = accuracy([r for _, r in mine], [answers_of[q] for q, _ in mine])
+    return out
 
 
 def choose_thresholds(best: list[tuple[float, bool]], precision: float, max_handoff: float) -> tuple[float, float]:
@@ -252,19 +315,11 @@ def main() -> None:
     test_q = data["test"]["answerable"]
     asked = data["valid"]["answerable"] + test_q
     truth = [answers_of[q] for q in asked]
-    from rank_bm25 import BM25Okapi
-    from sklearn.feature_extraction.text import TfidfVectorizer
-
-    bm25 = BM25Okapi([words(q) for q, _ in index_pairs])
-    bm25_ranked = [[index_pairs[i][1] for i in np.argsort(-bm25.get_scores(words(q)), kind="stable")[:5]]
-                   for q in asked]
-    tfidf = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True).fit([q for q, _ in index_pairs])
-    matrix = tfidf.transform([q for q, _ in index_pairs])
-    tfidf_ranked = [[index_pairs[i][1] for i in np.argsort(-(matrix @ tfidf.transform([q]).T).toarray()[:, 0],
-                                                             kind="stable")[:5]] for q in asked]
     out["retrieval"] = {name: accuracy([[m.answer for m in helper.retrieve(q, [])] for q in asked], truth)
                         for name, helper in rows.items()}
-    out["retrieval"].update({"BM25": accuracy(bm25_ranked, truth), "TF-IDF cosine": accuracy(tfidf_ranked, truth)})
+    for name, rank in lexical_rankers([q for q, _ in index_pairs]).items():
+        out["retrieval"][name] = accuracy([[index_pairs[i][1] for i in rank(q)[:5]] for q in asked], truth)
+    out["retrieval_leave_one_out"] = leave_one_out(assistant.embedder)
 
     # thresholds
     def best_of(questions):
