@@ -204,7 +204,7 @@ class Trainer:
             self.bad_evals = 0
             self.nonfinite_in_row = self.nonfinite_total = 0
             self.stopped: str | None = None
-            self.horizon = self.tc.max_steps  # where the cosine ends; fit_schedule_to_clock sets it
+            self.horizon = self.tc.max_steps  # the last step, where the cosine ends; fit_schedule_to_clock sets it
             self.saved_step = self.evaluated_step = -1
             self.signal_received: int | None = None
             self._batches = None  # the running epoch's iterator
@@ -605,7 +605,7 @@ class Trainer:
         writer = SummaryWriter(str(self.run_dir), purge_step=self.step + 1 if self.resumed_from else None) \
             if main else None
         metrics_file = open(self.rundir.metrics, "a", encoding="utf-8") if main else None
-        bar = tqdm(total=self.tc.max_steps or None, initial=self.step, disable=not self.progress, unit="step",
+        bar = tqdm(total=self.horizon or None, initial=self.step, disable=not self.progress, unit="step",
                    dynamic_ncols=True, desc="train")
         previous_handlers = self._catch_signals()
 
@@ -657,6 +657,7 @@ class Trainer:
             self._agree()
             if self.tc.fit_schedule_to_clock and self.step == self.tc.warmup_steps:
                 self.fit_schedule()
+                bar.total = self.horizon  # the run's last step now
             window_tokens += int(out["tokens"])
             elapsed = time.perf_counter() - window_start
             speed = window_tokens / max(elapsed, 1e-9)
@@ -668,7 +669,7 @@ class Trainer:
                                  f"{self.task.unit}_per_s": speed, "epoch": self.stream.epoch + 1})
                 if self.world.main:
                     log.info("step %d%s | epoch %d | loss %.4f | lr %.3g | grad %.3g | %s %s/s", self.step,
-                             f"/{self.tc.max_steps}" if self.tc.max_steps else "", self.stream.epoch + 1,
+                             f"/{self.horizon}" if self.horizon else "", self.stream.epoch + 1,
                              out["loss"], out["lr"], out["grad_norm"], f"{speed:,.0f}", self.task.unit)
                 window_tokens, window_start = 0, time.perf_counter()
             if self._grad_stats:
