@@ -3,9 +3,10 @@
 For a trained translation run and its test sentences:
 1. offline: `Translator.translate` of all sentences in one call (greedy, beam 4), sentences/s;
 2. load: `detr serve` on loopback, `--clients` concurrent clients (an httpx/asyncio script) for
-   `--seconds` each sending one sentence per request: greedy, beam 4, and greedy with batching
+   `--seconds` each sending one sentence per request: greedy and beam 4 with continuous batching
+   (the default), the same batching by request (`--batching request`), and greedy with batching
    off (`--max-batch-tokens 1`: every request alone); sentences/s, p50/p95/p99 latency, failures,
-   and the mean requests per model call (from /metrics);
+   and the mean requests per model call (per decoding step with continuous batching; /metrics);
 3. overload: `--overload-clients` clients against `--max-queue 32`: only 200 and 429 answers,
    the server's peak RSS (VmHWM) and its RSS before and after;
 4. fuzz (`--fuzz N`): schemathesis against /openapi.json, N examples per operation: no 5xx, and
@@ -40,6 +41,15 @@ import detr  # noqa: E402
 
 FUZZ_CHECKS = ("not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,"
                "response_schema_conformance")
+
+
+LOADS = {  # name: (beam size, server flags)
+    "greedy": (1, []),
+    "beam4": (4, []),
+    "greedy-by-request": (1, ["--batching", "request"]),
+    "beam4-by-request": (4, ["--batching", "request"]),
+    "greedy-alone": (1, ["--max-batch-tokens", "1"]),
+}
 
 
 def free_port() -> int:
@@ -137,6 +147,7 @@ def main() -> None:
     parser.add_argument("--overload-seconds", type=float, default=30)
     parser.add_argument("--fuzz", type=int, default=0, help="schemathesis examples per operation (0: no fuzzing)")
     parser.add_argument("--skip", default="", help="comma-separated: offline, load, overload")
+    parser.add_argument("--loads", default=",".join(LOADS), help="comma-separated load rows to run (default: all)")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     sentences = [line.strip() for line in Path(args.sentences).read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -145,8 +156,9 @@ def main() -> None:
         report["offline"] = {f"beam {b}": offline(args.run, sentences, b, args.threads) for b in (1, 4)}
         print("offline sentences/s:", report["offline"], flush=True)
     if "load" not in skip:
-        for label, beam, flags in (("greedy", 1, []), ("beam 4", 4, []),
-                                   ("greedy, batching off", 1, ["--max-batch-tokens", "1"])):
+        for label, (beam, flags) in LOADS.items():
+            if label not in args.loads.split(","):
+                continue
             server = Server(args.run, args.server_threads, *flags)
             try:
                 result = asyncio.run(load(server.url, sentences, args.clients, args.seconds, {"beam_size": beam}))

@@ -156,12 +156,24 @@ class PositionalEncoding(nn.Module):
             table[:, 1::2] = torch.cos(position * freq[: d_model // 2])
             self.register_buffer("table", table, persistent=False)
 
-    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
-        """x: (B, T, D) embeddings of positions offset .. offset+T-1."""
-        T = x.size(1)
-        if offset + T > self.max_positions:
-            raise ValueError(f"sequence of {offset + T} positions exceeds max_positions={self.max_positions}")
-        return x + self.table[offset : offset + T].to(x.dtype)
+    def forward(self, x: Tensor, offset: int | Tensor = 0) -> Tensor:
+        """x: (B, T, D) embeddings of positions offset .. offset+T-1 (see `position_rows`)."""
+        return x + position_rows(self.table, offset, x.size(1)).to(x.dtype)
+
+
+def position_rows(table: Tensor, offset: int | Tensor, T: int) -> Tensor:
+    """Rows offset .. offset+T-1 of a position table (P, D): (T, D) for one int `offset`, or (B, T, D)
+    for one offset per row (B,): rows that joined a running batch later are at earlier positions.
+
+    Raises:
+        ValueError: a position beyond the table.
+    """
+    last = offset + T if isinstance(offset, int) else int(offset.max()) + T
+    if last > table.size(0):
+        raise ValueError(f"sequence of {last} positions exceeds max_positions={table.size(0)}")
+    if isinstance(offset, int):
+        return table[offset : offset + T]
+    return table[offset.unsqueeze(1) + torch.arange(T, device=table.device)]
 
 
 class Sublayer(nn.Module):

@@ -43,7 +43,7 @@ class Embedding(nn.Module):
         self.positions = PositionalEncoding(config.d_model, config.max_positions, config.positional == "learned")
         self.dropout = Dropout(config.dropout)
 
-    def forward(self, ids: Tensor, offset: int = 0) -> Tensor:
+    def forward(self, ids: Tensor, offset: int | Tensor = 0) -> Tensor:
         return self.dropout(self.positions(self.tokens(ids) * self.scale, offset))  # (B, T, D)
 
 
@@ -87,22 +87,37 @@ class KVCache:
 
     Self-attention keys/values grow by one step per call; cross-attention keys/values are
     projected from the memory once. `select` reorders or shrinks the batch (beam search
-    follows its best hypotheses; finished sentences leave the batch).
+    follows its best hypotheses; finished sentences leave the batch), and `Seq2Seq.extend_cache`
+    adds rows to a running batch (continuous batching): such a row's outputs start at a later
+    column of the self-attention keys (`start`), and the columns before it are masked.
     """
 
     layers: list[LayerCache] = field(default_factory=list)
-    length: int = 0
+    length: int = 0  # columns of self-attention keys/values
+    start: Tensor | None = None  # (B,) each row's first column; None: every row starts at column 0
 
     @classmethod
     def empty(cls, n_layers: int) -> KVCache:
         return cls([LayerCache() for _ in range(n_layers)])
+
+    def positions(self) -> int | Tensor:
+        """The target position of the next column: one int for every row, or one per row (B,)."""
+        return self.length if self.start is None else self.length - self.start
+
+    def self_mask(self, T: int, device: torch.device) -> Tensor | None:
+        """(B|1, 1, T, length + T) for T new positions: causal, and no row sees columns before its start."""
+        if self.start is None:
+            return None if T == 1 else causal_mask(T, self.length, device)  # one new position sees all
+        columns = torch.arange(self.length + T, device=device)
+        return causal_mask(T, self.length, device) & (columns >= self.start.unsqueeze(1))[:, None, None, :]
 
     def select(self, index: Tensor, cross_index: Tensor | None = None) -> None:
         """Keep batch rows `index` (B',) in that order, in place.
 
         `cross_index` selects the cross-attention keys/values separately: beam search reorders
         hypotheses within a sentence, which share one memory, and only drops whole sentences.
-        By default they follow `index`; an identity selection copies nothing.
+        By default they follow `index`; an identity selection copies nothing. Columns that no
+        kept row attends to any more (before every kept row's start) are dropped.
         """
         cross_index = index if cross_index is None else cross_index
         for lc in self.layers:
@@ -111,6 +126,26 @@ class KVCache:
             if lc.cross_k is not None and not _is_identity(cross_index, lc.cross_k.size(0)):
                 lc.cross_k = lc.cross_k.index_select(0, cross_index)
                 lc.cross_v = lc.cross_v.index_select(0, cross_index)
+        if self.start is not None:
+            self.start = self.start.index_select(0, index)
+            first = int(self.start.min()) if index.numel() else 0
+            if first:
+                for lc in self.layers:
+                    lc.self_k, lc.self_v = lc.self_k[:, :, first:], lc.self_v[:, :, first:]
+                self.start, self.length = self.start - first, self.length - first
+            if not bool(self.start.any()):
+                self.start = None
+
+    def keep_source(self, S: int) -> None:
+        """Drop source positions from S on (padding of sentences that have left the batch)."""
+        for lc in self.layers:
+            if lc.cross_k is not None:
+                lc.cross_k, lc.cross_v = lc.cross_k[:, :, :S], lc.cross_v[:, :, :S]
+
+
+def _pad_source(x: Tensor, S: int) -> Tensor:
+    """Keys or values (B, H, S', Dh) padded with zeros to S source positions."""
+    return x if x.size(2) == S else torch.nn.functional.pad(x, (0, 0, 0, S - x.size(2)))
 
 
 def _is_identity(index: Tensor, size: int) -> bool:
@@ -135,13 +170,12 @@ class Decoder(nn.Module):
         attention: AttentionRecord | None = None,
     ) -> Tensor:
         """tgt_in: (B, T) ids (with a cache: only the new positions). Returns (B, T, D)."""
-        offset = cache.length if cache is not None else 0
         T = tgt_in.size(1)
-        self_mask = causal_mask(T, offset, tgt_in.device)  # (1, 1, T, offset + T)
         if cache is None:
-            self_mask = self_mask & padding_mask(tgt_in)  # (B, 1, T, T)
-        elif T == 1:
-            self_mask = None  # one new position sees every cached one: no mask needed
+            offset: int | Tensor = 0
+            self_mask = causal_mask(T, 0, tgt_in.device) & padding_mask(tgt_in)  # (B, 1, T, T)
+        else:
+            offset, self_mask = cache.positions(), cache.self_mask(T, tgt_in.device)
         x = self.embed(tgt_in, offset)
         for i, layer in enumerate(self.layers):
             layer_cache = cache.layers[i] if cache is not None else None
@@ -220,6 +254,24 @@ class Seq2Seq(nn.Module):
 
     def new_cache(self) -> KVCache:
         return KVCache.empty(len(self.decoder.layers))
+
+    def extend_cache(self, cache: KVCache, memory: Tensor) -> None:
+        """Add rows for new sentences with encoder memory `memory` (n, S, D) to a running `cache`
+        (continuous batching): their outputs start at the next column. `memory` and the cache's
+        cross-attention keys are padded to one source length (the caller masks the padding)."""
+        if cache.length == 0:  # no step taken yet: the first step projects every row's memory
+            return
+        n, S = memory.size(0), memory.size(1)
+        rows = cache.layers[0].self_k.size(0)
+        for layer, lc in zip(self.decoder.layers, cache.layers):
+            k, v = layer.cross_attn.project_kv(memory)  # (n, H, S, Dh)
+            width = max(S, lc.cross_k.size(2))
+            lc.cross_k = torch.cat([_pad_source(lc.cross_k, width), _pad_source(k, width)])
+            lc.cross_v = torch.cat([_pad_source(lc.cross_v, width), _pad_source(v, width)])
+            past = lc.self_k.new_zeros(n, *lc.self_k.shape[1:])  # masked: before the new rows' start
+            lc.self_k, lc.self_v = torch.cat([lc.self_k, past]), torch.cat([lc.self_v, past])
+        start = cache.start if cache.start is not None else memory.new_zeros(rows, dtype=torch.long)
+        cache.start = torch.cat([start, start.new_full((n,), cache.length)])
 
     def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
         """Teacher forcing: logits (B, T, V) for every target position at once."""

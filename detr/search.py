@@ -4,7 +4,9 @@ Each function takes a batch of source ids and returns, per sentence, output ids 
 <s> and </s>) with a score. The source is encoded once; each step feeds only the newest
 token; sentences that have finished leave the batch, so the cost follows the sentences
 still running. What a sentence gets does not depend on which other sentences share its
-batch: every choice is made per row.
+batch: every choice is made per row. The searches are classes run a step at a time
+(`OnePerSentence`, `BeamSearch`), so that new sentences may also join a running batch
+between steps (continuous batching, for a server); the functions run one batch to its end.
 
 Every setting comes from one `DecodeConfig` (beam size, n-best, length penalty, length
 limits, sampling); the functions have no defaults of their own. `model` may be one model
@@ -108,7 +110,8 @@ class Decoding:
     It encodes the source once per model, keeps each model's key/value cache, and gives the
     next token's log-probabilities. An ensemble's are the mean of its members'
     log-probabilities, renormalised (a product of experts): an ensemble of one model, or of
-    a model with itself, gives exactly that model's log-probabilities.
+    a model with itself, gives exactly that model's log-probabilities. New sentences may join
+    between steps (`admit`: continuous batching).
     """
 
     def __init__(self, model: Models, src: Tensor) -> None:
@@ -126,22 +129,50 @@ class Decoding:
         self.src_mask = self.src_mask.repeat_interleave(k, dim=0)
         self.memories = [memory.repeat_interleave(k, dim=0) for memory in self.memories]
 
+    def admit(self, src: Tensor, k: int = 1) -> None:
+        """Add the sentences `src` (n, S) to the running batch, `k` rows each, after its rows: their
+        outputs start at the next step. Sources are padded to one length (masked)."""
+        mask = padding_mask(src).repeat_interleave(k, dim=0)  # (n·k, 1, 1, S)
+        S = max(mask.size(-1), self.src_mask.size(-1))
+        self.src_mask = torch.cat([_pad(self.src_mask, S, -1), _pad(mask, S, -1)])
+        for i, (model, cache) in enumerate(zip(self.models, self.caches)):
+            memory = _pad(model.encode(src, padding_mask(src)).repeat_interleave(k, dim=0), S, 1)
+            model.extend_cache(cache, memory)
+            self.memories[i] = torch.cat([_pad(self.memories[i], S, 1), memory])
+
     def next_logp(self, last: Tensor) -> Tensor:
         """Log-probabilities (N, V) of the token after `last` (N, 1)."""
         return ensemble_logp(model.decode(last, memory, self.src_mask, cache)[:, -1]
                              for model, memory, cache in zip(self.models, self.memories, self.caches))
 
-    def select(self, index: Tensor, cross_index: Tensor | None = None) -> None:
+    def select(self, index: Tensor, cross_index: Tensor | None = None, trim: bool = False) -> None:
         """Keep running outputs `index` (N',) in that order. `cross_index` selects the rows of the
         encoder memory separately (beam search reorders outputs within a sentence, which share
         one memory, and only drops whole sentences); by default it follows `index`. Memory rows
-        only ever leave, in order, so a selection of all of them is the identity and copies nothing."""
+        only ever leave, in order, so a selection of all of them is the identity and copies nothing.
+        `trim`: also drop source positions that only departed sentences needed (a batch that new
+        sentences keep joining would otherwise keep the longest source it ever held)."""
         cross_index = index if cross_index is None else cross_index
         for cache in self.caches:
             cache.select(index, cross_index)
         if cross_index.numel() != self.src_mask.size(0):
             self.src_mask = self.src_mask.index_select(0, cross_index)
             self.memories = [memory.index_select(0, cross_index) for memory in self.memories]
+            S = int(self.src_mask.sum(-1).max()) if trim and cross_index.numel() else self.src_mask.size(-1)
+            if S < self.src_mask.size(-1):
+                self.src_mask = self.src_mask[..., :S]
+                self.memories = [memory[:, :S] for memory in self.memories]
+                for cache in self.caches:
+                    cache.keep_source(S)
+
+
+def _pad(x: Tensor, S: int, dim: int) -> Tensor:
+    """`x` padded with zeros (False for a mask) to size S in dimension `dim`."""
+    if x.size(dim) == S:
+        return x
+    shape = list(x.shape)
+    shape[dim] = S - x.size(dim)
+    return torch.cat([x, x.new_zeros(shape)], dim=dim)
 
 
 def max_lengths(decode: DecodeConfig, src: Tensor, cap: int, guides: Guides = None) -> Tensor:
@@ -157,30 +188,42 @@ def max_lengths(decode: DecodeConfig, src: Tensor, cap: int, guides: Guides = No
     return budget.clamp(min=1, max=cap)
 
 
-def constrain(decode: DecodeConfig, logp: Tensor, history: Tensor, at_limit: Tensor, guides: Guides = None) -> None:
+def constrain(decode: DecodeConfig, logp: Tensor, history: Tensor, at_limit: Tensor, guides: Guides = None,
+              steps: Tensor | None = None) -> None:
     """Edit `logp` (N, V) in place for rows whose outputs so far are `history` (N, t): no </s>
     before `min_len`, tokens already in the output penalised (`repetition_penalty`: their
     log-probabilities, all ≤ 0, multiplied by it, as CTRL and Hugging Face do), no repeated n-gram
     of size `no_repeat_ngram`, no excluded phrase, the guide's prefix while it lasts (at the
-    probability the model gives it), only </s> at the length limit. `guides`: one per row, or None."""
+    probability the model gives it), only </s> at the length limit. `guides`: one per row, or None.
+    `steps` (N,): how many of its last columns of `history` each row has made (rows that joined a
+    running batch later; the columns before are PAD); None: all t."""
     t = history.size(1)
-    forced = [] if guides is None else [(row, g.prefix[t]) for row, g in enumerate(guides)
-                                        if g is not None and t < len(g.prefix)]
+    made = [t] * logp.size(0) if steps is None else steps.tolist()
+    outputs = [seq[t - m:] for seq, m in zip(history.tolist(), made)] if decode.no_repeat_ngram or guides else None
+    forced = [] if guides is None else [(row, g.prefix[m]) for row, (g, m) in enumerate(zip(guides, made))
+                                        if g is not None and m < len(g.prefix)]
     kept = [float(logp[row, token]) for row, token in forced]
-    if t < decode.min_len:
+    if steps is None and t < decode.min_len:
         logp[:, EOS] = -torch.inf
+    elif steps is not None and decode.min_len:
+        logp[steps < decode.min_len, EOS] = -torch.inf
     if decode.repetition_penalty != 1.0 and t:
         seen = torch.zeros_like(logp, dtype=torch.bool).scatter_(1, history, True)
+        if steps is not None:  # the PAD before a row's start is not an output
+            made_here = torch.arange(t, device=history.device) >= (t - steps).unsqueeze(1)  # (N, t)
+            seen[:, PAD] = (history.eq(PAD) & made_here).any(1)
         logp[seen] *= decode.repetition_penalty
     n = decode.no_repeat_ngram
-    if n and t >= n - 1:
-        for row, seq in enumerate(history.tolist()):
-            prefix = tuple(seq[t - n + 1:])
-            banned = [seq[i + n - 1] for i in range(t - n + 1) if tuple(seq[i:i + n - 1]) == prefix]
+    if n:
+        for row, seq in enumerate(outputs):
+            if len(seq) < n - 1:
+                continue
+            prefix = tuple(seq[len(seq) - n + 1:])
+            banned = [seq[i + n - 1] for i in range(len(seq) - n + 1) if tuple(seq[i:i + n - 1]) == prefix]
             if banned:
                 logp[row, banned] = -torch.inf
     if guides is not None and any(g is not None and g.exclude for g in guides):
-        _exclude(logp, history, guides)
+        _exclude(logp, outputs, guides)
     for (row, token), value in zip(forced, kept):
         logp[row] = -torch.inf
         logp[row, token] = value
@@ -190,14 +233,13 @@ def constrain(decode: DecodeConfig, logp: Tensor, history: Tensor, at_limit: Ten
         logp[at_limit] = eos_only
 
 
-def _exclude(logp: Tensor, history: Tensor, guides: Sequence[Guide | None]) -> None:
-    """Ban, per row, the last token of every excluded phrase whose other tokens end the history."""
-    t = history.size(1)
-    for row, (g, seq) in enumerate(zip(guides, history.tolist())):
+def _exclude(logp: Tensor, outputs: list[list[int]], guides: Sequence[Guide | None]) -> None:
+    """Ban, per row, the last token of every excluded phrase whose other tokens end its output so far."""
+    for row, (g, seq) in enumerate(zip(guides, outputs)):
         if g is None:
             continue
         banned = [phrase[-1] for phrase in g.exclude
-                  if t >= len(phrase) - 1 and tuple(seq[t - len(phrase) + 1:]) == phrase[:-1]]
+                  if len(seq) >= len(phrase) - 1 and tuple(seq[len(seq) - len(phrase) + 1:]) == phrase[:-1]]
         if banned:
             logp[row, banned] = -torch.inf
 
@@ -210,49 +252,103 @@ def guides_for(guides: Guides, index: Tensor) -> Guides:
 OnStep = Callable[[list[int], list[int]], None]  # (rows still running, the token each chose) after every step
 
 
-@torch.no_grad()
-def _one_per_sentence(model: Models, src: Tensor, decode: DecodeConfig, pick: Callable[[Tensor], Tensor],
-                      on_step: OnStep | None = None, guides: Guides = None) -> list[Hypothesis]:
-    """Greedy and sampling: one running output per sentence; `pick` maps log-probs (N, V) to ids (N,);
-    `on_step` hears each step's tokens as they are chosen (</s> included), for streaming."""
-    B = src.size(0)
-    state = Decoding(model, src)
-    budget = max_lengths(decode, src, state.max_positions - 1, guides)
-    alive = torch.arange(B, device=src.device)  # original row of each running sentence
-    history = torch.empty((B, 0), dtype=torch.long, device=src.device)  # (b, t)
-    last = torch.full((B, 1), BOS, dtype=torch.long, device=src.device)
-    out: list[list[int]] = [[] for _ in range(B)]
-    scores = [0.0] * B
-    for t in range(int(budget.max()) + 1):
-        logp = state.next_logp(last)  # (b, V)
-        constrain(decode, logp, history, budget[alive] <= t, guides_for(guides, alive))
-        token = pick(logp)  # (b,)
+class OnePerSentence:
+    """Greedy search or sampling, one running output per sentence, a step at a time.
+
+    Sentences may join between steps (`admit`; continuous batching: a server keeps the batch full
+    while requests come and go), and each leaves as soon as it ends (`step` hands it back). A
+    sentence's output is the one it gets decoded alone: every choice is made per row, its own
+    positions and source are masked from the others'. `pick` maps log-probs (N, V) to ids (N,);
+    `on_step` hears each step's tokens as they are chosen (</s> included), for streaming.
+    """
+
+    def __init__(self, model: Models, decode: DecodeConfig, pick: Callable[[Tensor], Tensor],
+                 on_step: OnStep | None = None) -> None:
+        self.model, self.decode, self.pick, self.on_step = model, decode, pick, on_step
+        self.state: Decoding | None = None
+        self.ids: list[int] = []  # each running row's sentence id (from `admit`)
+        self.guides: list[Guide | None] | None = None
+        self.out: dict[int, Hypothesis] = {}
+        self.joined = False  # sentences joined a running batch: rows of different ages
+        self._count = 0
+
+    @property
+    def running(self) -> int:
+        """Sentences still running."""
+        return len(self.ids)
+
+    @torch.no_grad()
+    def admit(self, src: Tensor, guides: Guides = None) -> list[int]:
+        """Start sentences `src` (n, S) (ids ending in </s>, right-padded) at the next step; their ids."""
+        n, device = src.size(0), src.device
+        ids = list(range(self._count, self._count + n))
+        self._count += n
+        if self.state is None:
+            self.state = Decoding(self.model, src)
+            self.history = torch.empty((0, 0), dtype=torch.long, device=device)  # (b, t): right-aligned
+            self.budget = self.steps = self.history.new_empty(0)  # (b,) each
+            self.last = self.history.new_empty((0, 1))
+        else:
+            self.state.admit(src)
+            self.joined = True
+        budget = max_lengths(self.decode, src, self.state.max_positions - 1, guides)
+        self.budget, self.steps = torch.cat([self.budget, budget]), torch.cat([self.steps, torch.zeros_like(budget)])
+        self.history = torch.cat([self.history, self.history.new_full((n, self.history.size(1)), PAD)])
+        self.last = torch.cat([self.last, self.last.new_full((n, 1), BOS)])
+        if guides is not None or self.guides is not None:
+            self.guides = (self.guides or [None] * len(self.ids)) + list(guides or [None] * n)
+        self.ids += ids
+        self.out.update((i, Hypothesis([], 0.0)) for i in ids)
+        return ids
+
+    @torch.no_grad()
+    def step(self) -> list[tuple[int, Hypothesis]]:
+        """Choose every running sentence's next token; the sentences that ended, with their outputs."""
+        logp = self.state.next_logp(self.last)  # (b, V)
+        constrain(self.decode, logp, self.history, self.budget <= self.steps, self.guides,
+                  self.steps if self.joined else None)
+        token = self.pick(logp)  # (b,)
         chosen = logp.gather(1, token.unsqueeze(1)).squeeze(1)
         ended = token == EOS
         # A spent budget ends the sentence now: the next step could only force </s> (probability 1).
-        finished = ended | (budget[alive] <= t + 1)
-        for row, tok, s, eos in zip(alive.tolist(), token.tolist(), chosen.tolist(), ended.tolist()):
-            scores[row] += s
+        finished = ended | (self.budget <= self.steps + 1)
+        for i, tok, s, eos in zip(self.ids, token.tolist(), chosen.tolist(), ended.tolist()):
+            self.out[i].score += s
             if not eos:
-                out[row].append(tok)
-        if on_step is not None:
-            on_step(alive.tolist(), token.tolist())
-        if bool(finished.all()):
-            break
-        history = torch.cat([history, token.unsqueeze(1)], dim=1)
-        if bool(finished.any()):
+                self.out[i].tokens.append(tok)
+        if self.on_step is not None:
+            self.on_step(self.ids, token.tolist())
+        self.history = torch.cat([self.history, token.unsqueeze(1)], dim=1)
+        self.steps = self.steps + 1
+        done = [(i, self.out.pop(i)) for i, f in zip(self.ids, finished.tolist()) if f]
+        if len(done) == len(self.ids):
+            self.state, self.ids, self.guides, self.joined = None, [], None, False
+            return done
+        if done:
             keep = (~finished).nonzero().squeeze(1)  # (b',)
-            alive, token, history = alive[keep], token[keep], history[keep]
-            state.select(keep)
-        last = token.unsqueeze(1)  # (b, 1)
-    return [Hypothesis(o, s) for o, s in zip(out, scores)]
+            self.ids = [self.ids[k] for k in keep.tolist()]
+            self.guides = guides_for(self.guides, keep)
+            self.budget, self.steps, token = self.budget[keep], self.steps[keep], token[keep]
+            self.history = self.history[keep, self.history.size(1) - int(self.steps.max()):]
+            self.state.select(keep, trim=self.joined)
+        self.last = token.unsqueeze(1)  # (b, 1)
+        return done
+
+
+def _run(search: OnePerSentence | BeamSearch, src: Tensor, guides: Guides) -> list:
+    """Decode the batch `src` to the end: each sentence's result, in order."""
+    ids = search.admit(src, guides)
+    done: dict[int, object] = {}
+    while search.running:
+        done.update(search.step())
+    return [done[i] for i in ids]
 
 
 def greedy(model: Models, src: Tensor, decode: DecodeConfig | None = None, guides: Guides = None
            ) -> list[Hypothesis]:
     """The most probable token at each step. `src`: (B, S) ids ending in </s>, right-padded;
     `decode` gives the length limits (default: `DecodeConfig()`)."""
-    return _one_per_sentence(model, src, decode or DecodeConfig(), row_argmax, guides=guides)
+    return _run(OnePerSentence(model, decode or DecodeConfig(), row_argmax), src, guides)
 
 
 def sample(model: Models, src: Tensor, decode: DecodeConfig | None = None,
@@ -277,7 +373,7 @@ def sample(model: Models, src: Tensor, decode: DecodeConfig | None = None,
         probs = scaled.softmax(-1)
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
-    return _one_per_sentence(model, src, decode, pick, on_step, guides)
+    return _run(OnePerSentence(model, decode, pick, on_step), src, guides)
 
 
 def length_penalty(length: int, alpha: float) -> float:
@@ -285,36 +381,78 @@ def length_penalty(length: int, alpha: float) -> float:
     return ((5.0 + length) / 6.0) ** alpha
 
 
-@torch.no_grad()
-def beam_search(model: Models, src: Tensor, decode: DecodeConfig | None = None, guides: Guides = None
-                ) -> list[list[Hypothesis]]:
-    """Keep the `decode.beam_size` best partial outputs per sentence; return each sentence's
-    `decode.nbest` finished ones, best first, scored by log-probability ÷
+class BeamSearch:
+    """Beam search, a step at a time: the `decode.beam_size` best partial outputs per sentence;
+    each sentence's `decode.nbest` finished ones, best first, scored by log-probability ÷
     length_penalty(length + 1, `decode.length_penalty`).
 
     A sentence stops once `beam_size` outputs have finished (or its length budget is spent);
-    its rows then leave the batch.
+    its rows then leave the batch, and new sentences may join between steps (`admit`), as in
+    `OnePerSentence`.
     """
-    decode = decode or DecodeConfig()
-    K, B, nbest, alpha = decode.beam_size, src.size(0), decode.nbest, decode.length_penalty
-    state = Decoding(model, src)
-    budget = max_lengths(decode, src, state.max_positions - 1, guides)
-    state.repeat(K)  # (B·K, ...)
-    alive = torch.arange(B, device=src.device)  # original sentence of each running group of K rows
-    scores = torch.full((B, K), -torch.inf, device=src.device)
-    scores[:, 0] = 0.0  # one live beam at the start: the others would duplicate it
-    history = torch.empty((B * K, 0), dtype=torch.long, device=src.device)  # (b·K, t)
-    last = torch.full((B * K, 1), BOS, dtype=torch.long, device=src.device)
-    finished: list[list[Hypothesis]] = [[] for _ in range(B)]
-    for t in range(int(budget.max()) + 1):
-        b = alive.numel()
-        logp = state.next_logp(last)  # (b·K, V)
-        at_limit = budget[alive] <= t  # (b,)
-        constrain(decode, logp, history, at_limit.repeat_interleave(K),
-                  None if guides is None else guides_for(guides, alive.repeat_interleave(K)))
+
+    def __init__(self, model: Models, decode: DecodeConfig) -> None:
+        self.model, self.decode = model, decode
+        self.state: Decoding | None = None
+        self.ids: list[int] = []  # each running sentence's id (from `admit`); its rows are K in a row
+        self.guides: list[Guide | None] | None = None  # one per row
+        self.finished: dict[int, list[Hypothesis]] = {}
+        self.joined = False
+        self._count = 0
+
+    @property
+    def running(self) -> int:
+        """Sentences still running."""
+        return len(self.ids)
+
+    @torch.no_grad()
+    def admit(self, src: Tensor, guides: Guides = None) -> list[int]:
+        """Start sentences `src` (n, S) at the next step, `beam_size` rows each; their ids."""
+        K, n, device = self.decode.beam_size, src.size(0), src.device
+        ids = list(range(self._count, self._count + n))
+        self._count += n
+        if self.state is None:
+            self.state = Decoding(self.model, src)
+            self.state.repeat(K)  # (n·K, ...)
+            self.history = torch.empty((0, 0), dtype=torch.long, device=device)  # (b·K, t): right-aligned
+            self.budget = self.steps = self.history.new_empty(0)  # (b,) each
+            self.scores = torch.empty((0, K), device=device)  # (b, K)
+            self.last = self.history.new_empty((0, 1))  # (b·K, 1)
+        else:
+            self.state.admit(src, K)
+            self.joined = True
+        budget = max_lengths(self.decode, src, self.state.max_positions - 1, guides)
+        self.budget, self.steps = torch.cat([self.budget, budget]), torch.cat([self.steps, torch.zeros_like(budget)])
+        scores = torch.full((n, K), -torch.inf, device=device)
+        scores[:, 0] = 0.0  # one live beam at the start: the others would duplicate it
+        self.scores = torch.cat([self.scores, scores])
+        self.history = torch.cat([self.history, self.history.new_full((n * K, self.history.size(1)), PAD)])
+        self.last = torch.cat([self.last, self.last.new_full((n * K, 1), BOS)])
+        if guides is not None or self.guides is not None:
+            rows = [g for g in guides for _ in range(K)] if guides is not None else [None] * (n * K)
+            self.guides = (self.guides or [None] * (len(self.ids) * K)) + rows
+        self.ids += ids
+        self.finished.update((i, []) for i in ids)
+        return ids
+
+    def _output(self, row: int, made: int, score: float) -> Hypothesis:
+        """The hypothesis of history row `row`, which has made `made` tokens, ending with log-prob `score`."""
+        tokens = self.history[row, self.history.size(1) - made:].tolist()
+        return Hypothesis(tokens, score / length_penalty(len(tokens) + 1, self.decode.length_penalty))
+
+    @torch.no_grad()
+    def step(self) -> list[tuple[int, list[Hypothesis]]]:
+        """Extend every running sentence's beam by one token; the sentences that ended, with their
+        `nbest` outputs."""
+        K, b, device = self.decode.beam_size, len(self.ids), self.history.device
+        logp = self.state.next_logp(self.last)  # (b·K, V)
+        at_limit = self.budget <= self.steps  # (b,)
+        made = self.steps.tolist()
+        constrain(self.decode, logp, self.history, at_limit.repeat_interleave(K), self.guides,
+                  self.steps.repeat_interleave(K) if self.joined else None)
         # The 2K best continuations of each hypothesis hold the 2K best of the sentence: rank those only.
         row_scores, row_tokens = row_topk(logp, min(2 * K, logp.size(1)))  # (b·K, 2K)
-        row_scores += scores.view(-1, 1)
+        row_scores += self.scores.view(-1, 1)
         W = row_scores.size(1)
         top_scores, top_index = row_scores.view(b, K * W).topk(2 * K, dim=1)  # (b, 2K): at most K end in </s>
         top_beam = top_index // W
@@ -322,30 +460,44 @@ def beam_search(model: Models, src: Tensor, decode: DecodeConfig | None = None, 
         is_eos = top_token == EOS
         # Outputs ending here, if ranked among the K best candidates.
         for i, r in (is_eos[:, :K] & top_scores[:, :K].isfinite()).nonzero().tolist():
-            sentence, row = int(alive[i]), i * K + int(top_beam[i, r])
-            tokens = history[row].tolist()
-            finished[sentence].append(
-                Hypothesis(tokens, float(top_scores[i, r]) / length_penalty(len(tokens) + 1, alpha)))
+            row = i * K + int(top_beam[i, r])
+            self.finished[self.ids[i]].append(self._output(row, made[i], float(top_scores[i, r])))
         # The K best candidates that go on.
         go_on = torch.sort(is_eos.to(torch.int8), dim=1, stable=True).indices[:, :K]  # (b, K)
-        scores = top_scores.gather(1, go_on)
-        parent = (torch.arange(b, device=src.device).unsqueeze(1) * K + top_beam.gather(1, go_on)).view(-1)
+        self.scores = top_scores.gather(1, go_on)
+        parent = (torch.arange(b, device=device).unsqueeze(1) * K + top_beam.gather(1, go_on)).view(-1)
         token = top_token.gather(1, go_on).view(-1)  # (b·K,)
-        history = torch.cat([history.index_select(0, parent), token.unsqueeze(1)], dim=1)
+        self.history = torch.cat([self.history.index_select(0, parent), token.unsqueeze(1)], dim=1)
+        self.steps = self.steps + 1
         # A spent budget ends the sentence now: the next step could only force </s> (probability 1).
-        spent = budget[alive] <= t + 1  # (b,)
+        spent = self.budget <= self.steps  # (b,)
         for i in spent.nonzero().squeeze(1).tolist():
             for k in range(K):
-                if math.isfinite(score := float(scores[i, k])):
-                    tokens = history[i * K + k].tolist()
-                    finished[int(alive[i])].append(Hypothesis(tokens, score / length_penalty(len(tokens) + 1, alpha)))
-        done = torch.tensor([len(finished[int(s)]) >= K for s in alive], device=src.device) | at_limit | spent
-        if bool(done.all()):
-            break
+                if math.isfinite(score := float(self.scores[i, k])):
+                    self.finished[self.ids[i]].append(self._output(i * K + k, made[i] + 1, score))
+        done = torch.tensor([len(self.finished[i]) >= K for i in self.ids], device=device) | at_limit | spent
+        nbest = self.decode.nbest
+        out = [(i, sorted(self.finished.pop(i), key=lambda h: -h.score)[:nbest])
+               for i, d in zip(self.ids, done.tolist()) if d]
+        if len(out) == b:
+            self.state, self.ids, self.guides, self.joined = None, [], None, False
+            return out
         keep_sentences = (~done).nonzero().squeeze(1)  # (b',)
-        keep_rows = (keep_sentences.unsqueeze(1) * K + torch.arange(K, device=src.device)).view(-1)
-        state.select(parent.index_select(0, keep_rows), cross_index=keep_rows)  # new beam order; shared memory
-        alive, scores = alive[keep_sentences], scores[keep_sentences]
-        history, token = history.index_select(0, keep_rows), token.index_select(0, keep_rows)
-        last = token.unsqueeze(1)
-    return [sorted(f, key=lambda h: -h.score)[:nbest] for f in finished]
+        keep_rows = (keep_sentences.unsqueeze(1) * K + torch.arange(K, device=device)).view(-1)
+        self.state.select(parent.index_select(0, keep_rows), cross_index=keep_rows, trim=self.joined)
+        self.ids = [self.ids[i] for i in keep_sentences.tolist()]
+        self.guides = guides_for(self.guides, keep_rows)
+        self.budget, self.steps, self.scores = self.budget[keep_sentences], self.steps[keep_sentences], \
+            self.scores[keep_sentences]
+        self.history = self.history.index_select(0, keep_rows)
+        self.history = self.history[:, self.history.size(1) - int(self.steps.max()):]
+        self.last = token.index_select(0, keep_rows).unsqueeze(1)
+        return out
+
+
+@torch.no_grad()
+def beam_search(model: Models, src: Tensor, decode: DecodeConfig | None = None, guides: Guides = None
+                ) -> list[list[Hypothesis]]:
+    """Beam search over the batch `src` (see `BeamSearch`) with `decode` (default: `DecodeConfig()`):
+    each sentence's `decode.nbest` finished outputs, best first."""
+    return _run(BeamSearch(model, decode or DecodeConfig()), src, guides)

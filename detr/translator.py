@@ -18,7 +18,7 @@ import dataclasses
 import itertools
 import logging
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -33,7 +33,18 @@ from detr.mbr import mbr_rank
 from detr.model import Seq2Seq, padding_mask
 from detr.quantize import quantize
 from detr.readers import Example
-from detr.search import Guides, Hypothesis, OnStep, beam_search, ensemble_logp, greedy, sample
+from detr.search import (
+    BeamSearch,
+    Guides,
+    Hypothesis,
+    OnePerSentence,
+    OnStep,
+    beam_search,
+    ensemble_logp,
+    greedy,
+    row_argmax,
+    sample,
+)
 from detr.tokenizer import BOS, PAD, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -315,6 +326,18 @@ class Translator:
         drawn = sample(self.models, src, config, generator, on_step)
         return [(text, h.score) for text, h in zip(self.tokenizer.tgt.decode_batch([h.tokens for h in drawn]), drawn)]
 
+    def stream(self, options: DecodeConfig | None = None) -> TranslationStream:
+        """A running batch that requests join and leave between decoding steps (continuous batching,
+        as `detr serve` does): greedy or beam search with `options` (default: the run's).
+
+        Raises:
+            ConfigError: options only whole batches carry out (MBR), or another engine than torch.
+        """
+        config = self.checked(options or self.decode)
+        if config.mbr or self.engine is not None:
+            raise ConfigError("continuous batching needs the torch engine and no MBR")
+        return TranslationStream(self, config)
+
     def batches(self, ids: list[list[int]], config: DecodeConfig, rows_per_sentence: int) -> list[list[int]]:
         """Indices of non-empty inputs, sorted by length, grouped under the token and sentence budgets
         (all in one group for an engine that batches by itself)."""
@@ -365,6 +388,75 @@ class Translator:
             yield from results
         if failure:
             raise failure
+
+
+class TranslationStream:
+    """Requests translated in one running batch: a request joins it between two steps and leaves
+    with its results as soon as its last line ends (made by `Translator.stream`). A line gets the
+    output it gets alone (detr's search decides per row), so it does not matter who shares its steps.
+
+        stream = translator.stream(translator.options(beam_size=4))
+        stream.add("a", ["one cat", ("two dogs", Constraints(prefix="Zwei"))])
+        while stream.running:
+            for tag, results in stream.step(): ...     # ("a", [[("eine Katze", -1.2)], ...])
+    """
+
+    def __init__(self, translator: Translator, config: DecodeConfig) -> None:
+        self.translator, self.config = translator, config
+        models = translator.models
+        self.search = BeamSearch(models, config) if config.beam_size > 1 else OnePerSentence(models, config, row_argmax)
+        self.results: dict[Hashable, list[list[tuple[str, float]]]] = {}  # per request, filled in as lines end
+        self.waiting: dict[Hashable, int] = {}  # per request, lines still running
+        self.owner: dict[int, tuple[Hashable, int]] = {}  # search id → (request, line)
+
+    @property
+    def running(self) -> int:
+        """Lines still being decoded."""
+        return self.search.running
+
+    def add(self, tag: Hashable, lines: list[str] | list[tuple[str, Constraints]]
+            ) -> list[tuple[Hashable, list[list[tuple[str, float]]]]]:
+        """Start request `tag` (a new key) with `lines`: texts, or (text, constraints) pairs (a prefix,
+        phrases to exclude); they join at the next step. A request of blank lines only is done at
+        once: it is returned here, as `step` returns the others.
+
+        Raises:
+            DataError: an over-long line (with `on_overlong="error"`).
+            ConfigError: phrases to include (they need `translate`'s constrained beam search).
+        """
+        translator, config = self.translator, self.config
+        pairs = [(x, Constraints()) if isinstance(x, str) else x for x in lines]
+        lines, wishes = [line for line, _ in pairs], [wish for _, wish in pairs]
+        if any(w.include for w in wishes):
+            raise ConfigError("phrases to include need a whole batch (constrained beam search), not a stream")
+        ids = [translator.encode_line(n, line, config.tgt_lang) for n, line in enumerate(lines, start=1)]
+        self.results[tag] = [[("", 0.0)] * config.nbest for _ in lines]
+        todo = [i for i, x in enumerate(ids) if len(x) > 1]
+        self.waiting[tag] = len(todo)
+        if not todo:
+            del self.waiting[tag]
+            return [(tag, self.results.pop(tag))]
+        guides = [wishes[i].guide(translator.tokenizer.tgt) for i in todo]
+        src = pad([ids[i] for i in todo]).to(translator.device)
+        started = self.search.admit(src, guides if any(guides) else None)
+        self.owner.update((sid, (tag, i)) for sid, i in zip(started, todo))
+        return []
+
+    def step(self) -> list[tuple[Hashable, list[list[tuple[str, float]]]]]:
+        """One decoding step for every running line; the requests whose lines have all ended, with
+        `nbest` (text, score) results per line in their order."""
+        done = []
+        for sid, found in self.search.step():
+            hyps = found if isinstance(found, list) else [found]
+            tag, line = self.owner.pop(sid)
+            texts = self.translator.tokenizer.tgt.decode_batch([h.tokens for h in hyps])
+            results = self.results[tag]
+            results[line] = [(text, h.score) for text, h in zip(texts, hyps)] + results[line][len(hyps):]
+            self.waiting[tag] -= 1
+            if not self.waiting[tag]:
+                del self.waiting[tag]
+                done.append((tag, self.results.pop(tag)))
+        return done
 
 
 class Engine(Protocol):

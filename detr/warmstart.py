@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from detr.config import ModelConfig
 from detr.errors import ConfigError
-from detr.layers import Dropout
+from detr.layers import Dropout, position_rows
 
 
 def check_decoder_fits(config: ModelConfig, pretrained: dict[str, Any], where: str) -> None:
@@ -71,13 +71,9 @@ class PretrainedEmbedding(nn.Module):
         self.norm = bert_embeddings.LayerNorm
         self.dropout = Dropout(dropout)
 
-    def forward(self, ids: Tensor, offset: int = 0) -> Tensor:
-        """ids: (B, T), positions offset .. offset+T-1. Returns (B, T, D)."""
-        T = ids.size(1)
-        if offset + T > self.positions.num_embeddings:
-            raise ValueError(f"sequence of {offset + T} positions exceeds the pretrained "
-                             f"{self.positions.num_embeddings}")
-        x = self.tokens(ids) + self.positions.weight[offset : offset + T] + self.segments.weight[0]
+    def forward(self, ids: Tensor, offset: int | Tensor = 0) -> Tensor:
+        """ids: (B, T), positions offset .. offset+T-1 (one int, or one per row). Returns (B, T, D)."""
+        x = self.tokens(ids) + position_rows(self.positions.weight, offset, ids.size(1)) + self.segments.weight[0]
         return self.dropout(self.norm(x))
 
 

@@ -92,3 +92,67 @@ def test_stop_finishes_what_was_queued_then_refuses():
     assert future.result(0) == [10]
     with pytest.raises(RuntimeError, match="shutting down"):
         batcher.submit(Job("k", [2], 1, run))
+
+
+class Countdown:
+    """A stream whose input n takes n steps and gives n * 10; it records who ran at every step."""
+
+    def __init__(self, gate: threading.Event | None = None) -> None:
+        self.left: dict = {}  # tag → [steps left per input]
+        self.steps: list[set] = []
+        self.gate = gate
+
+    @property
+    def running(self) -> int:
+        return sum(1 for _, left in self.left.values() for n in left if n > 0)
+
+    def add(self, tag, inputs):
+        if any(x < 0 for x in inputs):
+            raise ValueError("negative input")
+        if not any(inputs):
+            return [(tag, [0] * len(inputs))]
+        self.left[tag] = (list(inputs), list(inputs))
+        return []
+
+    def step(self):
+        if self.gate is not None:
+            self.gate.wait(10)
+        self.steps.append(set(self.left))
+        done = []
+        for tag, (given, left) in list(self.left.items()):
+            left[:] = [n - 1 for n in left]
+            if all(n <= 0 for n in left):
+                del self.left[tag]
+                done.append((tag, [x * 10 for x in given]))
+        return done
+
+
+def test_streamed_jobs_join_the_running_batch_between_steps_and_leave_when_done():
+    gate = threading.Event()
+    stream, records = Countdown(gate), []
+    batcher = Batcher("m", max_tokens=10, max_wait=0.5, max_queue=10, on_batch=records.append)
+    job = lambda key, xs, tokens=1: Job(key, xs, tokens, Recorder(), stream=lambda: stream)
+    long = batcher.submit(job("k", [6]))
+    time.sleep(0.8)  # after its 0.5 s wait for company, the worker holds the long job at its first step
+    short = batcher.submit(job("k", [2, 1]))
+    heavy = batcher.submit(job("k", [1], tokens=10))  # over the budget beside the running ones: waits
+    other = batcher.submit(job("other", [1]))  # another key: waits for the batch to drain
+    gate.set()
+    assert short.result(5) == [20, 10]
+    assert long.result(5) == [60]
+    assert heavy.result(5) == [10] and other.result(5) == [10]
+    tags = [len(ran) for ran in stream.steps]
+    assert tags[:3] == [1, 2, 2]  # the short job joined at the second step and left after its last
+    assert max(r.requests for r in records) == 2  # steps are recorded as batches: two requests shared them
+    batcher.stop()
+
+
+def test_a_streamed_job_that_fails_to_join_fails_alone():
+    stream = Countdown()
+    batcher = Batcher("m", max_tokens=10, max_wait=0.05, max_queue=10)
+    futures = [batcher.submit(Job("k", xs, 1, Recorder(), stream=lambda: stream)) for xs in ([3], [-1], [0, 0])]
+    assert futures[0].result(5) == [30]
+    with pytest.raises(ValueError, match="negative"):
+        futures[1].result(5)
+    assert futures[2].result(5) == [0, 0]  # nothing to decode: done as it joins
+    batcher.stop()

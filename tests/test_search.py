@@ -9,7 +9,17 @@ import detr
 from detr.batching import pad
 from detr.config import DecodeConfig
 from detr.model import padding_mask
-from detr.search import beam_search, greedy, length_penalty, row_argmax, row_topk, sample
+from detr.search import (
+    BeamSearch,
+    Guide,
+    OnePerSentence,
+    beam_search,
+    greedy,
+    length_penalty,
+    row_argmax,
+    row_topk,
+    sample,
+)
 from detr.tokenizer import BOS, EOS
 
 
@@ -65,6 +75,84 @@ def test_output_does_not_depend_on_the_batch(toy, beam):
     alone = [translator.translate([line], translator.options(beam_size=beam))[0] for line in sources]
     assert together == alone
     assert sum(a == "" for a in alone) == 0
+
+
+def decode_joining(search, translator, lines, guides=None):
+    """Decode `lines` with sentences joining a running `search` in waves of 1, 2, 3, ... between steps
+    (continuous batching), every wave while others run; each line's result, in order."""
+    pending, results, wave, joined = list(range(len(lines))), {}, 1, 0
+    owner = {}
+    while pending or search.running:
+        if pending:
+            batch, pending = pending[:wave], pending[wave:]
+            ids = search.admit(source_ids(translator, [lines[i] for i in batch]),
+                               None if guides is None else [guides[i] for i in batch])
+            owner.update(zip(ids, batch))
+            wave += 1
+        joined += search.joined  # sentences of different ages share this step
+        for sid, found in search.step():
+            results[owner[sid]] = found
+    assert joined > 10  # the waves really ran side by side
+    assert search.state is None and not search.running
+    return [results[i] for i in range(len(lines))]
+
+
+@pytest.mark.parametrize("options", [dict(beam_size=1), dict(beam_size=1, no_repeat_ngram=2, repetition_penalty=1.5,
+                                                                 min_len=3),
+                                     dict(beam_size=4, nbest=2), dict(beam_size=3, no_repeat_ngram=2, min_len=4)])
+def test_sentences_joining_a_running_batch_get_what_they_get_alone(toy, options):
+    translator, sources = toy
+    lines = sorted(sources[:40], key=len, reverse=True)[::2] + sources[:20]  # long and short sources mixed
+    decode = DecodeConfig(**options)
+    search = BeamSearch(translator.model, decode) if decode.beam_size > 1 else \
+        OnePerSentence(translator.model, decode, row_argmax)
+    joined = decode_joining(search, translator, lines)
+    for line, got in zip(lines, joined):
+        alone = beam_search(translator.model, source_ids(translator, [line]), decode)[0] if decode.beam_size > 1 \
+            else greedy(translator.model, source_ids(translator, [line]), decode)[0]
+        got, alone = (got, alone) if decode.beam_size > 1 else ([got], [alone])
+        assert [h.tokens for h in got] == [h.tokens for h in alone]
+        assert [h.score for h in got] == pytest.approx([h.score for h in alone], abs=1e-4)
+
+
+def test_guides_hold_for_sentences_that_join_later(toy):
+    translator, sources = toy
+    lines = sources[:12]
+    first = translator.tokenizer.tgt.encode(translator.translate([lines[0]])[0])[:2]
+    guides = [Guide(prefix=tuple(first)) if i % 3 == 0 else Guide(exclude=((first[0],),)) for i in range(len(lines))]
+    decode = DecodeConfig(beam_size=1)
+    joined = decode_joining(OnePerSentence(translator.model, decode, row_argmax), translator, lines, guides)
+    for line, guide, got in zip(lines, guides, joined):
+        alone = greedy(translator.model, source_ids(translator, [line]), decode, [guide])[0]
+        assert got.tokens == alone.tokens
+        assert got.tokens[:len(guide.prefix)] == list(guide.prefix)
+        assert not guide.exclude or first[0] not in got.tokens
+
+
+def test_a_translation_stream_gives_each_request_what_translate_gives(toy):
+    from detr.constraints import Constraints
+    from detr.errors import ConfigError
+
+    translator, sources = toy
+    options = translator.options(beam_size=3, nbest=2)
+    requests = {"a": sources[:5], "b": ["", "   "], "c": [sources[5], "", (sources[6], Constraints(prefix="wir"))]}
+    stream, got = translator.stream(options), {}
+    for tag, lines in requests.items():
+        got.update(stream.add(tag, lines))
+        got.update(stream.step())  # the next request joins one step later
+    while stream.running:
+        got.update(stream.step())
+    assert got["b"] == [[("", 0.0)] * 2] * 2  # blank lines only: done as it joined
+    for tag, lines in requests.items():
+        plain = [x if isinstance(x, str) else x[0] for x in lines]
+        wishes = [Constraints() if isinstance(x, str) else x[1] for x in lines]
+        expected = translator.translate_nbest(plain, options, wishes)
+        assert [[t for t, _ in n] for n in got[tag]] == [[t for t, _ in n] for n in expected]
+    assert got["c"][2][0][0].startswith("wir")
+    with pytest.raises(ConfigError, match="include"):
+        stream.add("d", [(sources[0], Constraints(include=("Hund",)))])
+    with pytest.raises(ConfigError, match="MBR"):
+        translator.stream(translator.options(mbr=4))
 
 
 def test_beam_scores_are_length_normalised_log_probabilities_and_nbest_is_sorted(toy):

@@ -123,7 +123,7 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server, ru
         answers = list(pool.map(lambda i: server.post("/v1/translate", {"text": SENTENCES[i % 6]}).json(), range(32)))
     assert [a["translations"][0] for a in answers] == [expected[SENTENCES[i % 6]] for i in range(32)]
     calls, requests = (a - b for a, b in zip(batch_counts(server), before))
-    assert requests == 32 and calls < 32  # fewer model calls than requests: the batcher shared them
+    assert requests / calls > 1.5  # requests shared the model's decoding steps
 
 
 def batch_counts(server) -> tuple[float, float]:

@@ -166,7 +166,8 @@ class Metrics:
         self.latency = Histogram("detr_request_seconds", "request latency", ["endpoint"], registry=self.registry,
                                  buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
         self.queue = Gauge("detr_queue_depth", "requests waiting for a batch", ["model"], registry=self.registry)
-        self.batch_requests = Histogram("detr_batch_requests", "requests served by one model call", ["model"],
+        self.batch_requests = Histogram("detr_batch_requests", "requests sharing one model call (with continuous "
+                                        "batching: one decoding step)", ["model"],
                                         registry=self.registry, buckets=(1, 2, 4, 8, 16, 32, 64, 128))
         self.batch_inputs = Histogram("detr_batch_inputs", "texts in one model call", ["model"],
                                       registry=self.registry, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
@@ -431,8 +432,13 @@ def create_app(runs: dict[str, Run], config: ServeConfig, api_keys: list[str] | 
             return [(nbest, None) for nbest in results]
 
         key = ("translate", dataclasses.astuple(options), align)
-        job = Job(key, list(zip(texts, wishes)), cost(served, texts, options.beam_size), run)
+        continuous = (config.batching == "continuous" and translator.engine is None and not options.mbr
+                      and not align and not any(wish.include for wish in wishes))
+        job = Job(key + (continuous,), list(zip(texts, wishes)), cost(served, texts, options.beam_size), run,
+                  stream=(lambda: translator.stream(options)) if continuous else None)
         results = await submit(served, job)
+        if continuous:  # a stream gives the n-best lists alone
+            results = [(nbest, None) for nbest in results]
         out: dict[str, Any] = {"model": served.name, "translations": [nbest[0][0] for nbest, _ in results],
                                "nbest": [[{"text": t, "score": s} for t, s in nbest] for nbest, _ in results]}
         if align:
