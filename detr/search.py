@@ -129,7 +129,7 @@ class Decoding:
         self.src_mask = self.src_mask.repeat_interleave(k, dim=0)
         self.memories = [memory.repeat_interleave(k, dim=0) for memory in self.memories]
 
-    def admit(self, src: Tensor, k: int = 1) -> None:
+    def admit(self, src: Tensor, k: int) -> None:
         """Add the sentences `src` (n, S) to the running batch, `k` rows each, after its rows: their
         outputs start at the next step. Sources are padded to one length (masked)."""
         mask = padding_mask(src).repeat_interleave(k, dim=0)  # (n·k, 1, 1, S)
@@ -289,7 +289,7 @@ class OnePerSentence:
             self.budget = self.steps = self.history.new_empty(0)  # (b,) each
             self.last = self.history.new_empty((0, 1))
         else:
-            self.state.admit(src)
+            self.state.admit(src, 1)
             self.joined = True
         budget = max_lengths(self.decode, src, self.state.max_positions - 1, guides)
         self.budget, self.steps = torch.cat([self.budget, budget]), torch.cat([self.steps, torch.zeros_like(budget)])

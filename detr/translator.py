@@ -35,6 +35,7 @@ from detr.quantize import quantize
 from detr.readers import Example
 from detr.search import (
     BeamSearch,
+    Guide,
     Guides,
     Hypothesis,
     OnePerSentence,
@@ -50,6 +51,7 @@ from detr.tokenizer import BOS, PAD, Tokenizer
 log = logging.getLogger(__name__)
 
 CHUNK_BATCHES = 8  # lines read ahead = this × decode.batch_size: enough to sort by length, little to lose
+JOIN_STEPS = 4  # a stream's new lines wait at most this many steps to join together (see `TranslationStream`)
 ENGINE_READ_AHEAD = 4096  # lines read ahead for an engine that batches by itself (it sorts them by length)
 
 Search = Callable[[torch.Tensor, Guides], list[list[Hypothesis]]]
@@ -408,11 +410,13 @@ class TranslationStream:
         self.results: dict[Hashable, list[list[tuple[str, float]]]] = {}  # per request, filled in as lines end
         self.waiting: dict[Hashable, int] = {}  # per request, lines still running
         self.owner: dict[int, tuple[Hashable, int]] = {}  # search id → (request, line)
+        self.joining: list[tuple[Hashable, int, list[int], Guide | None]] = []  # (request, line, ids, guide) to start
+        self.waited = 0  # steps the oldest of `joining` has waited
 
     @property
     def running(self) -> int:
-        """Lines still being decoded."""
-        return self.search.running
+        """Lines still being decoded (or about to start)."""
+        return self.search.running + len(self.joining)
 
     def add(self, tag: Hashable, lines: list[str] | list[tuple[str, Constraints]]
             ) -> list[tuple[Hashable, list[list[tuple[str, float]]]]]:
@@ -436,15 +440,30 @@ class TranslationStream:
         if not todo:
             del self.waiting[tag]
             return [(tag, self.results.pop(tag))]
-        guides = [wishes[i].guide(translator.tokenizer.tgt) for i in todo]
-        src = pad([ids[i] for i in todo]).to(translator.device)
-        started = self.search.admit(src, guides if any(guides) else None)
-        self.owner.update((sid, (tag, i)) for sid, i in zip(started, todo))
+        self.joining.extend((tag, i, ids[i], wishes[i].guide(translator.tokenizer.tgt)) for i in todo)
         return []
+
+    def _admit(self) -> None:
+        """Start the lines added since the last admission, all in one: an admission copies the running
+        batch's keys and values, so lines wait until they are a quarter of the running ones or have
+        waited `JOIN_STEPS` steps (measured: admitting at every step made a step of 64 sentences 1.4x
+        dearer; every 4th step about as cheap as a batch that runs to its end)."""
+        if not self.joining:
+            return
+        self.waited += 1
+        if self.search.running and 4 * len(self.joining) < self.search.running and self.waited < JOIN_STEPS:
+            return
+        self.waited = 0
+        guides = [guide for _, _, _, guide in self.joining]
+        src = pad([ids for _, _, ids, _ in self.joining]).to(self.translator.device)
+        started = self.search.admit(src, guides if any(guides) else None)
+        self.owner.update((sid, (tag, i)) for sid, (tag, i, _, _) in zip(started, self.joining))
+        self.joining = []
 
     def step(self) -> list[tuple[Hashable, list[list[tuple[str, float]]]]]:
         """One decoding step for every running line; the requests whose lines have all ended, with
         `nbest` (text, score) results per line in their order."""
+        self._admit()
         done = []
         for sid, found in self.search.step():
             hyps = found if isinstance(found, list) else [found]

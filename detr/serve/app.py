@@ -432,8 +432,10 @@ def create_app(runs: dict[str, Run], config: ServeConfig, api_keys: list[str] | 
             return [(nbest, None) for nbest in results]
 
         key = ("translate", dataclasses.astuple(options), align)
-        continuous = (config.batching == "continuous" and translator.engine is None and not options.mbr
-                      and not align and not any(wish.include for wish in wishes))
+        # Beam search batches by request: its running batch, reordered every step, measured slower when
+        # requests keep joining it (benchmarks/RESULTS.md, "continuous batching").
+        continuous = (config.batching == "continuous" and options.beam_size == 1 and translator.engine is None
+                      and not options.mbr and not align and not any(wish.include for wish in wishes))
         job = Job(key + (continuous,), list(zip(texts, wishes)), cost(served, texts, options.beam_size), run,
                   stream=(lambda: translator.stream(options)) if continuous else None)
         results = await submit(served, job)

@@ -139,22 +139,25 @@ class Batcher:
 
     def _loop(self) -> None:
         while (batch := self._take_batch()) is not None:
-            if batch[0].stream is not None:
-                self._stream(batch)
-                continue
-            inputs = [x for job in batch for x in job.inputs]
-            start = time.perf_counter()
-            try:
-                outputs = batch[0].run(inputs)
-            except BaseException as err:  # every caller of the batch learns why; the worker goes on
-                _fail(batch, err)
-                continue
-            seconds = time.perf_counter() - start
-            at = 0
-            for job in batch:
-                _deliver(job, outputs[at:at + len(job.inputs)])
-                at += len(job.inputs)
-            self._record(batch, seconds)
+            self._work(batch)
+
+    def _work(self, batch: list[Job]) -> None:
+        if batch[0].stream is not None:
+            self._stream(batch)
+            return
+        inputs = [x for job in batch for x in job.inputs]
+        start = time.perf_counter()
+        try:
+            outputs = batch[0].run(inputs)
+        except BaseException as err:  # every caller of the batch learns why; the worker goes on
+            _fail(batch, err)
+            return
+        seconds = time.perf_counter() - start
+        at = 0
+        for job in batch:
+            _deliver(job, outputs[at:at + len(job.inputs)])
+            at += len(job.inputs)
+        self._record(batch, seconds)
 
     def _stream(self, batch: list[Job]) -> None:
         """Decode `batch` a step at a time, letting jobs of its key join between steps, until it is empty."""
