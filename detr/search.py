@@ -252,7 +252,56 @@ def guides_for(guides: Guides, index: Tensor) -> Guides:
 OnStep = Callable[[list[int], list[int]], None]  # (rows still running, the token each chose) after every step
 
 
-class OnePerSentence:
+class RunningBatch:
+    """What both searches keep of a batch that sentences join and leave between steps: the encoder
+    state, each sentence's id, length budget and steps made, and each row's outputs so far
+    (`history`, right-aligned: a row's own tokens are its last `steps` columns, PAD before them).
+    A sentence has `k` rows (its beam; 1 for greedy and sampling)."""
+
+    def __init__(self, model: Models, decode: DecodeConfig) -> None:
+        self.model, self.decode = model, decode
+        self.state: Decoding | None = None
+        self.ids: list[int] = []  # each running sentence's id (from `admit`), in row order
+        self.guides: list[Guide | None] | None = None  # one per row
+        self.joined = False  # sentences joined a running batch: rows of different ages
+        self._count = 0
+
+    @property
+    def running(self) -> int:
+        """Sentences still running."""
+        return len(self.ids)
+
+    def _add(self, src: Tensor, guides: Guides, k: int) -> list[int]:
+        """Add sentences `src` (n, S) (ids ending in </s>, right-padded), `k` rows each; their ids."""
+        n, device = src.size(0), src.device
+        ids = list(range(self._count, self._count + n))
+        self._count += n
+        if self.state is None:
+            self.state = Decoding(self.model, src)
+            if k > 1:
+                self.state.repeat(k)
+            self.history = torch.empty((0, 0), dtype=torch.long, device=device)  # (b·k, t)
+            self.budget = self.steps = self.history.new_empty(0)  # (b,) each
+            self.last = self.history.new_empty((0, 1))  # (b·k, 1)
+        else:
+            self.state.admit(src, k)
+            self.joined = True
+        budget = max_lengths(self.decode, src, self.state.max_positions - 1, guides)
+        self.budget, self.steps = torch.cat([self.budget, budget]), torch.cat([self.steps, torch.zeros_like(budget)])
+        self.history = torch.cat([self.history, self.history.new_full((n * k, self.history.size(1)), PAD)])
+        self.last = torch.cat([self.last, self.last.new_full((n * k, 1), BOS)])
+        if guides is not None or self.guides is not None:
+            rows = [g for g in guides for _ in range(k)] if guides is not None else [None] * (n * k)
+            self.guides = (self.guides or [None] * (len(self.ids) * k)) + rows
+        self.ids += ids
+        return ids
+
+    def _empty(self) -> None:
+        """Every sentence has ended: the next `admit` starts a new batch."""
+        self.state, self.ids, self.guides, self.joined = None, [], None, False
+
+
+class OnePerSentence(RunningBatch):
     """Greedy search or sampling, one running output per sentence, a step at a time.
 
     Sentences may join between steps (`admit`; continuous batching: a server keeps the batch full
@@ -264,40 +313,14 @@ class OnePerSentence:
 
     def __init__(self, model: Models, decode: DecodeConfig, pick: Callable[[Tensor], Tensor],
                  on_step: OnStep | None = None) -> None:
-        self.model, self.decode, self.pick, self.on_step = model, decode, pick, on_step
-        self.state: Decoding | None = None
-        self.ids: list[int] = []  # each running row's sentence id (from `admit`)
-        self.guides: list[Guide | None] | None = None
+        super().__init__(model, decode)
+        self.pick, self.on_step = pick, on_step
         self.out: dict[int, Hypothesis] = {}
-        self.joined = False  # sentences joined a running batch: rows of different ages
-        self._count = 0
-
-    @property
-    def running(self) -> int:
-        """Sentences still running."""
-        return len(self.ids)
 
     @torch.no_grad()
     def admit(self, src: Tensor, guides: Guides = None) -> list[int]:
         """Start sentences `src` (n, S) (ids ending in </s>, right-padded) at the next step; their ids."""
-        n, device = src.size(0), src.device
-        ids = list(range(self._count, self._count + n))
-        self._count += n
-        if self.state is None:
-            self.state = Decoding(self.model, src)
-            self.history = torch.empty((0, 0), dtype=torch.long, device=device)  # (b, t): right-aligned
-            self.budget = self.steps = self.history.new_empty(0)  # (b,) each
-            self.last = self.history.new_empty((0, 1))
-        else:
-            self.state.admit(src, 1)
-            self.joined = True
-        budget = max_lengths(self.decode, src, self.state.max_positions - 1, guides)
-        self.budget, self.steps = torch.cat([self.budget, budget]), torch.cat([self.steps, torch.zeros_like(budget)])
-        self.history = torch.cat([self.history, self.history.new_full((n, self.history.size(1)), PAD)])
-        self.last = torch.cat([self.last, self.last.new_full((n, 1), BOS)])
-        if guides is not None or self.guides is not None:
-            self.guides = (self.guides or [None] * len(self.ids)) + list(guides or [None] * n)
-        self.ids += ids
+        ids = self._add(src, guides, 1)
         self.out.update((i, Hypothesis([], 0.0)) for i in ids)
         return ids
 
@@ -322,7 +345,7 @@ class OnePerSentence:
         self.steps = self.steps + 1
         done = [(i, self.out.pop(i)) for i, f in zip(self.ids, finished.tolist()) if f]
         if len(done) == len(self.ids):
-            self.state, self.ids, self.guides, self.joined = None, [], None, False
+            self._empty()
             return done
         if done:
             keep = (~finished).nonzero().squeeze(1)  # (b',)
@@ -381,7 +404,7 @@ def length_penalty(length: int, alpha: float) -> float:
     return ((5.0 + length) / 6.0) ** alpha
 
 
-class BeamSearch:
+class BeamSearch(RunningBatch):
     """Beam search, a step at a time: the `decode.beam_size` best partial outputs per sentence;
     each sentence's `decode.nbest` finished ones, best first, scored by log-probability ÷
     length_penalty(length + 1, `decode.length_penalty`).
@@ -392,46 +415,18 @@ class BeamSearch:
     """
 
     def __init__(self, model: Models, decode: DecodeConfig) -> None:
-        self.model, self.decode = model, decode
-        self.state: Decoding | None = None
-        self.ids: list[int] = []  # each running sentence's id (from `admit`); its rows are K in a row
-        self.guides: list[Guide | None] | None = None  # one per row
+        super().__init__(model, decode)
         self.finished: dict[int, list[Hypothesis]] = {}
-        self.joined = False
-        self._count = 0
-
-    @property
-    def running(self) -> int:
-        """Sentences still running."""
-        return len(self.ids)
+        self.scores = torch.empty((0, decode.beam_size))  # (b, K) running log-probabilities
 
     @torch.no_grad()
     def admit(self, src: Tensor, guides: Guides = None) -> list[int]:
         """Start sentences `src` (n, S) at the next step, `beam_size` rows each; their ids."""
-        K, n, device = self.decode.beam_size, src.size(0), src.device
-        ids = list(range(self._count, self._count + n))
-        self._count += n
-        if self.state is None:
-            self.state = Decoding(self.model, src)
-            self.state.repeat(K)  # (n·K, ...)
-            self.history = torch.empty((0, 0), dtype=torch.long, device=device)  # (b·K, t): right-aligned
-            self.budget = self.steps = self.history.new_empty(0)  # (b,) each
-            self.scores = torch.empty((0, K), device=device)  # (b, K)
-            self.last = self.history.new_empty((0, 1))  # (b·K, 1)
-        else:
-            self.state.admit(src, K)
-            self.joined = True
-        budget = max_lengths(self.decode, src, self.state.max_positions - 1, guides)
-        self.budget, self.steps = torch.cat([self.budget, budget]), torch.cat([self.steps, torch.zeros_like(budget)])
-        scores = torch.full((n, K), -torch.inf, device=device)
+        K, n = self.decode.beam_size, src.size(0)
+        ids = self._add(src, guides, K)
+        scores = torch.full((n, K), -torch.inf, device=src.device)
         scores[:, 0] = 0.0  # one live beam at the start: the others would duplicate it
-        self.scores = torch.cat([self.scores, scores])
-        self.history = torch.cat([self.history, self.history.new_full((n * K, self.history.size(1)), PAD)])
-        self.last = torch.cat([self.last, self.last.new_full((n * K, 1), BOS)])
-        if guides is not None or self.guides is not None:
-            rows = [g for g in guides for _ in range(K)] if guides is not None else [None] * (n * K)
-            self.guides = (self.guides or [None] * (len(self.ids) * K)) + rows
-        self.ids += ids
+        self.scores = torch.cat([self.scores.to(src.device), scores])
         self.finished.update((i, []) for i in ids)
         return ids
 
@@ -480,7 +475,8 @@ class BeamSearch:
         out = [(i, sorted(self.finished.pop(i), key=lambda h: -h.score)[:nbest])
                for i, d in zip(self.ids, done.tolist()) if d]
         if len(out) == b:
-            self.state, self.ids, self.guides, self.joined = None, [], None, False
+            self._empty()
+            self.scores = self.scores[:0]
             return out
         keep_sentences = (~done).nonzero().squeeze(1)  # (b',)
         keep_rows = (keep_sentences.unsqueeze(1) * K + torch.arange(K, device=device)).view(-1)
