@@ -295,6 +295,11 @@ class DecodeConfig:
     no_repeat_ngram: int = option(0, "no n-gram of this size occurs twice in an output; 0: off")
     repetition_penalty: float = option(1.0, "CTRL's repetition penalty: a token already in the output has its "
                                             "log-probability multiplied by this (> 1 discourages repeats); 1: off")
+    anti_lm: float = option(0.0, "MMI-antiLM (Li et al., 2016): over the first anti-lm-steps output tokens, "
+                                 "subtract this times each token's log-probability given a blank source (the "
+                                 "model as a language model): replies that fit any input lose to those that fit "
+                                 "this one (dialogue); 0: off")
+    anti_lm_steps: int = option(5, "anti-lm: the output tokens it applies to, from the first")
     temperature: float = option(1.0, "sampling: divide the log-probabilities by this")
     top_k: int = option(0, "sampling: draw from the k most probable tokens only; 0: all")
     top_p: float = option(1.0, "sampling: draw from the smallest set of tokens holding this much probability")
@@ -323,7 +328,7 @@ class DecodeConfig:
             raise ConfigError(f"decode.repetition_penalty must be positive, got {self.repetition_penalty}")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"decode.top_p must be in (0, 1], got {self.top_p}")
-        for name in ("min_len", "no_repeat_ngram", "top_k", "max_len_b", "seed"):
+        for name in ("min_len", "no_repeat_ngram", "top_k", "max_len_b", "seed", "anti_lm", "anti_lm_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"decode.{name} must not be negative, got {getattr(self, name)}")
         if self.max_len_a < 0:

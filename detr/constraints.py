@@ -229,7 +229,7 @@ def constrained_beam_search(model: Models, src: Tensor, decode: DecodeConfig, gu
     K, B, alpha = decode.beam_size, src.size(0), decode.length_penalty
     guides = list(guides) if guides is not None else [None] * B
     phrases = [g.include if g is not None else () for g in guides]
-    state = Decoding(model, src)
+    state = Decoding(model, src, decode)
     budget = max_lengths(decode, src, state.max_positions - 1, guides)
     state.repeat(K)
     alive = list(range(B))  # original sentence of each running group of K rows

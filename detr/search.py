@@ -112,22 +112,38 @@ class Decoding:
     log-probabilities, renormalised (a product of experts): an ensemble of one model, or of
     a model with itself, gives exactly that model's log-probabilities. New sentences may join
     between steps (`admit`: continuous batching).
+
+    With `decode.anti_lm` > 0 (MMI-antiLM, Li et al., 2016, "A Diversity-Promoting Objective
+    Function for Neural Conversation Models"), a token's score over an output's first
+    `decode.anti_lm_steps` tokens is log p(token | source, output so far) − anti_lm · log
+    p(token | empty source, output so far): the same model given a blank line (only </s>) stands
+    in for the language model, so replies that suit any input lose to those that suit this one.
+    </s> is left out of the subtraction (it would reward ending at once). The scores are no
+    longer normalised: beam and greedy rank by them, sampling renormalises.
     """
 
-    def __init__(self, model: Models, src: Tensor) -> None:
+    def __init__(self, model: Models, src: Tensor, decode: DecodeConfig | None = None) -> None:
         self.models: list[Seq2Seq] = [model] if isinstance(model, Seq2Seq) else list(model)
         self.src_mask = padding_mask(src)  # (B, 1, 1, S)
         self.memories = [m.encode(src, self.src_mask) for m in self.models]  # each (B, S, D)
         self.caches: list[KVCache] = [m.new_cache() for m in self.models]
+        self.anti_lm = (decode.anti_lm, decode.anti_lm_steps) if decode is not None and decode.anti_lm else None
+        self.lm: Decoding | None = self._language_model(src.size(0)) if self.anti_lm else None
 
     @property
     def max_positions(self) -> int:
         return min(m.config.max_positions for m in self.models)
 
+    def _language_model(self, rows: int) -> Decoding:
+        """The anti-LM: these models over `rows` blank sources, every row starting at the next step."""
+        return Decoding(self.models, torch.full((rows, 1), EOS, device=self.src_mask.device))
+
     def repeat(self, k: int) -> None:
         """Make room for `k` running outputs per sentence (beam search), before the first step."""
         self.src_mask = self.src_mask.repeat_interleave(k, dim=0)
         self.memories = [memory.repeat_interleave(k, dim=0) for memory in self.memories]
+        if self.lm is not None:
+            self.lm.repeat(k)
 
     def admit(self, src: Tensor, k: int) -> None:
         """Add the sentences `src` (n, S) to the running batch, `k` rows each, after its rows: their
@@ -139,11 +155,26 @@ class Decoding:
             memory = _pad(model.encode(src, padding_mask(src)).repeat_interleave(k, dim=0), S, 1)
             model.extend_cache(cache, memory)
             self.memories[i] = torch.cat([_pad(self.memories[i], S, 1), memory])
+        if self.lm is not None:
+            self.lm.admit(torch.full((src.size(0), 1), EOS, device=src.device), k)
+        elif self.anti_lm:  # the anti-LM had been dropped (every row was past it): anew, for every row
+            self.lm = self._language_model(self.src_mask.size(0))
 
     def next_logp(self, last: Tensor) -> Tensor:
-        """Log-probabilities (N, V) of the token after `last` (N, 1)."""
-        return ensemble_logp(model.decode(last, memory, self.src_mask, cache)[:, -1]
+        """Log-probabilities (N, V) of the token after `last` (N, 1) (anti-LM scores, see above, for
+        the rows still within `anti_lm_steps`)."""
+        made = self.caches[0].positions()  # output tokens each row has made: int, or (N,)
+        logp = ensemble_logp(model.decode(last, memory, self.src_mask, cache)[:, -1]
                              for model, memory, cache in zip(self.models, self.memories, self.caches))
+        if self.lm is not None:
+            weight, steps = self.anti_lm
+            made = torch.as_tensor(made, device=logp.device).view(-1, 1)  # (N|1, 1)
+            lm = self.lm.next_logp(last)
+            lm[:, EOS] = 0.0
+            logp.sub_(lm.mul_((made < steps) * weight))
+            if not bool((made + 1 < steps).any()):
+                self.lm = None  # no row is within it from the next step on (until sentences join)
+        return logp
 
     def select(self, index: Tensor, cross_index: Tensor | None = None, trim: bool = False) -> None:
         """Keep running outputs `index` (N',) in that order. `cross_index` selects the rows of the
@@ -155,6 +186,8 @@ class Decoding:
         cross_index = index if cross_index is None else cross_index
         for cache in self.caches:
             cache.select(index, cross_index)
+        if self.lm is not None:
+            self.lm.select(index, cross_index)
         if cross_index.numel() != self.src_mask.size(0):
             self.src_mask = self.src_mask.index_select(0, cross_index)
             self.memories = [memory.index_select(0, cross_index) for memory in self.memories]
@@ -277,7 +310,7 @@ class RunningBatch:
         ids = list(range(self._count, self._count + n))
         self._count += n
         if self.state is None:
-            self.state = Decoding(self.model, src)
+            self.state = Decoding(self.model, src, self.decode)
             if k > 1:
                 self.state.repeat(k)
             self.history = torch.empty((0, 0), dtype=torch.long, device=device)  # (b·k, t)

@@ -59,7 +59,8 @@ def test_every_output_holds_every_included_phrase_and_no_excluded_one(toy):
 def test_with_no_phrases_constrained_search_makes_exactly_beam_searchs_choices(toy):
     translator, sources, _ = toy
     src = pad([translator.encode_line(i, s) for i, s in enumerate(sources[:40], 1)])
-    for config in (DecodeConfig(beam_size=4, nbest=3), DecodeConfig(beam_size=2, length_penalty=0.6)):
+    for config in (DecodeConfig(beam_size=4, nbest=3), DecodeConfig(beam_size=2, length_penalty=0.6),
+                   DecodeConfig(beam_size=3, anti_lm=0.5, anti_lm_steps=2)):
         plain = beam_search(translator.model, src, config)
         constrained = constrained_beam_search(translator.model, src, config, None)
         assert [[(h.tokens, h.score) for h in nbest] for nbest in plain] == \

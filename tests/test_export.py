@@ -106,6 +106,9 @@ def test_options_ctranslate2_would_carry_out_otherwise_are_refused_in_one_line(t
     repeat = detr_cli("translate", str(toy_run / "run"), "--engine", "ctranslate2", "--beam-size", "1",
                       "--repetition-penalty", "1.2", input="a house\n")
     assert repeat.returncode == 2 and "repetition_penalty" in repeat.stderr
+    anti_lm = detr_cli("translate", str(toy_run / "run"), "--engine", "ctranslate2", "--beam-size", "1",
+                       "--anti-lm", "0.5", input="a house\n")
+    assert anti_lm.returncode == 2 and "decode.anti_lm: not with --engine ctranslate2" in anti_lm.stderr
 
 
 def test_what_ctranslate2_cannot_hold_is_named_and_nothing_is_written(toy_run, tmp_path):

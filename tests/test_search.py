@@ -60,6 +60,37 @@ def test_greedy_with_the_cache_equals_greedy_recomputed_from_scratch(toy):
         assert fast.score == pytest.approx(log_prob(model, src, out), abs=1e-4)
 
 
+def test_anti_lm_greedy_equals_its_definition_recomputed_from_scratch(toy):
+    """MMI-antiLM: over the first `anti_lm_steps` tokens each choice maximises log p(y | source) −
+    λ·log p(y | blank source) (</s> not penalised); after them, plain log p(y | source)."""
+    translator, sources = toy
+    model, weight, steps = translator.model, 0.8, 3
+    decode = DecodeConfig(beam_size=1, anti_lm=weight, anti_lm_steps=steps)
+    blank = torch.tensor([[EOS]])
+    changed = 0
+    for line in sources[:12]:
+        src = source_ids(translator, [line])
+        fast = greedy(model, src, decode)[0]
+        memory, lm_memory, out, score = model.encode(src), model.encode(blank), [], 0.0
+        for t in range(60):
+            prefix = torch.tensor([[BOS] + out])
+            with torch.no_grad():
+                logp = torch.log_softmax(model.decode(prefix, memory, padding_mask(src))[0, -1], -1)
+                lm = torch.log_softmax(model.decode(prefix, lm_memory, padding_mask(blank))[0, -1], -1)
+            if t < steps:
+                lm[EOS] = 0.0
+                logp = logp - weight * lm
+            token = int(logp.argmax())
+            score += float(logp[token])
+            if token == EOS:
+                break
+            out.append(token)
+        assert fast.tokens == out
+        assert fast.score == pytest.approx(score, abs=1e-4)
+        changed += out != greedy(model, src)[0].tokens
+    assert changed  # the anti-LM changed some outputs
+
+
 def test_beam_size_one_is_exactly_greedy(toy):
     translator, sources = toy
     src = source_ids(translator, sources[:64])
@@ -99,7 +130,9 @@ def decode_joining(search, translator, lines, guides=None):
 
 @pytest.mark.parametrize("options", [dict(beam_size=1), dict(beam_size=1, no_repeat_ngram=2, repetition_penalty=1.5,
                                                                  min_len=3),
-                                     dict(beam_size=4, nbest=2), dict(beam_size=3, no_repeat_ngram=2, min_len=4)])
+                                     dict(beam_size=4, nbest=2), dict(beam_size=3, no_repeat_ngram=2, min_len=4),
+                                     dict(beam_size=1, anti_lm=0.5, anti_lm_steps=3),
+                                     dict(beam_size=4, anti_lm=0.7, anti_lm_steps=2)])
 def test_sentences_joining_a_running_batch_get_what_they_get_alone(toy, options):
     translator, sources = toy
     lines = sorted(sources[:40], key=len, reverse=True)[::2] + sources[:20]  # long and short sources mixed

@@ -236,8 +236,9 @@ class CTranslate2Search:
         if config.repetition_penalty != 1.0:
             raise ConfigError("decode.repetition_penalty: CTranslate2 applies it to logits, detr to log-probabilities; "
                               "use the torch engine")
-        if config.mbr:
-            raise ConfigError("decode.mbr: not with --engine ctranslate2; use the torch engine")
+        if config.mbr or config.anti_lm:
+            name = "mbr" if config.mbr else "anti_lm"
+            raise ConfigError(f"decode.{name}: not with --engine ctranslate2; use the torch engine")
 
     def __call__(self, src: Tensor, config: DecodeConfig) -> list[list[Hypothesis]]:
         """Hypotheses for each row of the padded source ids `src` (B, S), best first."""
