@@ -74,8 +74,10 @@ SPECS = {
 
 CHATTERBOT_PAIRS = "dialogue/chatterbot_corpus_en/pairs.tsv"
 DIALOGUE_TURNS = "dialogue/dialogsum_turn_pairs/valid.tsv"  # the training pairs of the turn recipes
-# Dialogue decoding chosen on valid: beam search with repetition controls, and sampling.
+# Decoding chosen on valid: beam search with repetition controls (all tasks but translation), and sampling (dialogue).
 BEAM_GRID = [{"repetition_penalty": r, "no_repeat_ngram": n} for r in (1.0, 1.3) for n in (0, 2, 3)]
+# Then MMI-antiLM (`decode.anti_lm`) with the chosen repetition setting: its weight, over the first 5 tokens or all.
+ANTI_LM_GRID = [{"anti_lm": 0.0}] + [{"anti_lm": w, "anti_lm_steps": n} for n in (5, 40) for w in (0.3, 0.5, 0.7)]
 SAMPLING_GRID = [{"top_p": p, "temperature": t} for p in (0.8, 0.9, 1.0) for t in (0.7, 1.0)]
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 
@@ -184,8 +186,9 @@ def word_perplexity(translator, sources: list[str], targets: list[str]) -> Score
 
 
 def choose_decoding(translator, config: Config, kind: str, beam: int, examples: int) -> dict:
-    """Beam repetition controls (`BEAM_GRID`), and for dialogue sampling settings (`SAMPLING_GRID`),
-    chosen on the first `examples` valid examples. Summaries: the best ROUGE-1.
+    """Beam repetition controls (`BEAM_GRID`), then the anti-LM with them (`ANTI_LM_GRID`), and for
+    dialogue sampling settings (`SAMPLING_GRID`), chosen on the first `examples` valid examples.
+    Summaries: the best ROUGE-1.
     Dialogue: the best BLEU among the settings whose Distinct-2 is at least half the references'
     (all settings when none is), so replies neither collapse to one safe answer nor wander off."""
     valid = list(itertools.islice(read_examples(config.data, "valid"), examples))
@@ -193,12 +196,13 @@ def choose_decoding(translator, config: Config, kind: str, beam: int, examples: 
     metrics, key = (["bleu", "distinct"], "BLEU") if kind == "dialogue" else (["rouge"], "ROUGE-1")
     floor = distinct(refs[0], 2).score / 2 if kind == "dialogue" else 0.0
     chosen, tried = {}, {}
-    grids = {"beam": BEAM_GRID, "sampling": SAMPLING_GRID} if kind == "dialogue" else {"beam": BEAM_GRID}
+    grids = {"beam": BEAM_GRID, "anti_lm": ANTI_LM_GRID, **({"sampling": SAMPLING_GRID} if kind == "dialogue" else {})}
     for name, grid in grids.items():
         results = []
         for setting in grid:
-            if name == "beam":
-                outputs = translator.translate(sources, translator.options(beam_size=beam, **setting))
+            if name != "sampling":
+                earlier = chosen["beam"] if name == "anti_lm" else {}
+                outputs = translator.translate(sources, translator.options(beam_size=beam, **earlier, **setting))
             else:
                 outputs = [s[0][0] for s in translator.generate(sources, translator.options(seed=1, **setting))]
             results.append((setting, {s.name: s.score for s in score(metrics, outputs, refs)}))
@@ -221,7 +225,7 @@ def evaluate_recipe(translator, config: Config, spec: Spec, args: argparse.Names
     if spec.kind != "translation" and config.data.valid:
         details["chosen_on_valid"] = choose_decoding(translator, config, spec.kind, decode["beam_size"],
                                                      args.choose_examples)
-        decode.update(details["chosen_on_valid"]["beam"])
+        decode.update(**details["chosen_on_valid"]["beam"], **details["chosen_on_valid"]["anti_lm"])
     start = time.perf_counter()
     if spec.kind == "translation":
         report = score_texts(translator, sources, references, ["bleu", "chrf"], out / "test.hyp",
