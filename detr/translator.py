@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 CHUNK_BATCHES = 8  # lines read ahead = this × decode.batch_size: enough to sort by length, little to lose
 JOIN_STEPS = 4  # a stream's new lines wait at most this many steps to join together (see `TranslationStream`)
+JOIN_SHARE = 4  # ... or less, once they are at least 1/JOIN_SHARE of the lines running
 ENGINE_READ_AHEAD = 4096  # lines read ahead for an engine that batches by itself (it sorts them by length)
 
 Search = Callable[[torch.Tensor, Guides], list[list[Hypothesis]]]
@@ -410,6 +411,7 @@ class TranslationStream:
         self.results: dict[Hashable, list[list[tuple[str, float]]]] = {}  # per request, filled in as lines end
         self.waiting: dict[Hashable, int] = {}  # per request, lines still running
         self.owner: dict[int, tuple[Hashable, int]] = {}  # search id → (request, line)
+        self.wishes: dict[Hashable, list[Constraints]] = {}  # per request with steering, each line's
         self.joining: list[tuple[Hashable, int, list[int], Guide | None]] = []  # (request, line, ids, guide) to start
         self.waited = 0  # steps the oldest of `joining` has waited
 
@@ -441,17 +443,19 @@ class TranslationStream:
             del self.waiting[tag]
             return [(tag, self.results.pop(tag))]
         self.joining.extend((tag, i, ids[i], wishes[i].guide(translator.tokenizer.tgt)) for i in todo)
+        if any(wishes):
+            self.wishes[tag] = wishes
         return []
 
     def _admit(self) -> None:
         """Start the lines added since the last admission, all in one: an admission copies the running
-        batch's keys and values, so lines wait until they are a quarter of the running ones or have
+        batch's keys and values, so lines wait until they are 1/`JOIN_SHARE` of the running ones or have
         waited `JOIN_STEPS` steps (measured: admitting at every step made a step of 64 sentences 1.4x
         dearer; every 4th step about as cheap as a batch that runs to its end)."""
         if not self.joining:
             return
         self.waited += 1
-        if self.search.running and 4 * len(self.joining) < self.search.running and self.waited < JOIN_STEPS:
+        if self.search.running and JOIN_SHARE * len(self.joining) < self.search.running and self.waited < JOIN_STEPS:
             return
         self.waited = 0
         guides = [guide for _, _, _, guide in self.joining]
@@ -471,9 +475,12 @@ class TranslationStream:
             texts = self.translator.tokenizer.tgt.decode_batch([h.tokens for h in hyps])
             results = self.results[tag]
             results[line] = [(text, h.score) for text, h in zip(texts, hyps)] + results[line][len(hyps):]
+            if tag in self.wishes and self.wishes[tag][line] and texts:
+                _warn_unmet(line + 1, self.wishes[tag][line], texts[0])
             self.waiting[tag] -= 1
             if not self.waiting[tag]:
                 del self.waiting[tag]
+                self.wishes.pop(tag, None)
                 done.append((tag, self.results.pop(tag)))
         return done
 

@@ -188,6 +188,24 @@ def test_a_translation_stream_gives_each_request_what_translate_gives(toy):
         translator.stream(translator.options(mbr=4))
 
 
+def test_a_stream_warns_of_an_unkept_phrase_as_translate_does(toy, caplog, monkeypatch):
+    """A phrase kept out token by token can still appear made of other subwords: `translate` warns,
+    naming the line, and so does a stream (the check itself is forced to fire here)."""
+    import logging
+
+    from detr.constraints import Constraints
+
+    translator, sources = toy
+    monkeypatch.setattr(Constraints, "violated", lambda self, text: list(self.exclude))
+    stream = translator.stream(translator.options(beam_size=1))
+    stream.add("a", [sources[0], (sources[1], Constraints(exclude=("zzz",)))])
+    with caplog.at_level(logging.WARNING, logger="detr.translator"):
+        while stream.running:
+            stream.step()
+    assert "line 2: the output holds the excluded phrase 'zzz'" in caplog.text
+    assert "line 1:" not in caplog.text
+
+
 def test_beam_scores_are_length_normalised_log_probabilities_and_nbest_is_sorted(toy):
     translator, sources = toy
     for line in sources[:5]:
