@@ -163,7 +163,8 @@ class Decoding:
     def next_logp(self, last: Tensor) -> Tensor:
         """Log-probabilities (N, V) of the token after `last` (N, 1) (anti-LM scores, see above, for
         the rows still within `anti_lm_steps`)."""
-        made = self.caches[0].positions()  # output tokens each row has made: int, or (N,)
+        # Output tokens each row has made (int, or (N,)), read before the step extends the cache.
+        made = self.caches[0].positions() if self.lm is not None else None
         logp = ensemble_logp(model.decode(last, memory, self.src_mask, cache)[:, -1]
                              for model, memory, cache in zip(self.models, self.memories, self.caches))
         if self.lm is not None:
