@@ -97,11 +97,8 @@ class ModelConfig:
 
     def validate(self) -> None:
         _check_types(self, "model")
-        for name in ("src_vocab_size", "tgt_vocab_size", "d_model", "n_heads", "n_layers", "d_ff", "max_positions"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
-        if self.n_decoder_layers is not None and self.n_decoder_layers <= 0:
-            raise ConfigError(f"model.n_decoder_layers must be positive, got {self.n_decoder_layers}")
+        _check_positive(self, "model", "src_vocab_size", "tgt_vocab_size", "d_model", "n_heads", "n_layers",
+                        "n_decoder_layers", "d_ff", "max_positions")
         if self.d_model % self.n_heads:
             raise ConfigError(
                 f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}"
@@ -173,9 +170,7 @@ class DataConfig:
 
     def validate(self) -> None:
         _check_types(self, "data")
-        for name in ("vocab_size", "max_len", "pool_size", "tokenizer_max_lines"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"data.{name} must be positive, got {getattr(self, name)}")
+        _check_positive(self, "data", "vocab_size", "max_len", "pool_size", "tokenizer_max_lines")
         if self.vocab_size < 300:
             raise ConfigError(f"data.vocab_size must be at least 300 (256 bytes + specials), got {self.vocab_size}")
         if isinstance(self.tgt_lang, list):
@@ -253,13 +248,10 @@ class TrainConfig:
             raise ConfigError("train.grad_stats_every is not available with train.fsdp (the gradients are sharded)")
         if not self.backend_timeout_minutes > 0 or not math.isfinite(self.backend_timeout_minutes):
             raise ConfigError(f"train.backend_timeout_minutes must be positive, got {self.backend_timeout_minutes}")
-        for name in ("save_every", "eval_every", "log_every", "max_tokens", "accumulate", "keep_last", "max_nonfinite"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")
-        for name in ("max_steps", "max_epochs", "warmup_steps", "patience", "threads", "eval_max_sentences",
-                     "grad_stats_every"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"train.{name} must not be negative, got {getattr(self, name)}")
+        _check_positive(self, "train", "save_every", "eval_every", "log_every", "max_tokens", "accumulate", "keep_last",
+                        "max_nonfinite")
+        _check_not_negative(self, "train", "max_steps", "max_epochs", "warmup_steps", "patience", "threads",
+                            "eval_max_sentences", "grad_stats_every")
         if not self.lr > 0 or not math.isfinite(self.lr):
             raise ConfigError(f"train.lr must be a positive number, got {self.lr}")
         if not self.pretrained_lr_scale > 0 or not math.isfinite(self.pretrained_lr_scale):
@@ -317,24 +309,14 @@ class DecodeConfig:
 
     def validate(self) -> None:
         _check_types(self, "decode")
-        for name in ("beam_size", "nbest", "max_tokens", "batch_size", "num_samples"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"decode.{name} must be positive, got {getattr(self, name)}")
+        _check_positive(self, "decode", "beam_size", "nbest", "max_tokens", "batch_size", "num_samples", "temperature",
+                        "repetition_penalty")
         if self.nbest > self.beam_size:
             raise ConfigError(f"decode.nbest={self.nbest} cannot exceed decode.beam_size={self.beam_size}")
-        if self.temperature <= 0:
-            raise ConfigError(f"decode.temperature must be positive, got {self.temperature}")
-        if self.repetition_penalty <= 0:
-            raise ConfigError(f"decode.repetition_penalty must be positive, got {self.repetition_penalty}")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"decode.top_p must be in (0, 1], got {self.top_p}")
-        for name in ("min_len", "no_repeat_ngram", "top_k", "max_len_b", "seed", "anti_lm", "anti_lm_steps"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"decode.{name} must not be negative, got {getattr(self, name)}")
-        if self.max_len_a < 0:
-            raise ConfigError(f"decode.max_len_a must not be negative, got {self.max_len_a}")
-        if self.mbr < 0:
-            raise ConfigError(f"decode.mbr must not be negative, got {self.mbr}")
+        _check_not_negative(self, "decode", "min_len", "no_repeat_ngram", "top_k", "max_len_a", "max_len_b", "seed",
+                            "anti_lm", "anti_lm_steps", "mbr")
         if self.mbr and self.nbest > self.mbr:
             raise ConfigError(f"decode.nbest={self.nbest} cannot exceed decode.mbr={self.mbr} candidates")
         if self.mbr and self.mbr_candidates == "beam" and self.beam_size < self.mbr:
@@ -383,12 +365,8 @@ class ServeConfig:
         _check_types(self, "serve")
         if not 0 < self.port < 65536:
             raise ConfigError(f"serve.port must be in 1..65535, got {self.port}")
-        for name in ("max_batch_tokens", "max_queue", "max_texts", "max_chars", "max_body_bytes"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"serve.{name} must be positive, got {getattr(self, name)}")
-        for name in ("max_wait_ms", "grace_seconds", "threads"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"serve.{name} must not be negative, got {getattr(self, name)}")
+        _check_positive(self, "serve", "max_batch_tokens", "max_queue", "max_texts", "max_chars", "max_body_bytes")
+        _check_not_negative(self, "serve", "max_wait_ms", "grace_seconds", "threads")
         if (self.monitor_db is None) != (self.monitor_sentiment is None) or (
                 self.monitor_topic is not None and self.monitor_db is None):
             raise ConfigError("serve.monitor_db and serve.monitor_sentiment go together (and --monitor-topic "
@@ -435,13 +413,9 @@ class MonitorConfig:
     def validate(self) -> None:
         _check_types(self, "monitor")
         self.seconds()
-        for name in ("min_count", "baseline", "batch_size", "retries"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"monitor.{name} must be positive, got {getattr(self, name)}")
+        _check_positive(self, "monitor", "min_count", "baseline", "batch_size", "retries", "z", "poll")
         if not 0.0 <= self.threshold <= 1.0:
             raise ConfigError(f"monitor.threshold must be in [0, 1], got {self.threshold}")
-        if self.z <= 0 or self.poll <= 0:
-            raise ConfigError(f"monitor.z and monitor.poll must be positive, got {self.z} and {self.poll}")
         if self.webhook is not None and not self.webhook.startswith(("http://", "https://")):
             raise ConfigError(f"monitor.webhook: expected an http:// or https:// URL, got {self.webhook!r}")
 
@@ -479,9 +453,7 @@ class RecommendConfig:
         for name in ("items", "train"):
             if not getattr(self, name):
                 raise ConfigError(f"recommend.{name} is required: the {name} file")
-        for name in ("history", "history_words", "candidate_words"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"recommend.{name} must be positive, got {getattr(self, name)}")
+        _check_positive(self, "recommend", "history", "history_words", "candidate_words")
 
 
 @dataclass
@@ -499,11 +471,7 @@ class EmbedTuneConfig:
 
     def validate(self) -> None:
         _check_types(self, "tune")
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"tune.{name} must be positive, got {getattr(self, name)}")
-        if not self.lr > 0 or not self.scale > 0:
-            raise ConfigError(f"tune.lr and tune.scale must be positive, got {self.lr} and {self.scale}")
+        _check_positive(self, "tune", "epochs", "batch_size", "lr", "scale")
 
 
 @dataclass
@@ -532,10 +500,8 @@ class AssistantConfig:
         if not -1.0 <= self.handoff_threshold <= self.answer_threshold <= 1.0:
             raise ConfigError(f"assistant: need -1 <= handoff_threshold <= answer_threshold <= 1, got "
                               f"{self.handoff_threshold} and {self.answer_threshold}")
-        if self.top_k <= 0:
-            raise ConfigError(f"assistant.top_k must be positive, got {self.top_k}")
-        if self.context_turns < 0:
-            raise ConfigError(f"assistant.context_turns must not be negative, got {self.context_turns}")
+        _check_positive(self, "assistant", "top_k")
+        _check_not_negative(self, "assistant", "context_turns")
 
 
 @dataclass
@@ -725,6 +691,21 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
             raise ConfigError(f"override '{key}': '{part}' is not a section")
         node = child
     node[parts[-1]] = value
+
+
+def _check_positive(obj: Any, section: str, *names: str) -> None:
+    """Each named field (None: unset, allowed) must be > 0."""
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{section}.{name} must be positive, got {value}")
+
+
+def _check_not_negative(obj: Any, section: str, *names: str) -> None:
+    """Each named field must be >= 0."""
+    for name in names:
+        if getattr(obj, name) < 0:
+            raise ConfigError(f"{section}.{name} must not be negative, got {getattr(obj, name)}")
 
 
 def _check_types(obj: Any, section: str) -> None:

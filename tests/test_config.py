@@ -28,6 +28,9 @@ def test_yaml_and_dotted_overrides_make_typed_sections(tmp_path):
     ("train:\n  max_steps: 3\n  label_smoothing: 1.5\n", "train.label_smoothing must be in [0, 1)"),
     ("train:\n  max_steps: 3\nmodel:\n  norm: sandwich\n", "model.norm: expected one of 'pre', 'post'"),
     ("train: [1, 2\n", "c.yaml:"),
+    ("train:\n  max_steps: 3\ndecode:\n  temperature: -1.0\n", "decode.temperature must be positive, got -1.0"),
+    ("train:\n  max_steps: 3\ndecode:\n  max_len_a: -0.5\n", "decode.max_len_a must not be negative, got -0.5"),
+    ("train:\n  max_steps: 3\nmodel:\n  n_decoder_layers: 0\n", "model.n_decoder_layers must be positive, got 0"),
 ])
 def test_bad_configs_name_the_key(tmp_path, text, message):
     with pytest.raises(ConfigError) as err:
