@@ -79,6 +79,7 @@ DIALOGUE_TURNS = "dialogue/dialogsum_turn_pairs/valid.tsv"  # the training pairs
 BEAM_GRID = [{"repetition_penalty": r, "no_repeat_ngram": n} for r in (1.0, 1.3) for n in (0, 1, 2, 3)]
 # Then MMI-antiLM (`decode.anti_lm`) with the chosen repetition setting: its weight, over the first 5 tokens or all.
 ANTI_LM_GRID = [{"anti_lm": 0.0}] + [{"anti_lm": w, "anti_lm_steps": n} for n in (5, 40) for w in (0.3, 0.5, 0.7)]
+NO_ANTI_LM = {"anti_lm": 0.0}
 SAMPLING_GRID = [{"top_p": p, "temperature": t} for p in (0.8, 0.9, 1.0) for t in (0.7, 1.0)]
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 
@@ -188,9 +189,11 @@ def word_perplexity(translator, sources: list[str], targets: list[str]) -> Score
 
 def choose_decoding(translator, config: Config, kind: str, beam: int, examples: int) -> dict:
     """Beam repetition controls (`BEAM_GRID`), then the anti-LM with them (`ANTI_LM_GRID`), and for
-    dialogue sampling settings (`SAMPLING_GRID`) with both, chosen on the first `examples` valid
+    dialogue sampling settings (`SAMPLING_GRID`) with the repetition controls, chosen on the first `examples` valid
     examples. Each stage sets what it builds on, so the recipe file's decode section (where the
-    choices go) does not change the next choice.
+    choices go) does not change the next choice. Sampling runs without the anti-LM: over the tail
+    that sampling draws from, p(y | x) / p(y)^W favours tokens the "language model" finds rare, and
+    the replies become random words (RESULTS, "Dialogue turns again").
     Summaries: the best ROUGE-1.
     Dialogue: the best BLEU among the settings whose Distinct-2 is at least half the references'
     (all settings when none is), so replies neither collapse to one safe answer nor wander off."""
@@ -203,11 +206,11 @@ def choose_decoding(translator, config: Config, kind: str, beam: int, examples: 
     for name, grid in grids.items():
         results = []
         for setting in grid:
-            if name == "sampling":  # with the choices above, as the recipe's file then holds them
-                options = translator.options(seed=1, **chosen["beam"], **chosen["anti_lm"], **setting)
+            if name == "sampling":  # with the repetition controls chosen above, without the anti-LM
+                options = translator.options(seed=1, **chosen["beam"], **NO_ANTI_LM, **setting)
                 outputs = [s[0][0] for s in translator.generate(sources, options)]
             else:  # the beam stage without the anti-LM, whatever the recipe's file says
-                earlier = chosen["beam"] if name == "anti_lm" else {"anti_lm": 0.0}
+                earlier = chosen["beam"] if name == "anti_lm" else NO_ANTI_LM
                 outputs = translator.translate(sources, translator.options(beam_size=beam, **earlier, **setting))
             results.append((setting, {s.name: s.score for s in score(metrics, outputs, refs)}))
         varied = [r for r in results if r[1].get("Distinct-2", 0.0) >= floor] or results
@@ -250,7 +253,7 @@ def evaluate_recipe(translator, config: Config, spec: Spec, args: argparse.Names
         sampling = {"top_p": config.decode.top_p, "seed": 1}
         if "chosen_on_valid" in details:
             sampling.update(details["chosen_on_valid"]["sampling"])
-        controls = {k: v for k, v in decode.items() if k != "beam_size"}  # repetition and anti-LM, as for beam
+        controls = {**details.get("chosen_on_valid", {}).get("beam", {}), **NO_ANTI_LM}  # as chosen
         sampled = [s[0][0] for s in translator.generate(sources, translator.options(**controls, **sampling))]
         shown = ", ".join(f"{k}={v}" for k, v in {**controls, **sampling}.items() if k != "seed")
         rows.append(score_row("detr, nucleus sampling " + shown,
