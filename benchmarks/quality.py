@@ -189,9 +189,9 @@ def word_perplexity(translator, sources: list[str], targets: list[str]) -> Score
 
 def choose_decoding(translator, config: Config, kind: str, beam: int, examples: int) -> dict:
     """Beam repetition controls (`BEAM_GRID`), then the anti-LM with them (`ANTI_LM_GRID`), and for
-    dialogue sampling settings (`SAMPLING_GRID`) with the repetition controls, chosen on the first `examples` valid
-    examples. Each stage sets what it builds on, so the recipe file's decode section (where the
-    choices go) does not change the next choice. Sampling runs without the anti-LM: over the tail
+    dialogue sampling settings (`SAMPLING_GRID`) with the repetition controls, chosen on the first
+    `examples` valid examples. Each stage sets what it builds on, so the recipe file's decode
+    section (where the choices go) does not change the next choice. Sampling runs without the anti-LM: over the tail
     that sampling draws from, p(y | x) / p(y)^W favours tokens the "language model" finds rare, and
     the replies become random words (RESULTS, "Dialogue turns again").
     Summaries: the best ROUGE-1.

@@ -704,8 +704,9 @@ def _check_positive(obj: Any, section: str, *names: str) -> None:
 def _check_not_negative(obj: Any, section: str, *names: str) -> None:
     """Each named field must be >= 0."""
     for name in names:
-        if getattr(obj, name) < 0:
-            raise ConfigError(f"{section}.{name} must not be negative, got {getattr(obj, name)}")
+        value = getattr(obj, name)
+        if value < 0:
+            raise ConfigError(f"{section}.{name} must not be negative, got {value}")
 
 
 def _check_types(obj: Any, section: str) -> None:
