@@ -203,6 +203,9 @@ class TrainConfig:
     seed: int = 1234
     lr: float = 5e-4
     pretrained_lr_scale: float = 1.0  # model.pretrained: the pretrained encoder learns at lr × this
+    # The encoder's embedding and its first N layers do not learn (and run no backward pass): a short
+    # fine-tuning budget goes to the layers above; a word matrix tied to the decoder learns from there
+    freeze_encoder_layers: int = 0
     warmup_steps: int = 4000
     schedule: Literal["inverse_sqrt", "cosine", "constant"] = "inverse_sqrt"
     min_lr: float = 0.0
@@ -246,12 +249,15 @@ class TrainConfig:
             raise ConfigError(f"train.max_minutes must be a non-negative number, got {self.max_minutes}")
         if self.fsdp and self.grad_stats_every:
             raise ConfigError("train.grad_stats_every is not available with train.fsdp (the gradients are sharded)")
+        if self.fsdp and self.freeze_encoder_layers:
+            raise ConfigError("train.freeze_encoder_layers is not available with train.fsdp (shards that mix frozen "
+                              "and trained weights are untested)")
         if not self.backend_timeout_minutes > 0 or not math.isfinite(self.backend_timeout_minutes):
             raise ConfigError(f"train.backend_timeout_minutes must be positive, got {self.backend_timeout_minutes}")
         _check_positive(self, "train", "save_every", "eval_every", "log_every", "max_tokens", "accumulate", "keep_last",
                         "max_nonfinite")
         _check_not_negative(self, "train", "max_steps", "max_epochs", "warmup_steps", "patience", "threads",
-                            "eval_max_sentences", "grad_stats_every")
+                            "eval_max_sentences", "grad_stats_every", "freeze_encoder_layers")
         if not self.lr > 0 or not math.isfinite(self.lr):
             raise ConfigError(f"train.lr must be a positive number, got {self.lr}")
         if not self.pretrained_lr_scale > 0 or not math.isfinite(self.pretrained_lr_scale):

@@ -35,6 +35,9 @@ class OwnEncoder(nn.Module):
     def embeddings(self) -> nn.Embedding:
         return self.encoder.embed.tokens
 
+    def embedding_and_layers(self) -> tuple[nn.Module, nn.ModuleList]:
+        return self.encoder.embedding_and_layers()
+
 
 class SequenceClassifier(nn.Module):
     """Sentence → label scores: pool the encoder states, dropout, one linear layer."""

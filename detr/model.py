@@ -71,6 +71,10 @@ class Encoder(nn.Module):
         """The source token embedding (as `PretrainedEncoder.embeddings`)."""
         return self.embed.tokens
 
+    def embedding_and_layers(self) -> tuple[nn.Module, nn.ModuleList]:
+        """The embedding module and the layers above it, bottom first (`detr.freeze`)."""
+        return self.embed, self.layers
+
     def forward(self, src: Tensor, src_mask: Tensor, attention: AttentionRecord | None = None) -> Tensor:
         """src: (B, S) ids; src_mask: (B, 1, 1, S). Returns memory (B, S, D)."""
         x = self.embed(src)

@@ -66,6 +66,10 @@ class PretrainedEncoder(nn.Module):
     def embeddings(self) -> nn.Embedding:
         return self.hf.get_input_embeddings()
 
+    def embedding_and_layers(self) -> tuple[nn.Module, nn.ModuleList]:
+        """BERT's embedding module (words, positions, segments, LayerNorm) and its layers, bottom first."""
+        return self.hf.embeddings, self.hf.encoder.layer
+
     def reorder_vocabulary(self, order: list[int]) -> None:
         """Row i of the word embeddings becomes the pretrained row `order[i]`, in place: the ids of a
         renumbered vocabulary (`detr.tokenizer.RenumberedVocab`)."""

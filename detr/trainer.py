@@ -47,6 +47,7 @@ from detr.checkpoint import load_trainer_state, load_weights, save_trainer_state
 from detr.config import Config, TrainConfig, load_config
 from detr.distributed import World, config_digest, whole
 from detr.errors import CheckpointError, ConfigError, TrainingError
+from detr.freeze import freeze_encoder
 from detr.pretrained import encoder_for, pretrained_parameters
 from detr.rundir import RunDir
 from detr.tasks import make_task
@@ -187,6 +188,7 @@ class Trainer:
                 load_weights(self.model, self.run_dir / state["checkpoint"])
             elif self.tc.init_from is not None:
                 self._start_from(Path(self.tc.init_from))
+            freeze_encoder(self.model, self.tc.freeze_encoder_layers)
             self.train_model = self.world.wrap(self.model, self.device, self.tc.fsdp)  # what the training step calls
             # Under FSDP rank 0 validates and saves through a whole copy, loaded from the gathered shards.
             self.whole = None
@@ -335,6 +337,8 @@ class Trainer:
         # learns at lr × pretrained_lr_scale: a new decoder needs a far larger
         # step than weights that are already good.
         pretrained = {id(p) for p in pretrained_parameters(self.model)}
+        # Frozen parameters (key biases, train.freeze_encoder_layers) stay in the groups: they never have a
+        # gradient, which the optimizer skips, and the groups keep their shape for older trainer states.
         new = [p for p in self.model.parameters() if id(p) not in pretrained]
         old = [p for p in self.model.parameters() if id(p) in pretrained]
         groups = []

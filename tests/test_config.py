@@ -31,6 +31,9 @@ def test_yaml_and_dotted_overrides_make_typed_sections(tmp_path):
     ("train:\n  max_steps: 3\ndecode:\n  temperature: -1.0\n", "decode.temperature must be positive, got -1.0"),
     ("train:\n  max_steps: 3\ndecode:\n  max_len_a: -0.5\n", "decode.max_len_a must not be negative, got -0.5"),
     ("train:\n  max_steps: 3\nmodel:\n  n_decoder_layers: 0\n", "model.n_decoder_layers must be positive, got 0"),
+    ("train:\n  max_steps: 3\n  freeze_encoder_layers: -1\n", "train.freeze_encoder_layers must not be negative"),
+    ("train:\n  max_steps: 3\n  fsdp: true\n  freeze_encoder_layers: 2\n",
+     "train.freeze_encoder_layers is not available with train.fsdp"),
 ])
 def test_bad_configs_name_the_key(tmp_path, text, message):
     with pytest.raises(ConfigError) as err:

@@ -146,3 +146,33 @@ def test_tie_output_ties_only_target_embedding_and_output(tiny_config):
 def test_impossible_configs_raise_an_error_naming_the_field(tiny_config, change, field):
     with pytest.raises(ConfigError, match=field):
         build_model(dataclasses.replace(tiny_config, **change))
+
+
+def test_a_frozen_encoder_bottom_gets_no_gradient_and_the_shared_word_matrix_still_learns(tiny_config):
+    from detr.freeze import freeze_encoder
+
+    torch.manual_seed(0)
+    config = dataclasses.replace(tiny_config, share_embeddings=True, tgt_vocab_size=50, positional="learned")
+    model = build_model(config)
+    freeze_encoder(model, 1)
+    below = []  # whether the first unfrozen layer's input still carries a gradient path
+    model.encoder.layers[1].register_forward_pre_hook(lambda m, args: below.append(args[0].requires_grad))
+    src = ids([5, 6, 7, 8, 2], [9, 10, 2])
+    tgt = torch.randint(4, 50, (2, 5))
+    model(src, tgt).logsumexp(-1).sum().backward()
+    assert below == [False]  # no backward pass runs through the embedding or layer 1
+    assert all(p.grad is None and not p.requires_grad for p in model.encoder.layers[0].parameters())
+    assert all(p.grad is not None for p in model.encoder.layers[1].parameters() if p.requires_grad)
+    words = model.encoder.embeddings.weight
+    assert words is model.decoder.embed.tokens.weight and words.requires_grad and words.grad is not None
+    own = [p for p in model.encoder.embed.parameters() if p is not words]  # the learned positions
+    assert own and all(not p.requires_grad and p.grad is None for p in own)
+
+
+def test_freezing_more_layers_than_the_encoder_has_names_the_key(tiny_config):
+    from detr.freeze import freeze_encoder
+
+    model = build_model(tiny_config)
+    with pytest.raises(ConfigError, match=rf"train.freeze_encoder_layers: 9, but the encoder has "
+                                          rf"{len(model.encoder.layers)} layers"):
+        freeze_encoder(model, 9)

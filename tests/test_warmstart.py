@@ -141,6 +141,28 @@ def test_a_bert2bert_run_trains_resumes_exactly_decodes_averages_and_is_inspecte
     assert steps == [2, 4] and detr.load(tmp_path / "whole", weights=path).translate(SENTENCES[:1], greedy)
 
 
+def test_a_bert2bert_run_with_the_encoder_bottom_frozen_keeps_it_and_resumes_exactly(tmp_path):
+    from detr.trainer import Trainer
+
+    frozen = {"train.freeze_encoder_layers": 4}
+    trainer = Trainer(b2b_config(tmp_path, "frozen", **frozen))
+    start = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    try:
+        trainer.run()
+    finally:
+        trainer.close()
+    changed = {name for name, p in trainer.model.named_parameters() if not torch.equal(p, start[name])}
+    hf, words = "encoder.hf.", "encoder.hf.embeddings.word_embeddings.weight"
+    assert not {name for name in changed if name.startswith(hf + "embeddings.")} - {words}
+    assert not any(name.startswith(f"{hf}encoder.layer.{i}.") for name in changed for i in range(4))
+    assert all(any(name.startswith(f"{hf}encoder.layer.{i}.") for name in changed) for i in (4, 5))
+    assert words in changed  # tied to the decoder, which trains it
+    detr.train(b2b_config(tmp_path, "resumed", **{**frozen, "train.max_steps": 2}))
+    detr.train(b2b_config(tmp_path, "resumed", **frozen), resume=True)
+    assert (tmp_path / "resumed" / "model.safetensors").read_bytes() == \
+        (tmp_path / "frozen" / "model.safetensors").read_bytes()
+
+
 def test_bad_bert2bert_configurations_get_one_clear_line(tmp_path):
     with pytest.raises(ConfigError, match=r"model.d_ff=256, but a decoder warm-started from .* needs 1536"):
         detr.train(b2b_config(tmp_path, **{"model.d_ff": 256}))
@@ -150,6 +172,11 @@ def test_bad_bert2bert_configurations_get_one_clear_line(tmp_path):
         detr.train(b2b_config(tmp_path, **{"model.n_decoder_layers": 7}))
     with pytest.raises(ConfigError, match="needs model.pretrained to name the same encoder"):
         detr.train(b2b_config(tmp_path, **{"model.pretrained_decoder": str(tmp_path / "elsewhere")}))
+    with pytest.raises(ConfigError, match="train.freeze_encoder_layers: the encoder's layers are shared with the "
+                                          "decoder"):
+        detr.train(b2b_config(tmp_path, **{"model.share_pretrained": True, "train.freeze_encoder_layers": 1}))
+    with pytest.raises(ConfigError, match="train.freeze_encoder_layers: 7, but the encoder has 6 layers"):
+        detr.train(b2b_config(tmp_path, **{"train.freeze_encoder_layers": 7}))
     with pytest.raises(ConfigError, match="model.pretrained: .*nowhere is not a folder"):
         detr.train(b2b_config(tmp_path, **{"model.pretrained": str(tmp_path / "nowhere"),
                                            "model.pretrained_decoder": str(tmp_path / "nowhere")}))
