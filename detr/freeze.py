@@ -2,9 +2,9 @@
 
 A pretrained encoder's lower layers hold general features; a short fine-tuning budget is better
 spent on the layers above them. Freezing the embedding and the first n layers saves more than their
-parameter updates: no gradient flows below layer n, so their backward pass is never run. On the
-DialogSum BERT2BERT shape (2 CPU threads, 12 × 256 source tokens) a training step takes about half
-the time with 4 of MiniLM's 6 layers frozen (benchmarks/RESULTS.md).
+parameter updates: no gradient flows below layer n, so their backward pass is never run. With 4 of
+MiniLM's 6 layers frozen a DialogSum BERT2BERT step takes 2.83 s instead of 3.72 on 2 CPU threads,
+and 30 minutes of training gain 2.7 test ROUGE-1 (benchmarks/RESULTS.md).
 
     ids ─ embedding ─ detach ─ layer 1 … layer n ─┬─ layer n+1 … ─▶ memory
           └──────── no gradient, no update ───────┘  trained as before
