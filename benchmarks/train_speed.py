@@ -118,8 +118,9 @@ def main() -> None:
         config = load_config(args.config, [f"run_dir={args.run_dir or tmp}",
                                            f"train.max_steps={args.steps + args.warmup}", *args.set])
         m, t = config.model, config.train
-        shape = (f"model d_model={m.d_model} layers={m.n_layers}+{m.decoder_layers} d_ff={m.d_ff} heads={m.n_heads}, "
-                 f"max_tokens={t.max_tokens}, accumulate={t.accumulate}, threads={args.threads}")
+        encoder = m.pretrained if m.pretrained else f"{m.n_layers} layers"  # a pretrained one brings its own depth
+        shape = (f"model d_model={m.d_model} encoder={encoder} decoder={m.decoder_layers} layers d_ff={m.d_ff} "
+                 f"heads={m.n_heads}, max_tokens={t.max_tokens}, accumulate={t.accumulate}, threads={args.threads}")
         if args.joeynmt:
             rates = joeynmt_speed(args.joeynmt, config, args.steps, args.warmup, args.threads, Path(tmp))
             print(f"JoeyNMT, {shape}")
