@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,9 +14,22 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
-# Determinism and speed on small CI machines.
+# Determinism and speed on small CI machines. The suite runs in two worker processes on two cores,
+# so every `detr` process a test starts (CLI, server, torchrun rank) gets one thread as well: two
+# threads beside another busy process wait on each other and run several times slower.
 torch.set_num_threads(1)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def detr_cli(*args: str, stdin: str | bytes | None = None, text: bool = True,
+             **kwargs: object) -> subprocess.CompletedProcess:
+    """Run `python -m detr ARGS` from the repository root, capturing its output (str, or bytes with
+    text=False; a str stdin is encoded as UTF-8 then)."""
+    if not text and isinstance(stdin, str):
+        stdin = stdin.encode("utf-8")
+    return subprocess.run([sys.executable, "-m", "detr", *args], input=stdin, capture_output=True, text=text,
+                          cwd=ROOT, **kwargs)
 
 
 def shared_data(relative: str) -> Path:
@@ -48,6 +64,16 @@ def train_toy(root: Path, steps: int = 250, test: int = 200, **settings: object)
 
 
 @pytest.fixture(scope="session")
-def toy_run(tmp_path_factory):
-    """A tiny English→German model trained for a few seconds on the toy corpus (shared by tests)."""
-    return train_toy(tmp_path_factory.mktemp("toy_run"))
+def toy_run(tmp_path_factory, worker_id):
+    """A tiny English→German model trained for a few seconds on the toy corpus, once per test session:
+    the xdist workers share it through a lock in their session's common temporary folder. Tests read
+    it; one that changes a run copies it first."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base if worker_id == "master" else base.parent) / "toy_run"
+    root.mkdir(exist_ok=True)
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / ".done").exists():
+            train_toy(root)
+            (root / ".done").touch()
+    return root

@@ -3,7 +3,6 @@
 import json
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ import torch
 import detr
 from detr.analysis import attention_maps, record_attention, saliency, word_alignment
 from detr.batching import pad
-from tests.conftest import ROOT
+from tests.conftest import detr_cli
 
 
 @pytest.fixture(scope="module")
@@ -60,13 +59,8 @@ def test_word_alignment_is_one_source_word_per_target_word(translator):
     assert all(0 <= i < 5 for i, _ in pairs)
 
 
-def cli(*args, stdin=None):
-    return subprocess.run([sys.executable, "-m", "detr", *args], input=stdin, capture_output=True, text=True,
-                          cwd=ROOT)
-
-
 def test_translate_alignment_appends_pairs(toy_run):
-    out = cli("translate", str(toy_run / "run"), "--alignment", stdin="we have two red dogs.\n\n")
+    out = detr_cli("translate", str(toy_run / "run"), "--alignment", stdin="we have two red dogs.\n\n")
     assert out.returncode == 0, out.stderr
     first, second = out.stdout.split("\n")[:2]
     text, pairs = first.split("\t")
@@ -77,8 +71,8 @@ def test_translate_alignment_appends_pairs(toy_run):
 def test_inspect_writes_every_file_and_the_page_renders(toy_run, tmp_path):
     out = tmp_path / "inspect"
     long_src = " ".join(["we have two red dogs and"] * 60) + " one cat."
-    result = cli("inspect", str(toy_run / "run"), "--src", long_src, "--ref", "wir haben zwei rote Hunde.",
-                 "--out", str(out))
+    result = detr_cli("inspect", str(toy_run / "run"), "--src", long_src, "--ref", "wir haben zwei rote Hunde.",
+                      "--out", str(out))
     assert result.returncode == 0, result.stderr
     for name in ("cross_attention.png", "encoder_self_attention.png", "decoder_self_attention.png", "index.html",
                  "attention.json"):
@@ -112,7 +106,7 @@ def test_inspect_writes_every_file_and_the_page_renders(toy_run, tmp_path):
 def test_inspect_bad_input_is_one_line(toy_run, tmp_path, args, message):
     if "--out" not in args:
         args = args + ["--out", str(tmp_path / "o")]
-    result = cli("inspect", str(toy_run / "run"), *args)
+    result = detr_cli("inspect", str(toy_run / "run"), *args)
     assert result.returncode == 2 and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
@@ -135,10 +129,10 @@ def test_inspect_a_classify_or_tag_run(tmp_path, task):
     from tests.test_tasks import labelled_config
 
     config = labelled_config(tmp_path, task, **{"train.max_steps": 5, "train.eval_every": 5})
-    assert cli("train", str(config), "--no-progress").returncode == 0
+    assert detr_cli("train", str(config), "--no-progress").returncode == 0
     src = "the plot was superb and the cast was long" if task == "classify" else "Anna visited Rome ."
     out = tmp_path / "inspect"
-    result = cli("inspect", str(tmp_path / "run"), "--src", src, "--out", str(out))
+    result = detr_cli("inspect", str(tmp_path / "run"), "--src", src, "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["attention.json", "encoder_self_attention.png", "index.html"]
     data = json.loads((out / "attention.json").read_text())["outputs"][0]

@@ -2,22 +2,16 @@
 cannot map is refused before anything is written, a partial export is never used."""
 
 import shutil
-import subprocess
-import sys
 
 import pytest
 
 from detr import ConfigError, ModelConfig, load
 from detr.errors import CheckpointError
 from detr.rundir import RunDir
-from tests.conftest import ROOT
+from tests.conftest import detr_cli
 
 ct2 = pytest.importorskip("ctranslate2", reason="the export extra (ctranslate2) is not installed")
 from detr.export import ctranslate2 as export  # noqa: E402  (after the skip: needs ctranslate2)
-
-
-def detr_cli(*args, **kwargs):
-    return subprocess.run([sys.executable, "-m", "detr", *args], capture_output=True, text=True, cwd=ROOT, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -100,14 +94,14 @@ def test_translate_engine_ctranslate2_converts_once_into_the_run_and_gives_the_s
 
 def test_options_ctranslate2_would_carry_out_otherwise_are_refused_in_one_line(toy_run):
     beam_gnmt = detr_cli("translate", str(toy_run / "run"), "--engine", "ctranslate2", "--beam-size", "4",
-                         "--length-penalty", "1.0", input="a house\n")
+                         "--length-penalty", "1.0", stdin="a house\n")
     assert beam_gnmt.returncode == 2 and "length^alpha, not GNMT's" in beam_gnmt.stderr
     assert "Traceback" not in beam_gnmt.stderr and beam_gnmt.stdout == ""
     repeat = detr_cli("translate", str(toy_run / "run"), "--engine", "ctranslate2", "--beam-size", "1",
-                      "--repetition-penalty", "1.2", input="a house\n")
+                      "--repetition-penalty", "1.2", stdin="a house\n")
     assert repeat.returncode == 2 and "repetition_penalty" in repeat.stderr
     anti_lm = detr_cli("translate", str(toy_run / "run"), "--engine", "ctranslate2", "--beam-size", "1",
-                       "--anti-lm", "0.5", input="a house\n")
+                       "--anti-lm", "0.5", stdin="a house\n")
     assert anti_lm.returncode == 2 and "decode.anti_lm: not with --engine ctranslate2" in anti_lm.stderr
 
 

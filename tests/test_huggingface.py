@@ -3,8 +3,6 @@ output; an OPUS-MT style Marian folder imported as a detr run tokenizes, scores 
 transformers does and trains on; import∘export is the identity; what cannot map is refused in one line."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,14 +12,10 @@ from detr import ConfigError, load
 from detr.errors import CheckpointError
 from detr.export import huggingface as hf
 from detr.rundir import RunDir
-from tests.conftest import ROOT, train_toy
+from tests.conftest import ROOT, detr_cli, train_toy
 
 transformers = pytest.importorskip("transformers")
 from transformers import AutoTokenizer, MarianMTModel  # noqa: E402
-
-
-def detr_cli(*args):
-    return subprocess.run([sys.executable, "-m", "detr", *args], capture_output=True, text=True, cwd=ROOT)
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,6 @@
 """One way to load a run: `detr.load` gives every kind of run its predictor, honours `weights`
 for all of them, and says plainly what a run is when a command does not apply to it."""
 
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,13 +10,8 @@ import detr
 from detr import CheckpointError, Classifier, ConfigError, Tagger, Translator, load_config
 from detr.checkpoint import average_checkpoints, load_run
 from detr.config import DecodeConfig
-from tests.conftest import ROOT
+from tests.conftest import detr_cli
 from tests.test_tasks import labelled_config
-
-
-def cli(*args, stdin=None):
-    return subprocess.run([sys.executable, "-m", "detr", *args], input=stdin, capture_output=True, text=True,
-                          cwd=ROOT)
 
 
 @pytest.fixture(scope="module")
@@ -58,11 +51,12 @@ def test_weights_are_honoured_for_a_classify_run(classify_run):
     state["out.bias"] = torch.tensor([100.0, -100.0])
     save_file(state, str(classify_run / "neg.safetensors"))
     valid = str(classify_run / "valid.tsv")
-    honest = cli("evaluate", str(run), "--data", valid, "--json")
-    forced = cli("evaluate", str(run), "--data", valid, "--json", "--weights", str(classify_run / "neg.safetensors"))
+    honest = detr_cli("evaluate", str(run), "--data", valid, "--json")
+    forced = detr_cli("evaluate", str(run), "--data", valid, "--json", "--weights",
+                      str(classify_run / "neg.safetensors"))
     assert honest.returncode == 0 and forced.returncode == 0, forced.stderr
     assert '"accuracy"' in forced.stdout and forced.stdout != honest.stdout
-    labels = cli("classify", str(run), "--weights", str(classify_run / "neg.safetensors"), stdin="good film\n")
+    labels = detr_cli("classify", str(run), "--weights", str(classify_run / "neg.safetensors"), stdin="good film\n")
     assert labels.stdout == "neg\n"
 
 
@@ -70,7 +64,7 @@ def test_weights_are_honoured_for_a_classify_run(classify_run):
                                           ("classify", "translate")])
 def test_a_command_on_the_wrong_kind_of_run_says_what_the_run_is(toy_run, classify_run, command, kind):
     run = classify_run / "run" if kind == "classify" else toy_run / "run"
-    out = cli(command, str(run), stdin="one line\n")
+    out = detr_cli(command, str(run), stdin="one line\n")
     assert out.returncode == 2 and f"is a {kind} run" in out.stderr and "weights do not fit" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
 
@@ -80,26 +74,26 @@ def test_the_run_decode_settings_are_the_default_and_flags_change_them(toy_run):
     saved = load_config(toy_run / "run" / "config.yaml").decode
     assert translator.decode == saved and translator.options().beam_size == saved.beam_size
     lines = ["we have two red dogs.", "she counts one old cat."]
-    default = cli("translate", str(toy_run / "run"), stdin="\n".join(lines) + "\n")
+    default = detr_cli("translate", str(toy_run / "run"), stdin="\n".join(lines) + "\n")
     assert default.stdout.splitlines() == translator.translate(lines)
-    greedy = cli("translate", str(toy_run / "run"), "--beam-size", "1", "--max-len-b", "3", "--max-len-a", "0",
-                 stdin="\n".join(lines) + "\n")
+    greedy = detr_cli("translate", str(toy_run / "run"), "--beam-size", "1", "--max-len-b", "3", "--max-len-a", "0",
+                      stdin="\n".join(lines) + "\n")
     assert greedy.stdout.splitlines() == translator.translate(lines, translator.options(beam_size=1, max_len_b=3,
                                                                                         max_len_a=0.0))
 
 
 def test_the_old_beam_flag_still_works_with_a_warning(toy_run):
     lines = "we have two red dogs.\nyou paint one big boat.\n"
-    old = cli("translate", str(toy_run / "run"), "--beam", "2", stdin=lines)
-    new = cli("translate", str(toy_run / "run"), "--beam-size", "2", stdin=lines)
+    old = detr_cli("translate", str(toy_run / "run"), "--beam", "2", stdin=lines)
+    new = detr_cli("translate", str(toy_run / "run"), "--beam-size", "2", stdin=lines)
     assert old.returncode == new.returncode == 0
     assert old.stdout == new.stdout and "--beam is deprecated" in old.stderr and "--beam-size" in old.stderr
     assert "deprecated" not in new.stderr
 
 
 def test_inspect_defaults_to_the_run_beam_size(toy_run, tmp_path):
-    out = cli("inspect", str(toy_run / "run"), "--src", "we have two red dogs.", "--out", str(tmp_path / "i"),
-              "--nbest", "2")
+    out = detr_cli("inspect", str(toy_run / "run"), "--src", "we have two red dogs.", "--out", str(tmp_path / "i"),
+                   "--nbest", "2")
     assert out.returncode == 0, out.stderr  # nbest 2 needs a beam: the run's beam size (4) is used, not greedy
 
 
@@ -138,7 +132,7 @@ def test_max_len_beyond_max_positions_is_refused_when_the_config_is_read(tmp_pat
                            "train.max_steps": 5})
     path = tmp_path / "c.yaml"
     path.write_text("model:\n  max_positions: 64\ndata:\n  max_len: 100\ntrain:\n  max_steps: 5\n")
-    out = cli("train", str(path))
+    out = detr_cli("train", str(path))
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines() == [
         f"detr: error: {path}: data.max_len=100 exceeds model.max_positions=64: inputs that long would not fit "

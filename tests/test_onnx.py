@@ -2,24 +2,18 @@
 beam), the conversion is made once into the run, and a partial or damaged export is never used."""
 
 import shutil
-import subprocess
-import sys
 
 import pytest
 
 from detr import load
 from detr.errors import CheckpointError
 from detr.rundir import RunDir
-from tests.conftest import ROOT
+from tests.conftest import detr_cli
 
 pytest.importorskip("onnxruntime", reason="the export extra (onnxruntime) is not installed")
 pytest.importorskip("onnxscript", reason="the export extra (onnxscript) is not installed")
 from detr.export import onnx as export  # noqa: E402  (after the skip: needs onnxruntime)
 from detr.export.folder import is_current  # noqa: E402
-
-
-def detr_cli(*args, **kwargs):
-    return subprocess.run([sys.executable, "-m", "detr", *args], capture_output=True, text=True, cwd=ROOT, **kwargs)
 
 
 @pytest.fixture(scope="module")

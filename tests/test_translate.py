@@ -10,11 +10,11 @@ from sacrebleu.metrics import BLEU
 
 import detr
 from detr import CheckpointError
-from tests.conftest import ROOT
+from tests.conftest import ROOT, detr_cli
 
 
-def cli(*args, stdin=None):
-    return subprocess.run([sys.executable, "-m", "detr", *args], input=stdin, capture_output=True, cwd=ROOT)
+def cli(*args, stdin=None):  # bytes in and out
+    return detr_cli(*args, stdin=stdin, text=False)
 
 
 @pytest.fixture(scope="module")
