@@ -54,6 +54,10 @@ class ModelConfig:
     # classify / tag: the encoder is detr's (sizes above) or a pretrained BERT-style one
     pretrained: str | None = None  # local Hugging Face folder, or "package:NAME" (NAME.get_model_path())
     pooling: Literal["mean", "first"] = "mean"  # classify: mean over tokens, or the first token ([CLS])
+    # dropout on the pretrained encoder's attention weights while training; None: its own config's
+    # (MiniLM: 0.1). On CPU any value > 0 sends PyTorch's fused attention to its slow unfused path
+    # (a MiniLM-encoder DialogSum step: 2.46 s with 0.1, 1.45 s with 0)
+    pretrained_attention_dropout: float | None = None
     # translate: the decoder warm-started from the same pretrained encoder (BERT2BERT, Rothe et al. 2020):
     # its layers with causal self-attention, its embeddings and tied output projection, new cross-attention
     pretrained_decoder: str | None = None  # the same name as model.pretrained (one WordPiece vocabulary)
@@ -103,9 +107,9 @@ class ModelConfig:
             raise ConfigError(
                 f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}"
             )
-        for name in ("dropout", "attention_dropout", "activation_dropout"):
+        for name in ("dropout", "attention_dropout", "activation_dropout", "pretrained_attention_dropout"):
             value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
+            if value is not None and not 0.0 <= value < 1.0:
                 raise ConfigError(f"model.{name} must be in [0, 1), got {value}")
         if self.pretrained_decoder is not None and self.pretrained_decoder != self.pretrained:
             raise ConfigError(f"model.pretrained_decoder={self.pretrained_decoder!r} needs model.pretrained to name "

@@ -116,9 +116,11 @@ def resolve_pretrained(spec: str) -> Path:
     return folder
 
 
-def load_pretrained_encoder(folder: str | Path, weights: bool = True) -> PretrainedEncoder:
+def load_pretrained_encoder(folder: str | Path, weights: bool = True,
+                            attention_dropout: float | None = None) -> PretrainedEncoder:
     """Load a BERT-style encoder offline: with its weights, or (weights=False) only its
-    architecture, to be filled from a run directory's safetensors."""
+    architecture, to be filled from a run directory's safetensors. `attention_dropout` replaces
+    its config's dropout on attention weights (None: keep it)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers  # heavy: imported only when a pretrained encoder is used
     from transformers import AutoConfig, AutoModel
@@ -128,8 +130,10 @@ def load_pretrained_encoder(folder: str | Path, weights: bool = True) -> Pretrai
 
     try:
         config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
-        model = AutoModel.from_pretrained(str(folder), local_files_only=True, add_pooling_layer=False) if weights \
-            else AutoModel.from_config(config, add_pooling_layer=False)
+        if attention_dropout is not None:
+            config.attention_probs_dropout_prob = attention_dropout
+        model = AutoModel.from_pretrained(str(folder), config=config, local_files_only=True, add_pooling_layer=False) \
+            if weights else AutoModel.from_config(config, add_pooling_layer=False)
     except Exception as err:  # transformers raises many types for a corrupt folder
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise CheckpointError(f"{folder}: cannot load a pretrained encoder: {first}") from None
@@ -210,6 +214,7 @@ def encoder_for(config: ModelConfig, run_pretrained: Path | None = None) -> Pret
     """
     if config.pretrained is None:
         return None
+    dropout = config.pretrained_attention_dropout
     if run_pretrained is not None:
-        return load_pretrained_encoder(run_pretrained, weights=False)
-    return load_pretrained_encoder(resolve_pretrained(config.pretrained))
+        return load_pretrained_encoder(run_pretrained, weights=False, attention_dropout=dropout)
+    return load_pretrained_encoder(resolve_pretrained(config.pretrained), attention_dropout=dropout)

