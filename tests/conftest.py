@@ -64,12 +64,12 @@ def train_toy(root: Path, steps: int = 250, test: int = 200, **settings: object)
 
 
 @pytest.fixture(scope="session")
-def toy_run(tmp_path_factory, worker_id):
+def toy_run(tmp_path_factory):
     """A tiny English→German model trained for a few seconds on the toy corpus, once per test session:
     the xdist workers share it through a lock in their session's common temporary folder. Tests read
     it; one that changes a run copies it first."""
-    base = tmp_path_factory.getbasetemp()
-    root = (base if worker_id == "master" else base.parent) / "toy_run"
+    base = tmp_path_factory.getbasetemp()  # an xdist worker's is one folder below the session's
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "toy_run"
     root.mkdir(exist_ok=True)
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
