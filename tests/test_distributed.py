@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from detr.checkpoint import load_trainer_state
 from detr.rundir import RunDir
 from detr.trainer import train
-from tests.conftest import ROOT
+from tests.conftest import ROOT, detr_cli
 from tests.test_train import toy_config, write_yaml
 
 MODEL = RunDir(".").model.name
@@ -116,8 +116,7 @@ def test_two_ranks_train_like_one_process_fed_the_same_global_batches(tmp_path, 
               for run in ("single", "ddp")]
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)  # training and validation losses, step by step
     if fsdp:  # the gathered weights are an ordinary run: other commands read them unchanged
-        out = subprocess.run([sys.executable, "-m", "detr", "translate", str(tmp_path / "ddp")], input="a house\n",
-                             capture_output=True, text=True, cwd=ROOT)
+        out = detr_cli("translate", str(tmp_path / "ddp"), stdin="a house\n")
         assert out.returncode == 0 and len(out.stdout.splitlines()) == 1, out.stderr
 
 

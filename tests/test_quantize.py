@@ -2,8 +2,6 @@
 nn.Linear does; int8 Linear layers hold int8 weights, the model
 predicts nearly as in float32, and the command line offers it in one flag."""
 
-import subprocess
-import sys
 
 import pytest
 import sacrebleu
@@ -12,7 +10,7 @@ import torch
 from detr import ConfigError, load, load_run
 from detr.model import padding_mask
 from detr.quantize import Int8Linear, PackedLinear, _can_pack, is_quantized
-from tests.conftest import ROOT
+from tests.conftest import detr_cli
 
 needs_mkl = pytest.mark.skipif(not _can_pack(torch.nn.Linear(2, 2)), reason="this PyTorch has no MKL packed GEMM")
 
@@ -101,12 +99,10 @@ def test_int8_decoding_is_batch_invariant(toy_run):
 
 
 def test_translate_quantize_int8_on_the_command_line(toy_run):
-    args = [sys.executable, "-m", "detr", "translate", str(toy_run / "run"), "--beam-size", "2"]
-    ok = subprocess.run([*args, "--quantize", "int8"], input="a red dog\n\none cat\n", capture_output=True,
-                        text=True, cwd=ROOT)
+    args = ["translate", str(toy_run / "run"), "--beam-size", "2"]
+    ok = detr_cli(*args, "--quantize", "int8", stdin="a red dog\n\none cat\n")
     assert ok.returncode == 0 and len(ok.stdout.splitlines()) == 3, ok.stderr
-    refused = subprocess.run([*args, "--quantize", "int8_float32"], input="a dog\n", capture_output=True,
-                             text=True, cwd=ROOT)
+    refused = detr_cli(*args, "--quantize", "int8_float32", stdin="a dog\n")
     assert refused.returncode == 2 and refused.stdout == "" and "Traceback" not in refused.stderr
     assert "detr's own engine offers float32, int8" in refused.stderr
 

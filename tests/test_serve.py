@@ -19,7 +19,7 @@ httpx = pytest.importorskip("httpx", reason="needs httpx (the test extra)")
 import detr  # noqa: E402
 from detr import load_config  # noqa: E402
 from detr.constraints import Constraints  # noqa: E402
-from tests.conftest import ROOT  # noqa: E402
+from tests.conftest import ROOT, detr_cli  # noqa: E402
 from tests.test_tasks import labelled_config  # noqa: E402
 
 SENTENCES = ["we have two red dogs.", "she counts one old cat.", "they buy three new books.", "you paint one big boat.",
@@ -222,8 +222,7 @@ def test_api_keys_a_full_queue_and_sigterm(runs, tmp_path):
 
 
 def test_a_public_address_needs_a_key(runs):
-    out = subprocess.run([sys.executable, "-m", "detr", "serve", str(runs["de"]), "--host", "0.0.0.0"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+    out = detr_cli("serve", str(runs["de"]), "--host", "0.0.0.0", timeout=60)
     assert out.returncode == 2 and out.stderr.strip().splitlines()[-1] == (
         "detr: error: serve.host=0.0.0.0 is reachable from other machines: give --api-key-file, or "
         "--insecure-public to serve without keys")
