@@ -80,6 +80,9 @@ BEAM_GRID = [{"repetition_penalty": r, "no_repeat_ngram": n} for r in (1.0, 1.3)
 # Then MMI-antiLM (`decode.anti_lm`) with the chosen repetition setting: its weight, over the first 5 tokens or all.
 ANTI_LM_GRID = [{"anti_lm": 0.0}] + [{"anti_lm": w, "anti_lm_steps": n} for n in (5, 40) for w in (0.3, 0.5, 0.7)]
 NO_ANTI_LM = {"anti_lm": 0.0}
+# Summaries and headlines, last: the GNMT length penalty with the choices above (ROUGE is an F-score,
+# so the summary's length counts; 1.0 is every recipe file's).
+LENGTH_GRID = [{"length_penalty": a} for a in (0.6, 1.0, 1.5, 2.0)]
 SAMPLING_GRID = [{"top_p": p, "temperature": t} for p in (0.8, 0.9, 1.0) for t in (0.7, 1.0)]
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 
@@ -188,8 +191,9 @@ def word_perplexity(translator, sources: list[str], targets: list[str]) -> Score
 
 
 def choose_decoding(translator, config: Config, kind: str, beam: int, examples: int) -> dict:
-    """Beam repetition controls (`BEAM_GRID`), then the anti-LM with them (`ANTI_LM_GRID`), and for
-    dialogue sampling settings (`SAMPLING_GRID`) with the repetition controls, chosen on the first
+    """Beam repetition controls (`BEAM_GRID`), then the anti-LM with them (`ANTI_LM_GRID`), then for
+    summaries the length penalty with both (`LENGTH_GRID`) and for dialogue sampling settings
+    (`SAMPLING_GRID`) with the repetition controls, chosen on the first
     `examples` valid examples. Each stage sets what it builds on, so the recipe file's decode
     section (where the choices go) does not change the next choice. Sampling runs without the anti-LM: over the tail
     that sampling draws from, p(y | x) / p(y)^W favours tokens the "language model" finds rare, and
@@ -202,16 +206,17 @@ def choose_decoding(translator, config: Config, kind: str, beam: int, examples: 
     metrics, key = (["bleu", "distinct"], "BLEU") if kind == "dialogue" else (["rouge"], "ROUGE-1")
     floor = distinct(refs[0], 2).score / 2 if kind == "dialogue" else 0.0
     chosen, tried = {}, {}
-    grids = {"beam": BEAM_GRID, "anti_lm": ANTI_LM_GRID, **({"sampling": SAMPLING_GRID} if kind == "dialogue" else {})}
+    last = {"sampling": SAMPLING_GRID} if kind == "dialogue" else {"length": LENGTH_GRID}
+    grids = {"beam": BEAM_GRID, "anti_lm": ANTI_LM_GRID, **last}
     for name, grid in grids.items():
         results = []
         for setting in grid:
             if name == "sampling":  # with the repetition controls chosen above, without the anti-LM
                 options = translator.options(seed=1, **chosen["beam"], **NO_ANTI_LM, **setting)
                 outputs = [s[0][0] for s in translator.generate(sources, options)]
-            else:  # the beam stage without the anti-LM, whatever the recipe's file says
-                earlier = chosen["beam"] if name == "anti_lm" else NO_ANTI_LM
-                outputs = translator.translate(sources, translator.options(beam_size=beam, **earlier, **setting))
+            else:  # with the earlier stages' choices; the first without the anti-LM, whatever the recipe's file says
+                earlier = {**NO_ANTI_LM, **{k: v for stage in chosen.values() for k, v in stage.items()}}
+                outputs = translator.translate(sources, translator.options(beam_size=beam, **{**earlier, **setting}))
             results.append((setting, {s.name: s.score for s in score(metrics, outputs, refs)}))
         varied = [r for r in results if r[1].get("Distinct-2", 0.0) >= floor] or results
         chosen[name] = max(varied, key=lambda r: r[1][key])[0]
@@ -232,7 +237,8 @@ def evaluate_recipe(translator, config: Config, spec: Spec, args: argparse.Names
     if spec.kind != "translation" and config.data.valid:
         details["chosen_on_valid"] = choose_decoding(translator, config, spec.kind, decode["beam_size"],
                                                      args.choose_examples)
-        decode.update(**details["chosen_on_valid"]["beam"], **details["chosen_on_valid"]["anti_lm"])
+        decode.update(**details["chosen_on_valid"]["beam"], **details["chosen_on_valid"]["anti_lm"],
+                      **details["chosen_on_valid"].get("length", {}))
     start = time.perf_counter()
     if spec.kind == "translation":
         report = score_texts(translator, sources, references, ["bleu", "chrf"], out / "test.hyp",

