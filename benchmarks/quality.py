@@ -81,8 +81,10 @@ BEAM_GRID = [{"repetition_penalty": r, "no_repeat_ngram": n} for r in (1.0, 1.3)
 ANTI_LM_GRID = [{"anti_lm": 0.0}] + [{"anti_lm": w, "anti_lm_steps": n} for n in (5, 40) for w in (0.3, 0.5, 0.7)]
 NO_ANTI_LM = {"anti_lm": 0.0}
 # Summaries and headlines, last: the GNMT length penalty with the choices above (ROUGE is an F-score,
-# so the summary's length counts; 1.0 is every recipe file's).
+# so the summary's length counts).
 LENGTH_GRID = [{"length_penalty": a} for a in (0.6, 1.0, 1.5, 2.0)]
+# What the beam stages start from, whatever the recipe file's decode section says (it holds the last choice).
+BEAM_START = {**NO_ANTI_LM, "length_penalty": 1.0}
 SAMPLING_GRID = [{"top_p": p, "temperature": t} for p in (0.8, 0.9, 1.0) for t in (0.7, 1.0)]
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 
@@ -214,8 +216,8 @@ def choose_decoding(translator, config: Config, kind: str, beam: int, examples: 
             if name == "sampling":  # with the repetition controls chosen above, without the anti-LM
                 options = translator.options(seed=1, **chosen["beam"], **NO_ANTI_LM, **setting)
                 outputs = [s[0][0] for s in translator.generate(sources, options)]
-            else:  # with the earlier stages' choices; the first without the anti-LM, whatever the recipe's file says
-                earlier = {**NO_ANTI_LM, **{k: v for stage in chosen.values() for k, v in stage.items()}}
+            else:  # from BEAM_START with the earlier stages' choices
+                earlier = {**BEAM_START, **{k: v for stage in chosen.values() for k, v in stage.items()}}
                 outputs = translator.translate(sources, translator.options(beam_size=beam, **{**earlier, **setting}))
             results.append((setting, {s.name: s.score for s in score(metrics, outputs, refs)}))
         varied = [r for r in results if r[1].get("Distinct-2", 0.0) >= floor] or results

