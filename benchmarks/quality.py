@@ -68,12 +68,14 @@ SPECS = {
     "bbc_headline_minilm": Spec("summarization", ["title"], lead=1),
     "bbc_headline_b2b": Spec("summarization", ["title"], lead=1),
     "dialogue_turns": Spec("dialogue", ["response"]),
-    "dialogue_b2b": Spec("dialogue", ["response"], split="make_dialogue_turns_split"),
+    "dialogue_b2b": Spec("dialogue", ["response"], split="make_dialogsum_turns"),
     "chatterbot": Spec("dialogue", ["response"], split="make_chatterbot_split"),
 }
 
 CHATTERBOT_PAIRS = "dialogue/chatterbot_corpus_en/pairs.tsv"
-DIALOGUE_TURNS = "dialogue/dialogsum_turn_pairs/valid.tsv"  # the training pairs of the turn recipes
+DIALOGUE_TURNS = "dialogue/dialogsum_turn_pairs/{}.tsv"  # turn pairs of DialogSum's valid and test dialogues
+DIALOGSUM_TRAIN = "summarization/dialogsum/train.jsonl"  # its train dialogues, from which more pairs are made
+SPEAKER = re.compile(r"^#Person\d+#:\s*")
 # Decoding chosen on valid: beam search with repetition controls (all tasks but translation), and sampling (dialogue).
 # no_repeat_ngram 1 (no subword twice) is for headlines and short replies, which rarely repeat one.
 BEAM_GRID = [{"repetition_penalty": r, "no_repeat_ngram": n} for r in (1.0, 1.3) for n in (0, 1, 2, 3)]
@@ -117,26 +119,39 @@ def write_tsv(path: Path, rows: list[dict], columns: list[str]) -> None:
             f.write("\t".join(row[c] for c in columns) + "\n")
 
 
+def read_tsv(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+
+
 def make_chatterbot_split(shared: Path, out: Path) -> None:
     """data/chatterbot/{train,valid,test}.tsv from the corpus' pairs, split by question (80/10/10)."""
-    with open(shared / CHATTERBOT_PAIRS, encoding="utf-8") as f:
-        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-    for split, part in split_by_group(rows, "context", (10, 10)).items():
+    for split, part in split_by_group(read_tsv(shared / CHATTERBOT_PAIRS), "context", (10, 10)).items():
         write_tsv(out / f"{split}.tsv", part, ["context", "response"])
 
 
-def make_dialogue_turns_split(shared: Path, out: Path) -> None:
-    """data/dialogue_turns/{train,valid}.tsv from the turn pairs the turn recipes train on, split by
-    dialogue (90/10: a dialogue's pairs share turns). A dialogue starts at a context of one turn."""
-    with open(shared / DIALOGUE_TURNS, encoding="utf-8") as f:
-        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-    dialogue = 0
+def turn_pairs(dialogue: str, turns: int = 2) -> list[dict]:
+    """The (context, response) pairs of one DialogSum dialogue as ../shared/data's turn pairs are made:
+    each turn after the first answers the `turns` before it, joined by " [SEP] ", speakers dropped."""
+    lines = [SPEAKER.sub("", t).strip() for t in dialogue.split("\n") if t.strip()]
+    return [{"context": " [SEP] ".join(lines[max(0, i - turns):i]), "response": lines[i]} for i in range(1, len(lines))]
+
+
+def make_dialogsum_turns(shared: Path, out: Path) -> None:
+    """data/dialogsum_turns/{train,valid}.tsv. train: the turn pairs of DialogSum's 12,460 train
+    dialogues (made as the shared valid/test pairs are; none of those dialogues is in them; the few
+    pairs equal to a test pair, generic exchanges such as "Thank you." -> "You're welcome.", are left
+    out). valid: a tenth of the shared valid pairs, cut by dialogue (a dialogue starts at a context of
+    one turn), the same tenth the recipe validated on when it trained on the other nine."""
+    test = {(r["context"], r["response"]) for r in read_tsv(shared / DIALOGUE_TURNS.format("test"))}
+    with open(shared / DIALOGSUM_TRAIN, encoding="utf-8") as f:
+        train = [p for line in f if line.strip() for p in turn_pairs(json.loads(line)["dialogue"])]
+    write_tsv(out / "train.tsv", [p for p in train if (p["context"], p["response"]) not in test], ["context", "response"])
+    rows, dialogue = read_tsv(shared / DIALOGUE_TURNS.format("valid")), 0
     for row in rows:
         dialogue += "[SEP]" not in row["context"]
         row["dialogue"] = f"dialogue {dialogue}"
-    parts = split_by_group(rows, "dialogue", (10, 0))
-    for split in ("train", "valid"):
-        write_tsv(out / f"{split}.tsv", parts[split], ["context", "response"])
+    write_tsv(out / "valid.tsv", split_by_group(rows, "dialogue", (10, 0))["valid"], ["context", "response"])
 
 
 def subset(config: Config, lines: int, folder: Path) -> list[str]:

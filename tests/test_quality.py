@@ -31,6 +31,23 @@ def test_the_group_split_keeps_a_question_in_one_split_and_is_deterministic():
     assert len(first["train"]) > len(first["test"]) > 0
 
 
+def test_turn_pairs_are_made_as_the_shared_turn_pairs_are(tmp_path):
+    pairs = quality.turn_pairs("#Person1#: Hi.\n#Person2#: Hello, Sam.\n#Person1#: Tea?\n#Person2#: Yes.")
+    assert pairs == [{"context": "Hi.", "response": "Hello, Sam."},
+                     {"context": "Hi. [SEP] Hello, Sam.", "response": "Tea?"},
+                     {"context": "Hello, Sam. [SEP] Tea?", "response": "Yes."}]
+    # the shared valid pairs are DialogSum's valid dialogues cut this way: the same rows, in order
+    dialogues, shared = shared_data("summarization/dialogsum/valid.jsonl"), shared_data("dialogue/dialogsum_turn_pairs")
+    with open(dialogues, encoding="utf-8") as f:
+        made = [p for line in f for p in quality.turn_pairs(json.loads(line)["dialogue"])]
+    assert made == quality.read_tsv(shared / "valid.tsv")
+    quality.make_dialogsum_turns(shared_data(""), tmp_path)
+    train, valid = quality.read_tsv(tmp_path / "train.tsv"), quality.read_tsv(tmp_path / "valid.tsv")
+    test = {(r["context"], r["response"]) for r in quality.read_tsv(shared / "test.tsv")}
+    assert len(train) > 100_000 and not test & {(r["context"], r["response"]) for r in train}
+    assert 0 < len(valid) < len(made) and all(r in made for r in valid)
+
+
 class RecordingTranslator:
     """Stands in for a translator: records every decode's options; outputs a fixed summary."""
 
