@@ -146,7 +146,8 @@ def make_dialogsum_turns(shared: Path, out: Path) -> None:
     test = {(r["context"], r["response"]) for r in read_tsv(shared / DIALOGUE_TURNS.format("test"))}
     with open(shared / DIALOGSUM_TRAIN, encoding="utf-8") as f:
         train = [p for line in f if line.strip() for p in turn_pairs(json.loads(line)["dialogue"])]
-    write_tsv(out / "train.tsv", [p for p in train if (p["context"], p["response"]) not in test], ["context", "response"])
+    train = [p for p in train if (p["context"], p["response"]) not in test]
+    write_tsv(out / "train.tsv", train, ["context", "response"])
     rows, dialogue = read_tsv(shared / DIALOGUE_TURNS.format("valid")), 0
     for row in rows:
         dialogue += "[SEP]" not in row["context"]
