@@ -8,7 +8,7 @@ RECIPE is a file in configs/ (without .yaml); what is measured depends on its ki
                                         chosen on valid among --lp; optional checkpoint averaging
     summarization   dialogsum, dialogsum_minilm, dialogsum_b2b, bbc_headline, bbc_headline_minilm,
                     bbc_headline_b2b    ROUGE-1/2/L (best of the references per example) beside LEAD-k
-    dialogue        dialogue_turns, dialogue_b2b, chatterbot
+    dialogue        dialogue_turns, dialogue_minilm, dialogue_b2b, chatterbot
                                         perplexity (per subword and per word), BLEU, Distinct-1/2 of
                                         beam and sampled responses, five example exchanges
 
@@ -69,6 +69,7 @@ SPECS = {
     "bbc_headline_b2b": Spec("summarization", ["title"], lead=1),
     "dialogue_turns": Spec("dialogue", ["response"]),
     "dialogue_b2b": Spec("dialogue", ["response"], split="make_dialogsum_turns"),
+    "dialogue_minilm": Spec("dialogue", ["response"], split="make_dialogsum_turns"),
     "chatterbot": Spec("dialogue", ["response"], split="make_chatterbot_split"),
 }
 
