@@ -140,7 +140,7 @@ def turn_pairs(dialogue: str, turns: int = 2) -> list[dict]:
 
 def make_dialogsum_turns(shared: Path, out: Path) -> None:
     """data/dialogsum_turns/{train,valid}.tsv. train: the turn pairs of DialogSum's 12,460 train
-    dialogues (made as the shared valid/test pairs are; none of those dialogues is in them; the few
+    dialogues (made as the shared valid/test pairs are, from DialogSum's own train split; the few
     pairs equal to a test pair, generic exchanges such as "Thank you." -> "You're welcome.", are left
     out). valid: a tenth of the shared valid pairs, cut by dialogue (a dialogue starts at a context of
     one turn), the same tenth the recipe validated on when it trained on the other nine."""
