@@ -359,7 +359,7 @@ class ServeConfig:
                       "between decoding steps and leave when done) or request (a batch of requests runs to its end; "
                       "what every other request does)")
     max_queue: int = option(256, "requests waiting per model; beyond it the answer is 429")
-    threads: int = option(0, "CPU threads for the model's math; 0: PyTorch's default")
+    threads: int = option(0, "CPU threads of each model's worker thread; 0: the cores shared among the models")
     max_texts: int = option(64, "texts per request (413 beyond)")
     max_chars: int = option(5000, "characters per text (413 beyond)")
     max_body_bytes: int = option(1_000_000, "bytes per request body (413 beyond)")

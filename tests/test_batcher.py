@@ -156,3 +156,13 @@ def test_a_streamed_job_that_fails_to_join_fails_alone():
         futures[1].result(5)
     assert futures[2].result(5) == [0, 0]  # nothing to decode: done as it joins
     batcher.stop()
+
+
+def test_on_start_runs_first_in_the_worker_thread():
+    seen = []
+    batcher = Batcher("m", max_tokens=10, max_wait=0.0, max_queue=10,
+                      on_start=lambda: seen.append(("start", threading.current_thread().name)))
+    run = lambda inputs: seen.append(("run", threading.current_thread().name)) or inputs  # noqa: E731
+    assert batcher.submit(Job("k", [1], 1, run)).result(5) == [1]
+    batcher.stop()
+    assert seen == [("start", "detr-batcher-m"), ("run", "detr-batcher-m")]

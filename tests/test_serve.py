@@ -12,6 +12,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 pytest.importorskip("fastapi", reason="needs the serving extra: pip install -e '.[serve]'")
 httpx = pytest.importorskip("httpx", reason="needs httpx (the test extra)")
@@ -267,3 +268,28 @@ def test_the_page_translates_and_draws_the_heatmap_in_chromium(server, runs):
         shaded = [t.value_of_css_property("background-color") for t in
                   browser.find_elements(By.CSS_SELECTOR, "#srcToks .tok")]
         assert any(color != "rgba(0, 0, 0, 0)" for color in shaded)
+
+
+def test_each_model_thread_gets_its_share_of_the_cores():
+    """The main thread serves HTTP on one intra-op thread; each model's worker thread sets its own count
+    (`--threads`, or the cores shared among the workers) without touching the main thread's. In a fresh
+    interpreter: the test process has set its threads already."""
+    from detr.config import ServeConfig
+    from detr.serve import worker_threads
+
+    cores = torch.get_num_threads()
+    assert worker_threads(ServeConfig(threads=3), 2) == 3
+    assert worker_threads(ServeConfig(), 1) == cores
+    assert worker_threads(ServeConfig(), 2 * cores) == 1
+    assert worker_threads(ServeConfig(assistant="folder"), 1) == max(1, cores // 2)
+    script = ("import torch\n"
+              "from detr.serve.app import intra_op\n"
+              "from detr.serve.batcher import Batcher, Job\n"
+              "main = torch.get_num_threads()\n"
+              "b = Batcher('m', 10, 0.0, 10, on_start=intra_op(main + 1))\n"
+              "inner = b.submit(Job('k', [0], 1, lambda xs: [torch.get_num_threads()])).result(30)[0]\n"
+              "b.stop()\n"
+              "print(main, inner, torch.get_num_threads())\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, check=True)
+    main, inner, main_after = map(int, out.stdout.split())
+    assert (inner, main_after) == (main + 1, main)

@@ -8,6 +8,7 @@ Built only on the public API: `detr.load_run`, the predictors, `DecodeConfig`.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import signal
@@ -65,6 +66,13 @@ def check_binding(config: ServeConfig) -> list[str] | None:
     return keys
 
 
+def worker_threads(config: ServeConfig, models: int) -> int:
+    """Intra-op threads of each model's worker thread: `--threads`, or the cores shared among the
+    workers (one per model, one for an assistant), at least one each (see `detr.serve.app.intra_op`)."""
+    workers = models + (1 if config.assistant else 0)
+    return config.threads or max(1, torch.get_num_threads() // workers)
+
+
 def serve(specs: dict[str, str | Path], config: ServeConfig, device: str = "cpu",
           monitoring: MonitorConfig | None = None) -> None:
     """Load the runs and serve them until SIGTERM or SIGINT (in-flight requests finish first).
@@ -78,8 +86,8 @@ def serve(specs: dict[str, str | Path], config: ServeConfig, device: str = "cpu"
 
     config.validate()
     keys = check_binding(config)
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    config = dataclasses.replace(config, threads=worker_threads(config, len(specs)))
+    torch.set_num_threads(1)  # the main thread loads and then only serves HTTP: it starts no OpenMP team
     runs: dict[str, Run] = {name: load_run(path, device) for name, path in specs.items()}
     with socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET) as probe:
         try:
@@ -106,4 +114,4 @@ def serve(specs: dict[str, str | Path], config: ServeConfig, device: str = "cpu"
     log.info("detr serve: stopped")
 
 
-__all__ = ["ServeConfig", "check_binding", "create_app", "is_loopback", "model_names", "serve"]
+__all__ = ["ServeConfig", "check_binding", "create_app", "is_loopback", "model_names", "serve", "worker_threads"]

@@ -217,11 +217,24 @@ def _predictor(name: str, run: Run, config: ServeConfig) -> Translator | Classif
     predictor = run.predictor()
     if isinstance(predictor, Translator):
         try:
-            use_engine(predictor, run.run_dir, config.engine, config.quantize, threads=torch.get_num_threads())
+            use_engine(predictor, run.run_dir, config.engine, config.quantize,
+                       threads=config.threads or torch.get_num_threads())
             predictor.checked(predictor.decode)
         except ConfigError as err:
             raise ConfigError(f"serve: model {name} ({run.run_dir}) with --engine {config.engine}: {err}") from None
     return predictor
+
+
+def intra_op(threads: int) -> Callable[[], None] | None:
+    """What a model's worker thread runs first: set its intra-op threads (0: leave PyTorch's default).
+
+    Each thread that runs parallel PyTorch work gets an OpenMP team of its own, and OpenMP's threads
+    wait for work by spinning only while the process holds no more of them than there are cores;
+    beyond that every parallel operation ends in a sleep and a wake-up. `serve` therefore keeps the
+    main thread at one thread (it starts no team) and shares the cores among the worker threads:
+    a worker beside a team the main thread had started ran a decoding step 2x slower
+    (benchmarks/RESULTS.md, "detr serve under load: the model's thread")."""
+    return (lambda: torch.set_num_threads(threads)) if threads else None
 
 
 # ----------------------------------------------------------------------------- the app
@@ -240,11 +253,13 @@ def create_app(runs: dict[str, Run], config: ServeConfig, api_keys: list[str] | 
     # Arguments run left to right: the parameters are counted before `_predictor` may quantize the model.
     models = {name: Served(name, run, sum(p.numel() for p in run.model.parameters()), _predictor(name, run, config),
                            Batcher(name, config.max_batch_tokens, config.max_wait_ms / 1000, config.max_queue,
-                                   metrics.on_batch(name)))
+                                   metrics.on_batch(name), intra_op(config.threads)))
               for name, run in runs.items()}
     monitor = open_monitor(models, config, monitoring or MonitorConfig())
-    monitor_lock = asyncio.Lock()
-    assistant_lock = asyncio.Lock()
+    monitor_batcher = models[config.monitor_sentiment or config.monitor_topic].batcher if monitor else None
+    # The assistant's models get a worker thread of their own, as a served model does (see `intra_op`).
+    assistant_batcher = (Batcher("assistant", 1, 0.0, config.max_queue, on_start=intra_op(config.threads))
+                         if assistant is not None else None)
     state = {"ready": True}
     keys = [k.encode() for k in api_keys or []]
 
@@ -252,8 +267,9 @@ def create_app(runs: dict[str, Run], config: ServeConfig, api_keys: list[str] | 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         state["ready"] = False
-        for served in models.values():  # uvicorn has let the in-flight requests finish
-            await asyncio.to_thread(served.batcher.stop, config.grace_seconds)
+        for batcher in [served.batcher for served in models.values()] + [assistant_batcher]:
+            if batcher is not None:  # uvicorn has let the in-flight requests finish
+                await asyncio.to_thread(batcher.stop, config.grace_seconds)
         if monitor is not None:
             monitor.store.close()
         if assistant is not None:
@@ -369,16 +385,16 @@ def create_app(runs: dict[str, Run], config: ServeConfig, api_keys: list[str] | 
         return sum(len(predictor.text.sentence(t)[0] if isinstance(t, str) else predictor.text.pair(*t)[0])
                    for t in texts)
 
-    async def submit(served: Served, job: Job) -> list[Any]:
+    async def submit(batcher: Batcher, job: Job) -> list[Any]:
         try:
-            future = served.batcher.submit(job)
+            future = batcher.submit(job)
         except QueueFull:
-            raise ApiError(429, f"model {served.name!r} has {config.max_queue} requests waiting (--max-queue); "
+            raise ApiError(429, f"model {batcher.name!r} has {config.max_queue} requests waiting (--max-queue); "
                                 f"retry later", {"Retry-After": "1"}) from None
         except RuntimeError:
             raise ApiError(503, "the server is shutting down") from None
         finally:
-            metrics.queue.labels(served.name).set(served.batcher.depth)
+            metrics.queue.labels(batcher.name).set(batcher.depth)
         try:
             return await asyncio.wrap_future(future)
         except DetrError as err:
@@ -386,6 +402,12 @@ def create_app(runs: dict[str, Run], config: ServeConfig, api_keys: list[str] | 
         except asyncio.CancelledError:
             future.cancel()  # the caller went away: the batch goes on without it
             raise
+
+    async def alone(batcher: Batcher, work: Callable[[], Any]) -> Any:
+        """`work()` on `batcher`'s worker thread, in a batch of its own (the model's math stays on the
+        threads that own it)."""
+        (result,) = await submit(batcher, Job(("alone", object()), [None], 1, lambda _: [work()]))
+        return result
 
     # -- routes
 
@@ -438,7 +460,7 @@ def create_app(runs: dict[str, Run], config: ServeConfig, api_keys: list[str] | 
                       and not options.mbr and not align and not any(wish.include for wish in wishes))
         job = Job(key + (continuous,), list(zip(texts, wishes)), cost(served, texts, options.beam_size), run,
                   stream=(lambda: translator.stream(options)) if continuous else None)
-        results = await submit(served, job)
+        results = await submit(served.batcher, job)
         if continuous:  # a stream gives the n-best lists alone
             results = [(nbest, None) for nbest in results]
         out: dict[str, Any] = {"model": served.name, "translations": [nbest[0][0] for nbest, _ in results],
@@ -461,7 +483,7 @@ def create_app(runs: dict[str, Run], config: ServeConfig, api_keys: list[str] | 
             return translator.score([s for s, _ in batch], [t for _, t in batch])
 
         job = Job(("score",), list(zip(body.sources, body.targets)), cost(served, body.sources + body.targets), run)
-        scores = await submit(served, job)
+        scores = await submit(served.batcher, job)
         return {"model": served.name, "scores": [{"logprob": s.total, "tokens": s.tokens,
                                                   "per_token": s.per_token} for s in scores]}
 
@@ -481,7 +503,7 @@ def create_app(runs: dict[str, Run], config: ServeConfig, api_keys: list[str] | 
 
         # own key: a request's samples depend on its seed and its own lines only
         job = Job(("generate", id(body)), texts, cost(served, texts, options.num_samples), run)
-        samples = await submit(served, job)
+        samples = await submit(served.batcher, job)
         return {"model": served.name, "samples": [[{"text": t, "score": s} for t, s in one] for one in samples]}
 
     async def stream_samples(served: Served, text: str, options: DecodeConfig) -> AsyncIterator[str]:
@@ -507,7 +529,8 @@ def create_app(runs: dict[str, Run], config: ServeConfig, api_keys: list[str] | 
 
         async def finish() -> None:
             try:
-                (samples,) = await submit(served, Job(("stream", id(events)), [text], cost(served, [text]), run))
+                job = Job(("stream", id(events)), [text], cost(served, [text]), run)
+                (samples,) = await submit(served.batcher, job)
                 await events.put(sse({"samples": [{"text": t, "score": s} for t, s in samples]}, "done"))
             except ApiError as err:
                 await events.put(sse({"error": {"status": err.status, "message": err.message}}, "error"))
@@ -530,19 +553,21 @@ def create_app(runs: dict[str, Run], config: ServeConfig, api_keys: list[str] | 
                     raise ApiError(422, f"pairs: {served.name!r} classifies sentence pairs: give 'pairs'")
                 checked([a + b for a, b in body.pairs], "pairs")
                 pairs = body.pairs
-                results = await submit(served, Job(("classify",), pairs, cost(served, pairs), predictor.classify))
+                job = Job(("classify",), pairs, cost(served, pairs), predictor.classify)
+                results = await submit(served.batcher, job)
                 return {"model": served.name, "labels": [label for label, _ in results]} | (
                     {"probabilities": [probs for _, probs in results]} if body.probs else {})
             if body.pairs is not None:
                 raise ApiError(422, f"pairs: {served.name!r} classifies single texts: give 'text' or 'texts'")
             texts = inputs_of(body)
             if isinstance(predictor, Classifier):
-                results = await submit(served, Job(("classify",), texts, cost(served, texts), predictor.classify))
+                job = Job(("classify",), texts, cost(served, texts), predictor.classify)
+                results = await submit(served.batcher, job)
                 out: dict[str, Any] = {"model": served.name, "labels": [label for label, _ in results]}
                 if body.probs:
                     out["probabilities"] = [probs for _, probs in results]
                 return out
-            results = await submit(served, Job(("tag",), texts, cost(served, texts), predictor.tag))
+            results = await submit(served.batcher, Job(("tag",), texts, cost(served, texts), predictor.tag))
             return {"model": served.name, "tags": [[{"word": w, "tag": t} for w, t in pairs] for pairs in results]}
 
     labelling_route("/v1/classify", Classifier, "label each text (classify runs)")
@@ -566,7 +591,7 @@ def create_app(runs: dict[str, Run], config: ServeConfig, api_keys: list[str] | 
             def run(batch: list[str]) -> list[Any]:
                 return [label_maps(predictor, batch[0])]
 
-        (maps,) = await submit(served, Job(("inspect", id(body)), [body.text], cost(served, [body.text]), run))
+        (maps,) = await submit(served.batcher, Job(("inspect", id(body)), [body.text], cost(served, [body.text]), run))
         return {"model": served.name, "outputs": [m.to_dict() for m in maps]}
 
     def monitor_on() -> Monitor:
@@ -586,9 +611,10 @@ def create_app(runs: dict[str, Run], config: ServeConfig, api_keys: list[str] | 
                 raise ApiError(413, f"items[{i}].text: {len(item['text'])} characters, more than the "
                                     f"{config.max_chars} allowed (--max-chars)")
         alerts: list[Any] = []
-        async with monitor_lock:  # one ingestion at a time: each window's alert is decided once
-            report = await asyncio.to_thread(
-                running.ingest, [(f"items[{i}]", item) for i, item in enumerate(body.items)], alerts.append)
+        # On the model's worker thread, one job at a time: ingestions never overlap, so each window's
+        # alert is decided once.
+        report = await alone(monitor_batcher, lambda: running.ingest(
+            [(f"items[{i}]", item) for i, item in enumerate(body.items)], alerts.append))
         return {"stored": report.stored, "duplicates": report.duplicates,
                 "bad": [{"item": where, "reason": reason} for where, reason in report.bad],
                 "alerts": [a.to_dict() for a in alerts]}
@@ -611,8 +637,7 @@ def create_app(runs: dict[str, Run], config: ServeConfig, api_keys: list[str] | 
         checked([body.question], "question")
         if not body.question.strip():
             raise ApiError(422, "question: empty")
-        async with assistant_lock:  # one model call at a time; the log is safe for concurrent writers anyway
-            reply = await asyncio.to_thread(helper.ask, body.question, body.session)
+        reply = await alone(assistant_batcher, lambda: helper.ask(body.question, body.session))
         return reply.to_dict()
 
     @app.post("/v1/assist/feedback", summary="mark an exchange good or bad", dependencies=guarded)

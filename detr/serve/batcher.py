@@ -77,9 +77,11 @@ class Batcher:
     """The queue and worker thread of one model."""
 
     def __init__(self, name: str, max_tokens: int, max_wait: float, max_queue: int,
-                 on_batch: Callable[[BatchRecord], None] | None = None) -> None:
+                 on_batch: Callable[[BatchRecord], None] | None = None,
+                 on_start: Callable[[], None] | None = None) -> None:
+        """`on_start` runs first in the worker thread (the server sets the thread's intra-op threads there)."""
         self.name, self.max_tokens, self.max_wait, self.max_queue = name, max_tokens, max_wait, max_queue
-        self.on_batch = on_batch
+        self.on_batch, self.on_start = on_batch, on_start
         self._queue: collections.deque[Job] = collections.deque()
         self._cv = threading.Condition()
         self._stopping = False
@@ -138,6 +140,8 @@ class Batcher:
             return batch
 
     def _loop(self) -> None:
+        if self.on_start is not None:
+            self.on_start()
         while (batch := self._take_batch()) is not None:
             self._work(batch)
 
