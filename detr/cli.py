@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import sys
-import typing
 from collections.abc import Iterator
 from typing import Any, TextIO
 
@@ -35,7 +34,7 @@ from detr.analysis import alignment_of
 from detr.apps.cli import add_commands
 from detr.checkpoint import average_checkpoints, load_run
 from detr.command import add_config_flags, config_from_flags, flag_type, run_training
-from detr.config import DecodeConfig, MonitorConfig, ServeConfig, load_config
+from detr.config import DecodeConfig, MonitorConfig, ServeConfig, field_types, load_config
 from detr.constraints import Constraints, read_constraints
 from detr.distributed import World
 from detr.download import MULTI30K_URL, fetch_multi30k
@@ -425,7 +424,7 @@ def add_decode_flags(p: argparse.ArgumentParser) -> None:
     unset flags keep the run's own `decode` settings."""
     group = p.add_argument_group("decoding (default: the run's decode section in config.yaml)")
     add_config_flags(group, DecodeConfig, "decode", "new runs")
-    hints = typing.get_type_hints(DecodeConfig)
+    hints = field_types(DecodeConfig)
     for old, name in DEPRECATED_FLAGS.items():
         group.add_argument(old, dest=f"decode_{name}", type=flag_type(hints[name]), action=_Deprecated,
                            help=argparse.SUPPRESS)

@@ -12,6 +12,7 @@ from typing import Any
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from detr.config import field_types
 from detr.distributed import World
 from detr.trainer import Interrupted, TrainResult
 
@@ -46,7 +47,7 @@ def add_config_flags(group: Any, cls: type, section: str, default_note: str,
     """One flag per field of the config dataclass `cls` (`beam_size` → `--beam-size`), with the field's
     help text, stored as `{section}_{field}`; an unset flag stays None (the default applies).
     `only`: just these fields."""
-    hints = typing.get_type_hints(cls)
+    hints = field_types(cls)
     for f in dataclasses.fields(cls):
         if only is not None and f.name not in only:
             continue

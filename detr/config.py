@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import re
 import types
@@ -719,9 +720,16 @@ def _check_not_negative(obj: Any, section: str, *names: str) -> None:
             raise ConfigError(f"{section}.{name} must not be negative, got {value}")
 
 
+@functools.cache
+def field_types(cls: type) -> dict[str, Any]:
+    """The resolved annotations of a config dataclass, resolved once (a server validates a
+    `DecodeConfig` per request; resolving them took more of its event loop than parsing JSON)."""
+    return typing.get_type_hints(cls)
+
+
 def _check_types(obj: Any, section: str) -> None:
     """Check (and gently coerce: int -> float) every field against its annotation."""
-    hints = typing.get_type_hints(type(obj))
+    hints = field_types(type(obj))
     for f in dataclasses.fields(obj):
         if dataclasses.is_dataclass(hints[f.name]):
             continue
