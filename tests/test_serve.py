@@ -127,6 +127,14 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server, ru
     assert requests / calls > 1.5  # requests shared the model's decoding steps
 
 
+def test_requests_are_counted_by_route_and_status(server):
+    ok = request_count(server, "/v1/translate", "200")
+    assert server.post("/v1/translate", {"text": SENTENCES[0]}).status_code == 200
+    assert server.post("/v1/translate", {"text": SENTENCES[0], "model": "nobody"}).status_code == 404
+    assert request_count(server, "/v1/translate", "200") == ok + 1
+    assert request_count(server, "/v1/translate", "404") >= 1
+
+
 def batch_counts(server) -> tuple[float, float]:
     text = httpx.get(server.url + "/metrics").text
     values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line.startswith("detr_")}
@@ -185,9 +193,20 @@ def test_malformed_and_oversized_bodies(server):
         assert bad.status_code == 422 and "not valid JSON" in bad.json()["error"]["message"]
     missing = httpx.get(server.url + "/v2/nothing")
     assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found"
+    before = request_count(server, "other", "413")  # refused before routing
     big = httpx.post(server.url + "/v1/translate", content=b" " * 1_000_001,
                      headers={"content-type": "application/json"})
     assert big.status_code == 413 and big.json()["error"]["type"] == "too_large"
+    assert request_count(server, "other", "413") == before + 1
+
+
+def request_count(server, endpoint: str, status: str) -> float:
+    """`detr_requests_total` of one route and status, from /metrics."""
+    wanted = f'detr_requests_total{{endpoint="{endpoint}",status="{status}"}}'
+    for line in httpx.get(server.url + "/metrics").text.splitlines():
+        if line.startswith(wanted):
+            return float(line.split(" ")[1])
+    return 0.0
 
 
 def test_a_client_that_goes_away_does_not_stall_the_server(server):

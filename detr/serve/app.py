@@ -35,6 +35,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from detr.analysis import alignment_of, attention_maps, label_maps
@@ -237,6 +238,46 @@ def intra_op(threads: int) -> Callable[[], None] | None:
     return (lambda: torch.set_num_threads(threads)) if threads else None
 
 
+class Gate:
+    """ASGI middleware: refuses a body over `max_body_bytes` (413) or a chunked one (411) before it is
+    read, and counts each request by route and status, with its latency (to its last byte).
+
+    Plain ASGI rather than Starlette's `BaseHTTPMiddleware`, which starts a task group and a memory
+    stream per request: on a 2-core server that Python competes with the model for the
+    interpreter."""
+
+    def __init__(self, app: Callable, metrics: Metrics, max_body_bytes: int) -> None:
+        self.app, self.metrics, self.max_body_bytes = app, metrics, max_body_bytes
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start, status = time.perf_counter(), 500
+
+        async def sending(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        headers = Headers(scope=scope)
+        length = headers.get("content-length")
+        try:
+            if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
+                await error_response(ApiError(413, f"request body larger than {self.max_body_bytes} bytes "
+                                                   f"(--max-body-bytes)"))(scope, receive, sending)
+            elif length is None and scope["method"] == "POST" and "chunked" in headers.get("transfer-encoding", ""):
+                await error_response(ApiError(411, "send a Content-Length header (chunked bodies are not read)"))(
+                    scope, receive, sending)
+            else:
+                await self.app(scope, receive, sending)
+        finally:  # the router has put the matched route into the scope
+            endpoint = getattr(scope.get("route"), "path", "other")
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+
+
 # ----------------------------------------------------------------------------- the app
 
 
@@ -290,22 +331,7 @@ def create_app(runs: dict[str, Run], config: ServeConfig, api_keys: list[str] | 
 
     guarded = [Depends(authorized)]
 
-    @app.middleware("http")
-    async def count(request: Request, call_next):
-        start = time.perf_counter()
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > config.max_body_bytes):
-            response = error_response(ApiError(413, f"request body larger than {config.max_body_bytes} bytes "
-                                                    f"(--max-body-bytes)"))
-        elif length is None and request.method == "POST" and "chunked" in request.headers.get("transfer-encoding", ""):
-            response = error_response(ApiError(411, "send a Content-Length header (chunked bodies are not read)"))
-        else:
-            response = await call_next(request)
-        route = request.scope.get("route")
-        endpoint = getattr(route, "path", "other")
-        metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
-        return response
+    app.add_middleware(Gate, metrics=metrics, max_body_bytes=config.max_body_bytes)
 
     @app.exception_handler(ApiError)
     async def on_api_error(request: Request, err: ApiError) -> JSONResponse:
