@@ -49,6 +49,7 @@ LOADS = {  # name: (beam size, server flags)
     "beam4": (4, []),
     "greedy-by-request": (1, ["--batching", "request"]),
     "beam4-by-request": (4, ["--batching", "request"]),
+    "beam4-8k": (4, ["--max-batch-tokens", "8192"]),  # room for all 64 one-sentence requests in one beam call
     "greedy-alone": (1, ["--max-batch-tokens", "1"]),
 }
 
