@@ -77,6 +77,8 @@ def serve(specs: dict[str, str | Path], config: ServeConfig, device: str = "cpu"
           monitoring: MonitorConfig | None = None) -> None:
     """Load the runs and serve them until SIGTERM or SIGINT (in-flight requests finish first).
     `monitoring`: the windows and alert rules of /v1/monitor (when `config.monitor_db` is set).
+    The calling thread is left at one intra-op thread: the models compute on their worker threads
+    (`worker_threads`; why: `detr.serve.app.intra_op`).
 
     Raises:
         ConfigError: an unsafe address, a bad key file, or a port already in use.
