@@ -44,6 +44,7 @@ from detr.config import Config, load_config
 from detr.evaluate import read_test_data, score_texts
 from detr.metrics import Score, bleu, distinct, rouge, score
 from detr.readers import read_examples, split_files
+from detr.rerank import rerank
 
 ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger("quality")
@@ -57,7 +58,15 @@ class Spec:
     refs: list[str] = field(default_factory=list)  # reference fields of the test file (summarization/dialogue)
     lead: int = 0  # summarization: sentences in the LEAD baseline
     split: str = ""  # the recipe's data/ files are made from ../shared/data by this function of the module
+    # dialogue: the recipe of a backward run (source and target swapped) for MMI-bidi reranking, trained
+    # beside this one, and the ../shared/data file (the recipe's fields) its weight is chosen on
+    backward: str = ""
+    backward_valid: str = ""
 
+
+CHATTERBOT_PAIRS = "dialogue/chatterbot_corpus_en/pairs.tsv"
+DIALOGUE_TURNS = "dialogue/dialogsum_turn_pairs/{}.tsv"  # turn pairs of DialogSum's valid and test dialogues
+DIALOGSUM_TRAIN = "summarization/dialogsum/train.jsonl"  # its train dialogues, from which more pairs are made
 
 SPECS = {
     "multi30k_en_de": Spec("translation"),
@@ -69,13 +78,11 @@ SPECS = {
     "bbc_headline_b2b": Spec("summarization", ["title"], lead=1),
     "dialogue_turns": Spec("dialogue", ["response"]),
     "dialogue_b2b": Spec("dialogue", ["response"], split="make_dialogsum_turns"),
-    "dialogue_minilm": Spec("dialogue", ["response"], split="make_dialogsum_turns"),
+    "dialogue_minilm": Spec("dialogue", ["response"], split="make_dialogsum_turns", backward="dialogue_minilm_backward",
+                            backward_valid=DIALOGUE_TURNS.format("valid")),
     "chatterbot": Spec("dialogue", ["response"], split="make_chatterbot_split"),
 }
 
-CHATTERBOT_PAIRS = "dialogue/chatterbot_corpus_en/pairs.tsv"
-DIALOGUE_TURNS = "dialogue/dialogsum_turn_pairs/{}.tsv"  # turn pairs of DialogSum's valid and test dialogues
-DIALOGSUM_TRAIN = "summarization/dialogsum/train.jsonl"  # its train dialogues, from which more pairs are made
 SPEAKER = re.compile(r"^#Person\d+#:\s*")
 # Decoding chosen on valid: beam search with repetition controls (all tasks but translation), and sampling (dialogue).
 # no_repeat_ngram 1 (no subword twice) is for headlines and short replies, which rarely repeat one.
@@ -88,6 +95,9 @@ NO_ANTI_LM = {"anti_lm": 0.0}
 LENGTH_GRID = [{"length_penalty": a} for a in (0.6, 1.0, 1.5, 2.0)]
 # What the beam stages start from, whatever the recipe file's decode section says (it holds the last choice).
 BEAM_START = {**NO_ANTI_LM, "length_penalty": 1.0}
+# MMI-bidi (`decode.backward_weight`): the beam's outputs at this beam size reranked with these weights.
+BACKWARD_BEAM = 8
+BACKWARD_GRID = [0.0, 0.5, 1.0, 2.0, 4.0, 8.0]
 SAMPLING_GRID = [{"top_p": p, "temperature": t} for p in (0.8, 0.9, 1.0) for t in (0.7, 1.0)]
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 
@@ -244,6 +254,39 @@ def choose_decoding(translator, config: Config, kind: str, beam: int, examples: 
             **({"references_distinct2": round(2 * floor, 2)} if kind == "dialogue" else {})}
 
 
+class Remembered:
+    """A backward model's scores kept per (output, source) pair: each weight of the grid reranks the same
+    outputs, so each pair is scored once."""
+
+    def __init__(self, backward) -> None:
+        self.backward, self.seen = backward, {}
+
+    def score(self, sources: list[str], targets: list[str]) -> list:
+        pairs = list(zip(sources, targets))
+        new = [p for p in dict.fromkeys(pairs) if p not in self.seen]
+        if new:
+            self.seen.update(zip(new, self.backward.score([s for s, _ in new], [t for _, t in new])))
+        return [self.seen[p] for p in pairs]
+
+
+def choose_backward_weight(translator, sources: list[str], refs: list[list[str]], decode: dict) -> dict:
+    """MMI-bidi's weight (`BACKWARD_GRID`) for the beam's `BACKWARD_BEAM` outputs under `decode` (the
+    choices made before it), chosen as `choose_decoding` chooses for dialogue: the best BLEU among the
+    weights whose Distinct-2 is at least half the references' (all weights when none is). The outputs
+    are decoded once and reranked per weight (`detr.rerank`)."""
+    floor = distinct(refs[0], 2).score / 2
+    nbest = translator.translate_nbest(sources, translator.options(
+        **{**decode, "beam_size": BACKWARD_BEAM, "nbest": BACKWARD_BEAM}))
+    scorer, results = Remembered(translator.backward), []
+    for weight in BACKWARD_GRID:
+        outputs = [found[0][0] for found in rerank(scorer, sources, nbest, weight)]
+        results.append((weight, {s.name: s.score for s in score(["bleu", "distinct"], outputs, refs)}))
+    varied = [r for r in results if r[1]["Distinct-2"] >= floor] or results
+    return {"backward_weight": max(varied, key=lambda r: r[1]["BLEU"])[0], "beam_size": BACKWARD_BEAM,
+            "examples": len(sources), "references_distinct2": round(2 * floor, 2),
+            "tried": [{"backward_weight": w, **{k: round(v, 2) for k, v in r.items()}} for w, r in results]}
+
+
 def evaluate_recipe(translator, config: Config, spec: Spec, args: argparse.Namespace, out: Path) -> dict:
     sources, references = test_set(config, spec)
     rows, details = [], {}
@@ -275,6 +318,18 @@ def evaluate_recipe(translator, config: Config, spec: Spec, args: argparse.Names
                              translator.options(**decode))
         rows.append(score_row(f"detr, beam {decode['beam_size']}", report.scores + [word_perplexity(
             translator, sources, references[0])]))
+        mmi_outputs = []
+        if translator.backward is not None:
+            valid = read_test_data(Path(args.shared) / spec.backward_valid, config.data.src_field, spec.refs)
+            lines = args.lines or None
+            details["backward_on_valid"] = chosen = choose_backward_weight(
+                translator, valid[0][:lines], [r[:lines] for r in valid[1]], decode)
+            mmi = {**decode, "beam_size": chosen["beam_size"], "backward_weight": chosen["backward_weight"]}
+            reranked = score_texts(translator, sources, references, ["bleu", "distinct"], out / "test_mmi.hyp",
+                                   translator.options(**mmi))
+            rows.append(score_row(f"detr, beam {mmi['beam_size']} reranked by the backward run, "
+                                  f"backward_weight={mmi['backward_weight']}", reranked.scores))
+            mmi_outputs = reranked.hypotheses
         sampling = {"top_p": config.decode.top_p, "seed": 1}
         if "chosen_on_valid" in details:
             sampling.update(details["chosen_on_valid"]["sampling"])
@@ -286,6 +341,8 @@ def evaluate_recipe(translator, config: Config, spec: Spec, args: argparse.Names
         rows.append(score_row("the references themselves", score(["distinct"], references[0], references)))
         details["examples"] = [{"context": s, "reference": r, "beam": h, "sampled": x}
                                for s, r, h, x in list(zip(sources, references[0], report.hypotheses, sampled))[:5]]
+        for example, output in zip(details["examples"], mmi_outputs):
+            example["beam reranked"] = output
     details["test_decode_seconds"] = round(time.perf_counter() - start, 1)
     details["decode"] = decode
     details["test_examples"] = len(sources)
@@ -301,6 +358,11 @@ def markdown(name: str, result: dict) -> str:
     lines += ["", f"Training: {t['steps']} steps ({t['stopped']}) in {t['seconds'] / 60:.1f} min; "
                   f"best valid {t['best']}. Test: {result['test_examples']} examples, decoded in "
                   f"{result['test_decode_seconds']:.0f} s with {result['decode']} on {t['machine']}."]
+    if "backward" in t:
+        b, chosen = t["backward"], result["backward_on_valid"]
+        lines.append(f"Backward run ({b['recipe']}): {b['steps']} steps ({b['stopped']}) in {b['seconds'] / 60:.1f} "
+                     f"min; best valid {b['best']}. Its weight chosen on {chosen['examples']} valid pairs "
+                     f"(references' Distinct-2 {chosen['references_distinct2']}): {chosen['tried']}.")
     if "valid_bleu_by_length_penalty" in result:
         lines.append(f"Length penalty chosen on valid (BLEU by penalty): {result['valid_bleu_by_length_penalty']}.")
     for ex in result.get("examples", []):
@@ -331,11 +393,25 @@ def run(args: argparse.Namespace) -> dict:
     if args.average and len(list_checkpoints(result.run_dir)) >= args.average:
         weights, averaged = average_checkpoints(result.run_dir, args.average)
     translator = detr.load(result.run_dir, weights=weights)  # loaded once: the averaged weights or the best
+    backward = None
+    if spec.backward:  # on the same data files, which exist now
+        back_out = Path(args.out) / spec.backward
+        back_overrides = [f"run_dir={back_out / 'run'}", f"train.threads={args.threads}", *args.set]
+        back_config = load_config(ROOT / "configs" / f"{spec.backward}.yaml", back_overrides)
+        if args.lines:
+            back_config = load_config(ROOT / "configs" / f"{spec.backward}.yaml",
+                                      back_overrides + subset(back_config, args.lines, back_out / "data"))
+        backward = detr.train(back_config, resume=True)
+        translator.backward = detr.load(backward.run_dir)
     report = evaluate_recipe(translator, config, spec, args, out)
     report["training"] = {
         "steps": result.steps, "stopped": result.stopped, "seconds": round(result.seconds, 1),
         "best": result.best, "averaged_steps": averaged, "threads": args.threads,
         "machine": f"{platform.machine()} {torch.get_num_threads()} thread(s), torch {torch.__version__}"}
+    if backward is not None:
+        report["training"]["backward"] = {"recipe": spec.backward, "steps": backward.steps,
+                                          "stopped": backward.stopped, "seconds": round(backward.seconds, 1),
+                                          "best": backward.best}
     report["command"] = "python benchmarks/quality.py " + " ".join(sys.argv[1:])
     (out / "results.json").write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
     (out / "results.md").write_text(markdown(name, report), encoding="utf-8")

@@ -152,9 +152,21 @@ def _translator(args: argparse.Namespace, command: str) -> Translator:
     members = [_load(args, Translator, command, path) for path in args.runs]
     translator = members[0] if len(members) == 1 else Translator.ensemble(members, args.runs)
     translator.on_overlong = "error" if args.strict_length else "truncate"
+    translator.backward = _backward(args, command)
     if _interactive(args):
         translator.read_ahead = 1  # interactive: answer each line as it is typed
     return translator
+
+
+def _backward(args: argparse.Namespace, command: str) -> Translator | None:
+    """The --backward run's translator (its own weights), for decode.backward_weight."""
+    if not getattr(args, "backward", None):  # translate and evaluate have --backward
+        return None
+    backward = load_run(args.backward, device=args.device).predictor()
+    if not isinstance(backward, Translator):
+        raise ConfigError(f"--backward {args.backward}: not a translation run; `detr {command}` reranks with a "
+                          f"translation run trained with source and target swapped")
+    return backward
 
 
 def decode_options(args: argparse.Namespace, base: DecodeConfig) -> DecodeConfig:
@@ -309,6 +321,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2) if args.json else predictor.format_report(report))
         return 0
     predictor.on_overlong = "error" if args.strict_length else "truncate"
+    predictor.backward = _backward(args, "evaluate")
     metrics = args.metrics.split(",")
     options = predictor.checked(decode_options(args, predictor.decode))
     if args.data:
@@ -430,7 +443,11 @@ def add_decode_flags(p: argparse.ArgumentParser) -> None:
                            help=argparse.SUPPRESS)
 
 
-def _add_decoding(p: argparse.ArgumentParser, ensemble: bool = False) -> None:
+def _add_decoding(p: argparse.ArgumentParser, ensemble: bool = False, rerank: bool = False) -> None:
+    if rerank:
+        p.add_argument("--backward", metavar="RUN",
+                       help="decode.backward_weight: the run that scores the source given each beam output "
+                            "(trained on the same pairs with source and target swapped)")
     if ensemble:
         p.add_argument("runs", nargs="+", metavar="RUN",
                        help="run directory written by detr train; several: an ensemble (one tokenizer)")
@@ -491,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     translate = sub.add_parser("translate", help="translate lines with a trained run (the run's decode.beam_size: "
                                                  "beam search, or greedy at 1); N-best as TEXT<tab>SCORE lines")
-    _add_decoding(translate, ensemble=True)
+    _add_decoding(translate, ensemble=True, rerank=True)
     _add_steering(translate)
     translate.add_argument("--alignment", action="store_true",
                            help="append a tab and source-target word alignments from cross-attention (0-0 1-2 ...)")
@@ -543,7 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("evaluate", help="score a run: BLEU/chrF/ROUGE (translate), accuracy/F1 reports "
                                                "(classify, tag)")
-    _add_decoding(evaluate)
+    _add_decoding(evaluate, rerank=True)
     evaluate.add_argument("--src", help="translate: source file")
     evaluate.add_argument("--ref", action="append", help="translate: reference file (repeat for more)")
     evaluate.add_argument("--data", help="classify/tag: a labelled file in the training data's format; "

@@ -315,6 +315,10 @@ class DecodeConfig:
     mbr_metric: Literal["chrf", "bleu"] = option("chrf", "MBR: the utility (sacrebleu's sentence-level metric)")
     mbr_candidates: Literal["sample", "beam"] = option(
         "sample", "MBR: candidates drawn by sampling (temperature, top-k, top-p, seed) or the beam's n-best")
+    backward_weight: float = option(
+        0.0, "MMI-bidi reranking (Li et al., 2016): of the beam's beam-size outputs, keep those with the best "
+             "score + this x the per-token log-probability of the source given the output under a backward run "
+             "(--backward RUN: one trained with source and target swapped; see detr.rerank); 0: off")
     max_tokens: int = option(4096, "source tokens per prediction batch (rows x longest row)")
     batch_size: int = option(64, "inputs per prediction batch")
 
@@ -327,7 +331,13 @@ class DecodeConfig:
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"decode.top_p must be in (0, 1], got {self.top_p}")
         _check_not_negative(self, "decode", "min_len", "no_repeat_ngram", "top_k", "max_len_a", "max_len_b", "seed",
-                            "anti_lm", "anti_lm_steps", "mbr")
+                            "anti_lm", "anti_lm_steps", "mbr", "backward_weight")
+        if not math.isfinite(self.backward_weight):
+            raise ConfigError(f"decode.backward_weight must be a finite number, got {self.backward_weight}")
+        if self.backward_weight and self.beam_size == 1:
+            raise ConfigError("decode.backward_weight reranks the beam's outputs: it needs decode.beam_size > 1")
+        if self.backward_weight and self.mbr:
+            raise ConfigError("decode.backward_weight and decode.mbr both choose among candidates: use one")
         if self.mbr and self.nbest > self.mbr:
             raise ConfigError(f"decode.nbest={self.nbest} cannot exceed decode.mbr={self.mbr} candidates")
         if self.mbr and self.mbr_candidates == "beam" and self.beam_size < self.mbr:

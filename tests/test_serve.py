@@ -174,6 +174,7 @@ def test_classify_tag_and_inspect(server, runs):
     ("/v1/translate", {"model": "nope", "text": "x"}, 404, "no model named 'nope'"),
     ("/v1/translate", {"text": "x", "decode": {"beam": 2}}, 422, "decode.beam: not a decoding option"),
     ("/v1/translate", {"text": "x", "decode": {"beam_size": 0}}, 422, "decode.beam_size must be positive"),
+    ("/v1/translate", {"text": "x", "decode": {"backward_weight": 1.0}}, 422, "needs a backward run"),
     ("/v1/translate", {"text": "x", "texts": ["y"]}, 422, "exactly one of 'text' and 'texts'"),
     ("/v1/translate", {"text": "x", "colour": "red"}, 422, "colour"),
     ("/v1/translate", {"text": "x" * 5001}, 413, "text: 5001 characters"),

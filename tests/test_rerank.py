@@ -1,0 +1,120 @@
+"""MMI-bidi reranking (decode.backward_weight): the beam's outputs re-scored by a backward run."""
+
+from dataclasses import dataclass
+
+import pytest
+
+import detr
+from detr.errors import ConfigError, DataError
+from detr.rerank import rerank
+from tests.conftest import detr_cli, train_toy
+
+WEIGHT = 0.7
+
+
+@dataclass
+class FakeScore:
+    per_token: float
+
+
+class TableScorer:
+    """A backward model that gives each (output, source) pair a listed per-token log-probability."""
+
+    def __init__(self, table: dict[tuple[str, str], float]) -> None:
+        self.table, self.calls = table, []
+
+    def score(self, sources, targets):
+        pairs = list(zip(sources, targets))
+        self.calls.append(pairs)
+        return [FakeScore(self.table[pair]) for pair in pairs]
+
+
+def test_rerank_adds_the_weighted_backward_score_and_leaves_padding_and_blank_sources():
+    scorer = TableScorer({("thanks", "x"): -3.0, ("i see the cat", "x"): -1.0, ("yes", "y"): -2.0})
+    candidates = [[("thanks", -1.0), ("i see the cat", -1.5), ("", 0.0)], [("yes", -0.5)], [("", 0.0), ("", 0.0)]]
+    out = rerank(scorer, ["x", "y", "  "], candidates, weight=0.5)
+    assert out[0] == [("i see the cat", -1.5 - 0.5), ("thanks", -1.0 - 1.5), ("", 0.0)]  # padding last, unscored
+    assert out[1] == [("yes", -0.5 - 1.0)]
+    assert out[2] == candidates[2]  # a blank source: nothing to score
+    assert len(scorer.calls) == 1 and len(scorer.calls[0]) == 3  # one batched call, no padding, no blank source
+    assert rerank(scorer, ["x"], candidates[:1], weight=0.0)[0] == candidates[0]  # weight 0: the beam's order
+
+
+@pytest.fixture(scope="module")
+def toy(toy_run, tmp_path_factory):
+    """The toy en→de run, and a de→en run trained on the same corpus as its backward model."""
+    backward_root = train_toy(tmp_path_factory.mktemp("backward"), steps=150,
+                              **{"data.src_lang": "de", "data.tgt_lang": "en"})
+    translator = detr.load(toy_run / "run")
+    translator.backward = detr.load(backward_root / "run")
+    sources = (toy_run / "data" / "test.en").read_text().splitlines()[:16]
+    return translator, sources, toy_run, backward_root
+
+
+def test_the_output_is_the_beam_output_with_the_best_combined_score(toy):
+    translator, sources, _, _ = toy
+    beam = translator.translate_nbest(sources, translator.options(beam_size=4, nbest=4))
+    expected = []
+    for source, found in zip(sources, beam):
+        back = translator.backward.score([text for text, _ in found], [source] * len(found))
+        combined = [(text, score + WEIGHT * b.per_token) for (text, score), b in zip(found, back)]
+        expected.append(sorted(combined, key=lambda c: -c[1]))
+    reranked = translator.translate_nbest(sources, translator.options(beam_size=4, nbest=4, backward_weight=WEIGHT))
+    for got, want in zip(reranked, expected):
+        assert [text for text, _ in got] == [text for text, _ in want]
+        assert [score for _, score in got] == pytest.approx([score for _, score in want], abs=1e-5)
+    best = translator.translate(sources, translator.options(beam_size=4, backward_weight=WEIGHT))
+    assert best == [found[0][0] for found in reranked]
+    assert any(b != r[0][0] for b, r in zip(translator.translate(sources), reranked)), "the weight changed nothing"
+
+
+def test_lines_before_a_bad_line_are_answered(toy):
+    translator, sources, _, _ = toy
+    lines = sources[:3] + ["word " * 500] + sources[3:5]
+    translator.on_overlong = "error"
+    answered = []
+    try:
+        with pytest.raises(DataError, match="line 4"):
+            for found in translator.iter_nbest(lines, translator.options(beam_size=4, backward_weight=WEIGHT)):
+                answered.append(found)
+    finally:
+        translator.on_overlong = "truncate"
+    assert len(answered) == 3
+
+
+def test_backward_reranking_is_refused_where_it_cannot_apply(toy):
+    translator, sources, _, _ = toy
+    plain = detr.load(toy[2] / "run")
+    with pytest.raises(ConfigError, match="needs a backward run"):
+        plain.translate(sources[:1], plain.options(backward_weight=1.0))
+    with pytest.raises(ConfigError, match="needs decode.beam_size > 1"):
+        translator.options(beam_size=1, backward_weight=1.0)
+    with pytest.raises(ConfigError, match="use one"):
+        translator.options(beam_size=4, mbr=4, backward_weight=1.0)
+    with pytest.raises(ConfigError, match="must not be negative"):
+        translator.options(backward_weight=-1.0)
+    with pytest.raises(ConfigError, match="sampling does not use it"):
+        translator.generate(sources[:1], translator.options(backward_weight=1.0))
+    with pytest.raises(ConfigError, match="no backward reranking"):
+        translator.stream(translator.options(backward_weight=1.0))
+
+
+def test_cli_translate_and_evaluate_rerank_with_backward(toy, tmp_path):
+    translator, sources, forward_root, backward_root = toy
+    (tmp_path / "in.en").write_text("\n".join(sources) + "\n")
+    flags = ["--backward", str(backward_root / "run"), "--backward-weight", str(WEIGHT), "--beam-size", "4"]
+    done = detr_cli("translate", str(forward_root / "run"), "-i", str(tmp_path / "in.en"), *flags)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == translator.translate(sources, translator.options(beam_size=4,
+                                                                                         backward_weight=WEIGHT))
+    references = (forward_root / "data" / "test.de").read_text().splitlines()[:16]
+    (tmp_path / "ref.de").write_text("\n".join(references) + "\n")
+    scored = detr_cli("evaluate", str(forward_root / "run"), "--src", str(tmp_path / "in.en"),
+                      "--ref", str(tmp_path / "ref.de"), "--json", *flags)
+    assert scored.returncode == 0, scored.stderr
+    missing = detr_cli("translate", str(forward_root / "run"), "--backward", str(tmp_path / "nothing"),
+                       "--backward-weight", "1", stdin="a dog\n")
+    assert missing.returncode != 0 and "Traceback" not in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1 and "nothing" in missing.stderr
+    unloaded = detr_cli("translate", str(forward_root / "run"), "--backward-weight", "1", stdin="a dog\n")
+    assert unloaded.returncode != 0 and "--backward RUN" in unloaded.stderr
