@@ -113,7 +113,7 @@ def test_each_quality_recipe_trains_decodes_and_scores(recipe, tmp_path, monkeyp
         assert len(report["examples"]) == 5 and names[-2].startswith("detr, nucleus sampling")
     if quality.SPECS[recipe].backward:  # the backward run trained beside it, its weight chosen, its row
         assert report["training"]["backward"]["steps"] == 2
-        assert [t["backward_weight"] for t in report["backward_on_valid"]["tried"]] == [0.0, 0.5]
+        assert [t["backward_weight"] for t in report["backward_on_valid"]["tried"]] == quality.BACKWARD_GRID
         assert names[1].startswith("detr, beam 2 reranked by the backward run")
         assert all("beam reranked" in example for example in report["examples"])
     if kind == "translation":
