@@ -76,10 +76,11 @@ def test_every_recipe_in_configs_is_valid(name):
         assert f"src={config.data.vocab_size}" in describe_model(str(ROOT / "configs" / f"{name}.yaml"))[1]
 
 
-# The quality recipes (benchmarks/quality.py's SPECS, some with splits it makes) are trained, decoded and
-# scored by tests/test_quality.py: not twice.
-QUALITY_RECIPES = set(re.findall(r'^    "(\w+)": Spec\(', (Path(__file__).resolve().parent.parent / "benchmarks" /
-                                                          "quality.py").read_text(), re.MULTILINE))
+# The quality recipes (benchmarks/quality.py's SPECS, some with splits it makes, and the backward runs
+# trained beside them) are trained, decoded and scored by tests/test_quality.py: not twice.
+QUALITY_SOURCE = (Path(__file__).resolve().parent.parent / "benchmarks" / "quality.py").read_text()
+QUALITY_RECIPES = {*re.findall(r'^    "(\w+)": Spec\(', QUALITY_SOURCE, re.MULTILINE),
+                   *re.findall(r'backward="(\w+)"', QUALITY_SOURCE)}
 
 
 @pytest.mark.parametrize("name", [r for r in RECIPES if r not in {"base", "tiny", *QUALITY_RECIPES}])
