@@ -71,6 +71,29 @@ def test_the_engine_takes_a_whole_chunk_and_ctranslate2_batches_it_under_the_tok
     assert all(name == "score_batch" for name, _, _ in counting.calls[1:])  # lines cut at their budget, rescored
 
 
+@pytest.mark.parametrize("max_len_b", [3, 50])  # most lines cut at their limit / none
+def test_beam_lines_with_nearby_limits_share_a_call_and_still_end_as_at_their_own_limit(
+        toy_run, exported, monkeypatch, max_len_b):
+    translator = load(toy_run / "run")
+    lines = (toy_run / "data" / "test.en").read_text().splitlines()[:120]
+    options = translator.options(beam_size=4, nbest=4, length_penalty=0.0, max_len_a=0.5, max_len_b=max_len_b)
+    engine = translator.engine = export.CTranslate2Search(exported, translator.tokenizer)
+    monkeypatch.setattr(export, "BUDGET_SPREAD", 1.0)  # one call per limit: every line searched at its own
+    engine.translator = own = CountingTranslator(engine.translator)
+    expected = translator.translate_nbest(lines, options)
+    monkeypatch.setattr(export, "BUDGET_SPREAD", 1.5)
+    engine.translator = shared = CountingTranslator(own.translator)
+    got = translator.translate_nbest(lines, options)
+    assert [[text for text, _ in n] for n in got] == [[text for text, _ in n] for n in expected]
+    for mine, theirs in zip(got, expected):
+        assert [s for _, s in mine] == pytest.approx([s for _, s in theirs], abs=1e-4)
+    searched = sum(n for _, n, _ in shared.calls)
+    if max_len_b == 3:  # the lines cut at a shared limit were searched again at their own, and only those
+        assert len(lines) < searched < 2 * len(lines)
+    else:
+        assert searched == len(lines) and len(shared.calls) < len(own.calls)
+
+
 def test_translate_engine_ctranslate2_converts_once_into_the_run_and_gives_the_same_lines(toy_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(toy_run / "run", run)

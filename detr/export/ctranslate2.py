@@ -20,7 +20,6 @@ log-probabilities), sampling, constraints, ensembles and MBR.
 from __future__ import annotations
 
 import shutil
-from collections import defaultdict
 from pathlib import Path
 
 import ctranslate2
@@ -41,6 +40,7 @@ from detr.tokenizer import EOS, PAD, SPECIALS, Tokenizer
 QUANTIZATIONS = ("float32", "int8", "int8_float32")
 FORMAT = "detr-ctranslate2/1"
 MODEL_FILES = ("model.bin", "config.json")
+BUDGET_SPREAD = 1.5  # beam search: lines whose length limits differ by at most this factor share a call
 TOLERANCE = 1e-4  # largest log-probability difference between detr and the conversion, checked before it is kept
 
 
@@ -248,18 +248,7 @@ class CTranslate2Search:
         sources = [[self.src_tokens[i] for i in row] for row in rows]
         if config.beam_size == 1:
             return self._greedy(sources, budgets, config)
-        # A beam's search depends on its length limit: one call per output budget, so each line stops
-        # where detr stops it.
-        by_budget: dict[int, list[int]] = defaultdict(list)
-        for i, budget in enumerate(budgets):
-            by_budget[budget].append(i)
-        out: list[list[Hypothesis]] = [[] for _ in rows]
-        for budget, index in by_budget.items():
-            results = self._translate([sources[j] for j in index], budget, config)
-            for j, result in zip(index, results):
-                out[j] = [Hypothesis(self._ids(tokens), float(score))
-                          for tokens, score in zip(result.hypotheses, result.scores)]
-        return out
+        return self._beam(sources, budgets, config)
 
     def _translate(self, sources: list[list[str]], budget: int, config: DecodeConfig) -> list:
         return self.translator.translate_batch(
@@ -286,3 +275,40 @@ class CTranslate2Search:
             for j, tokens, score in zip(over, cut, scored):
                 out[j] = Hypothesis(self._ids(tokens), float(sum(score.log_probs[:-1])))  # the last is </s>'s
         return [[h] for h in out]
+
+    def _beam(self, sources: list[list[str]], budgets: list[int], config: DecodeConfig) -> list[list[Hypothesis]]:
+        """Beam search with each line's own length limit, in a few calls instead of one per limit.
+
+        Lines go into groups of nearby limits (the largest at most `BUDGET_SPREAD` times the
+        smallest), and a group is searched at its smallest limit. A line's result there is also its
+        result at its own, larger limit when every returned hypothesis ended with </s> (is shorter
+        than the limit): with no length penalty a score only falls as a hypothesis grows, the
+        hypotheses the shorter search cut at its limit ranked below all those returned, and so does
+        everything a longer search grows from the same beams. The other lines are searched again at
+        their own limits, one call per limit, so no line is searched more than twice."""
+        out: list[list[Hypothesis]] = [[] for _ in sources]
+        order = sorted(range(len(sources)), key=budgets.__getitem__)
+        again: list[int] = []
+        for spread in (BUDGET_SPREAD, 1.0):
+            for group in _spread_groups(order, budgets, spread):
+                limit = budgets[group[0]]
+                for j, result in zip(group, self._translate([sources[j] for j in group], limit, config)):
+                    if budgets[j] > limit and any(len(tokens) >= limit for tokens in result.hypotheses):
+                        again.append(j)
+                    else:
+                        out[j] = [Hypothesis(self._ids(tokens), float(score))
+                                  for tokens, score in zip(result.hypotheses, result.scores)]
+            order, again = sorted(again, key=budgets.__getitem__), []
+        return out
+
+
+def _spread_groups(order: list[int], budgets: list[int], spread: float) -> list[list[int]]:
+    """`order` (indices sorted by budget) cut into runs whose largest budget is at most `spread`
+    times their smallest."""
+    groups: list[list[int]] = []
+    for j in order:
+        if groups and budgets[j] <= spread * budgets[groups[-1][0]]:
+            groups[-1].append(j)
+        else:
+            groups.append([j])
+    return groups
