@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import ctranslate2  # before torch, so that it keeps its own OpenMP runtime (detr/openmp.py)
 import torch
 
 from detr import ModelConfig, Seq2Seq, build_model
@@ -116,7 +117,6 @@ class _FakeTokenizer:
 
 
 def ct2_runner(model: Callable, src: torch.Tensor, beam: int, threads: int, device: str, workdir: Path):
-    import ctranslate2
     from ctranslate2.converters import TransformersConverter
 
     hf_dir, ct2_dir = workdir / "hf", workdir / "ct2"
@@ -165,8 +165,6 @@ class _FakeDetrTokenizer:
 def detr_ct2_runner(src: torch.Tensor, beam: int, threads: int, device: str, workdir: Path, quantization: str):
     """detr's random model through detr's own CTranslate2 converter (`detr export --to ctranslate2`'s
     spec), decoded by CTranslate2 the way `--engine ctranslate2` calls it."""
-    import ctranslate2
-
     from detr.export.ctranslate2 import model_spec, vocabulary
 
     folder = workdir / f"detr-ct2-{quantization}"

@@ -8,8 +8,9 @@ reports sentences per second, how many outputs equal detr's own, and BLEU agains
 
     python benchmarks/export_speed.py RUN --src test.en --ref test.de [--threads 2] [--beams 1,4] [--only WORDS]
 
-`--only CTranslate2` times the CTranslate2 rows alone in the process (engines sharing a process
-slow each other: RESULTS.md).
+Every timed call runs in a fresh process of its own: engines sharing a process slow each other
+(each keeps a team of worker threads; two CTranslate2 translators in one process decode at about
+0.6x the speed of one alone, RESULTS.md). `--only CTranslate2` times the CTranslate2 rows only.
 
 Not part of the test run; the conversions go to RUN/engines/ as with `detr translate --engine`.
 """
@@ -17,9 +18,13 @@ Not part of the test run; the conversions go to RUN/engines/ as with `detr trans
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
+import sys
 import time
 
+import ctranslate2  # before torch, so that it keeps its own OpenMP runtime (detr/openmp.py)
 import torch
 
 from detr import load
@@ -36,8 +41,6 @@ class DirectCTranslate2:
     which is what reproducing detr's lengths without detr takes."""
 
     def __init__(self, folder, tokenizer, threads: int, per_line_budgets: bool = False) -> None:
-        import ctranslate2
-
         self.translator = ctranslate2.Translator(str(folder), intra_threads=threads)
         self.src, self.tgt = tokenizer.src, tokenizer.tgt
         self.tokens = vocabulary(tokenizer, "src")
@@ -60,6 +63,42 @@ class DirectCTranslate2:
         return self.tgt.decode_batch(hypotheses)
 
 
+def engines(run: str, threads: int) -> dict:
+    """The engines by name, each made when called."""
+    def on_ctranslate2(quantize: str):
+        other = load(run)
+        other.engine = CTranslate2Search(cached_export(run, quantize), other.tokenizer, threads=threads)
+        return other
+
+    def onnx_runtime():
+        other = load(run)
+        other.engine = onnx.OnnxSearch(onnx.cached_export(run), threads=threads)
+        return other
+
+    def direct(per_line_budgets: bool):
+        return DirectCTranslate2(cached_export(run, "float32"), load(run).tokenizer, threads, per_line_budgets)
+
+    return {
+        "detr (torch)": lambda: load(run),
+        "detr (torch) int8": lambda: load(run).quantize("int8"),
+        "CTranslate2 float32": lambda: on_ctranslate2("float32"),
+        "CTranslate2 float32, called directly": lambda: direct(False),
+        "CTranslate2 float32, called directly with detr's per-line length limits": lambda: direct(True),
+        "CTranslate2 int8": lambda: on_ctranslate2("int8"),
+        "detr search on ONNX Runtime": onnx_runtime,
+    }
+
+
+def time_one(args: argparse.Namespace, lines: list[str]) -> None:
+    """In the child process: one engine, one warm-up, one timed call; seconds and outputs as JSON."""
+    engine = engines(args.run, args.threads)[args.engine]()
+    options = load(args.run).options(beam_size=args.beam, length_penalty=0.0)
+    engine.translate(lines[:50], options)
+    start = time.perf_counter()
+    outputs = engine.translate(lines, options)
+    json.dump({"seconds": time.perf_counter() - start, "outputs": outputs}, sys.stdout)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("run")
@@ -70,59 +109,40 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="timed runs per engine, interleaved; the median counts")
     parser.add_argument("--only", help="time only the engines whose names contain one of these comma-separated "
                                        "words (detr's own output is still made, untimed, to compare with)")
+    parser.add_argument("--engine", help=argparse.SUPPRESS)  # the child process: time this engine alone
+    parser.add_argument("--beam", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     lines = open(args.src, encoding="utf-8").read().splitlines()
+    if args.engine:
+        return time_one(args, lines)
     refs = open(args.ref, encoding="utf-8").read().splitlines()
-    translator = load(args.run)
-
-    def ctranslate2(quantize: str):
-        other = load(args.run)
-        other.engine = CTranslate2Search(cached_export(args.run, quantize), translator.tokenizer, threads=args.threads)
-        return other
-
-    def onnx_runtime():
-        other = load(args.run)
-        other.engine = onnx.OnnxSearch(onnx.cached_export(args.run), threads=args.threads)
-        return other
-
-    def direct(per_line_budgets: bool):
-        return DirectCTranslate2(cached_export(args.run, "float32"), translator.tokenizer, args.threads,
-                                 per_line_budgets)
-
-    makers = {
-        "detr (torch)": lambda: translator,
-        "detr (torch) int8": lambda: load(args.run).quantize("int8"),
-        "CTranslate2 float32": lambda: ctranslate2("float32"),
-        "CTranslate2 float32, called directly": lambda: direct(False),
-        "CTranslate2 float32, called directly with detr's per-line length limits": lambda: direct(True),
-        "CTranslate2 int8": lambda: ctranslate2("int8"),
-        "detr search on ONNX Runtime": onnx_runtime,
-    }
     wanted = [w.strip() for w in args.only.split(",")] if args.only else [""]
-    engines = [(name, make()) for name, make in makers.items() if any(w in name for w in wanted)]
-    print(f"{len(lines)} sentences, {args.threads} threads, torch {torch.__version__}")
+    names = [name for name in engines(args.run, args.threads) if any(w in name for w in wanted)]
+    print(f"{len(lines)} sentences, {args.threads} threads, torch {torch.__version__}, each call in its own process")
     print("| search | engine | sentences/s | ÷ detr | outputs equal to detr's | BLEU |")
     print("|---|---|---:|---:|---:|---:|")
     for beam in map(int, args.beams.split(",")):
-        options = translator.options(beam_size=beam, length_penalty=0.0)
-        for _, engine in engines:
-            engine.translate(lines[:50], options)  # warm-up
-        seconds: dict[str, list[float]] = {name: [] for name, _ in engines}
+        seconds: dict[str, list[float]] = {name: [] for name in names}
         outputs: dict[str, list[str]] = {}
         for _ in range(args.repeat):  # rounds interleave the engines: the machine's drift hits them alike
-            for name, engine in engines:
-                start = time.perf_counter()
-                outputs[name] = engine.translate(lines, options)
-                seconds[name].append(time.perf_counter() - start)
-        timed = [(name, outputs[name], len(lines) / statistics.median(seconds[name])) for name, _ in engines]
-        own = dict((name, out) for name, out, _ in timed).get("detr (torch)") or translator.translate(lines, options)
-        base = dict((name, speed) for name, _, speed in timed).get("detr (torch)")
-        for name, out, speed in timed:
-            same = sum(a == b for a, b in zip(out, own))
-            ratio = f"{speed / base:.2f}" if base else "—"
-            print(f"| {'greedy' if beam == 1 else f'beam {beam}'} | {name} | {speed:,.1f} | {ratio} | "
-                  f"{same}/{len(lines)} | {bleu(out, [refs]).score:.2f} |", flush=True)
+            for name in names:
+                child = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--engine", name, "--beam", str(beam)],
+                                       check=True, capture_output=True, text=True)
+                result = json.loads(child.stdout)
+                outputs[name] = result["outputs"]
+                seconds[name].append(result["seconds"])
+        speeds = {name: len(lines) / statistics.median(seconds[name]) for name in names}
+        own = outputs.get("detr (torch)")
+        if own is None:  # detr's own output, untimed, to compare with
+            reference = load(args.run)
+            own = reference.translate(lines, reference.options(beam_size=beam, length_penalty=0.0))
+        base = speeds.get("detr (torch)")
+        for name in names:
+            same = sum(a == b for a, b in zip(outputs[name], own))
+            ratio = f"{speeds[name] / base:.2f}" if base else "—"
+            print(f"| {'greedy' if beam == 1 else f'beam {beam}'} | {name} | {speeds[name]:,.1f} | {ratio} | "
+                  f"{same}/{len(lines)} | {bleu(outputs[name], [refs]).score:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from detr import openmp  # noqa: F401  (first: CTranslate2 before torch)
 from detr.checkpoint import Run, load_run
 from detr.config import Config, DataConfig, DecodeConfig, ModelConfig, TrainConfig, load_config
 from detr.constraints import Constraints

@@ -1,7 +1,10 @@
 """Export to CTranslate2: the exported model decodes exactly as detr does (greedy and beam), what
 cannot map is refused before anything is written, a partial export is never used."""
 
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -69,6 +72,22 @@ def test_the_engine_takes_a_whole_chunk_and_ctranslate2_batches_it_under_the_tok
     assert translator.translate(lines, options) == expected
     assert counting.calls[0] == ("translate_batch", 200, 64)  # all of them, batched by CTranslate2 itself
     assert all(name == "score_batch" for name, _, _ in counting.calls[1:])  # lines cut at their budget, rescored
+
+
+def _openmp_of_ctranslate2(imports: str) -> set[str]:
+    """The libraries CTranslate2's parallel regions bind to in a fresh process, as the dynamic linker logs them."""
+    probe = subprocess.run([sys.executable, "-c", imports], env={**os.environ, "LD_DEBUG": "bindings"},
+                           capture_output=True, text=True, check=True)
+    return {line.split(" to ")[1].split()[0].split("/")[-1] for line in probe.stderr.splitlines()
+            if "libctranslate2" in line and "`GOMP_parallel'" in line}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_DEBUG is glibc's")
+def test_importing_detr_first_keeps_ctranslate2_on_its_own_openmp_runtime():
+    # torch first would bind CTranslate2 to torch's runtime, which decoded at about 0.6x (detr/openmp.py)
+    (torchs,) = _openmp_of_ctranslate2("import torch, ctranslate2")
+    (own,) = _openmp_of_ctranslate2("import detr, torch, ctranslate2")
+    assert torchs == "libgomp.so.1" and own.startswith("libgomp-") and own != torchs
 
 
 @pytest.mark.parametrize("max_len_b", [3, 50])  # most lines cut at their limit / none
