@@ -235,7 +235,7 @@ def cmd_translate(args: argparse.Namespace) -> int:
 
     with _output(args.output) as out:
         for nbest in translator.iter_nbest(remembered(_input_lines(args.input, args.invalid)), config,
-                                           _constraints(args)):
+                                           _constraints(args), scores=config.nbest > 1):
             src = sources.popleft()
             lines = []
             for text, score in nbest:

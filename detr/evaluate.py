@@ -67,7 +67,7 @@ def score_texts(translator: Translator, sources: list[str], references: list[lis
     hypotheses: list[str] = []
     with contextlib.ExitStack() as stack:
         out = stack.enter_context(_open_output(hypotheses_out)) if hypotheses_out else None
-        for nbest in translator.iter_nbest(sources, config):
+        for nbest in translator.iter_nbest(sources, config, scores=False):
             hypotheses.append(nbest[0][0])
             if out is not None:
                 _write(out, one_line(hypotheses[-1]) + "\n", hypotheses_out)

@@ -167,7 +167,7 @@ class Translator:
         """Best output for each line (beam search when `beam_size` > 1, else greedy; MBR when `mbr`
         is set), under each line's `constraints` if given."""
         config = dataclasses.replace(options or self.decode, nbest=1)
-        return [nbest[0][0] for nbest in self.iter_nbest(lines, config, constraints)]
+        return [nbest[0][0] for nbest in self.iter_nbest(lines, config, constraints, scores=False)]
 
     def translate_nbest(self, lines: Iterable[str], options: DecodeConfig | None = None,
                         constraints: Iterable[Constraints] | None = None) -> list[list[tuple[str, float]]]:
@@ -275,9 +275,12 @@ class Translator:
         return tag + ids + [eos]
 
     def iter_nbest(self, lines: Iterable[str], options: DecodeConfig | None = None,
-                   constraints: Iterable[Constraints] | None = None) -> Iterator[list[tuple[str, float]]]:
+                   constraints: Iterable[Constraints] | None = None,
+                   scores: bool = True) -> Iterator[list[tuple[str, float]]]:
         """Lazily decode `lines`, a chunk at a time, yielding `nbest` results per line in input order.
-        `constraints`: one per line (a prefix, phrases to include or exclude), or None."""
+        `constraints`: one per line (a prefix, phrases to include or exclude), or None. `scores=False`
+        says the caller will not read the scores: another engine (`self.engine`) may then leave them
+        NaN and skip the work they cost."""
         config = self.checked(options or self.decode)
         if config.mbr:
             yield from self._iter_mbr(lines, config, constraints)
@@ -290,7 +293,7 @@ class Translator:
             if self.engine is not None:
                 if guides is not None:
                     raise ConfigError("constraints and prefixes need the torch engine (drop --engine)")
-                return self.engine(src, config)
+                return self.engine(src, config, scores)
             if guides is not None and any(g is not None and g.include for g in guides):
                 return constrained_beam_search(self.models, src, config, guides)
             if config.beam_size == 1:
@@ -535,8 +538,9 @@ class Engine(Protocol):
     def check(self, config: DecodeConfig) -> None:
         """Raise ConfigError for options the engine would not carry out as detr's own search does."""
 
-    def __call__(self, src: torch.Tensor, config: DecodeConfig) -> list[list[Hypothesis]]:
-        """`config.nbest` hypotheses (beam) or one (greedy) per row of the padded source ids `src`."""
+    def __call__(self, src: torch.Tensor, config: DecodeConfig, scores: bool = True) -> list[list[Hypothesis]]:
+        """`config.nbest` hypotheses (beam) or one (greedy) per row of the padded source ids `src`;
+        with `scores=False` their scores may be NaN."""
 
 
 def _paired(lines: Iterable[str], constraints: Iterable[Constraints] | None) -> Iterator[tuple[str, Constraints]]:

@@ -1,6 +1,7 @@
 """Export to CTranslate2: the exported model decodes exactly as detr does (greedy and beam), what
 cannot map is refused before anything is written, a partial export is never used."""
 
+import math
 import os
 import shutil
 import subprocess
@@ -47,6 +48,9 @@ def test_greedy_lines_cut_at_their_budget_match_detr_in_text_and_score(toy_run, 
     got = translator.translate_nbest(lines, options)
     assert [n[0][0] for n in got] == [n[0][0] for n in expected]
     assert [n[0][1] for n in got] == pytest.approx([n[0][1] for n in expected], abs=2e-3)
+    unscored = list(translator.iter_nbest(lines, options, scores=False))  # the caller will not read them
+    assert [n[0][0] for n in unscored] == [n[0][0] for n in expected]
+    assert all(math.isnan(n[0][1]) for n in unscored)
 
 
 class CountingTranslator:
@@ -70,8 +74,12 @@ def test_the_engine_takes_a_whole_chunk_and_ctranslate2_batches_it_under_the_tok
     translator.engine = export.CTranslate2Search(exported, translator.tokenizer)
     translator.engine.translator = counting = CountingTranslator(translator.engine.translator)
     assert translator.translate(lines, options) == expected
-    assert counting.calls[0] == ("translate_batch", 200, 64)  # all of them, batched by CTranslate2 itself
-    assert all(name == "score_batch" for name, _, _ in counting.calls[1:])  # lines cut at their budget, rescored
+    assert counting.calls == [("translate_batch", 200, 64)]  # all of them, batched by CTranslate2 itself
+    counting.calls.clear()
+    scored = translator.translate_nbest(lines, options)  # scores asked: lines cut at their budget are rescored
+    assert [n[0][0] for n in scored] == expected
+    assert counting.calls[0] == ("translate_batch", 200, 64)
+    assert all(name == "score_batch" for name, _, _ in counting.calls[1:])
 
 
 def _openmp_of_ctranslate2(imports: str) -> set[str]:

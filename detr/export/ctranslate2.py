@@ -19,6 +19,7 @@ log-probabilities), sampling, constraints, ensembles and MBR.
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
@@ -240,40 +241,43 @@ class CTranslate2Search:
             name = "mbr" if config.mbr else "anti_lm"
             raise ConfigError(f"decode.{name}: not with --engine ctranslate2; use the torch engine")
 
-    def __call__(self, src: Tensor, config: DecodeConfig) -> list[list[Hypothesis]]:
-        """Hypotheses for each row of the padded source ids `src` (B, S), best first."""
+    def __call__(self, src: Tensor, config: DecodeConfig, scores: bool = True) -> list[list[Hypothesis]]:
+        """Hypotheses for each row of the padded source ids `src` (B, S), best first; greedy's scores
+        are NaN with `scores=False` (not asked of CTranslate2)."""
         rows = [[int(i) for i in row if i != PAD] for row in src.tolist()]
         budgets = [max(1, min(int(np.floor(config.max_len_a * (len(r) - 1) + config.max_len_b)),
                               self.max_positions - 1)) for r in rows]
         sources = [[self.src_tokens[i] for i in row] for row in rows]
         if config.beam_size == 1:
-            return self._greedy(sources, budgets, config)
+            return self._greedy(sources, budgets, config, scores)
         return self._beam(sources, budgets, config)
 
-    def _translate(self, sources: list[list[str]], budget: int, config: DecodeConfig) -> list:
+    def _translate(self, sources: list[list[str]], budget: int, config: DecodeConfig, scores: bool = True) -> list:
         return self.translator.translate_batch(
             sources, max_batch_size=config.max_tokens, batch_type="tokens", beam_size=config.beam_size,
             num_hypotheses=config.nbest, length_penalty=0.0, max_decoding_length=budget,
             min_decoding_length=config.min_len, no_repeat_ngram_size=config.no_repeat_ngram, max_input_length=0,
-            return_scores=True)
+            return_scores=scores)
 
     def _ids(self, tokens: list[str]) -> list[int]:
         return [self.tgt_ids[t] for t in tokens if self.tgt_ids[t] != EOS]
 
-    def _greedy(self, sources: list[list[str]], budgets: list[int], config: DecodeConfig) -> list[list[Hypothesis]]:
+    def _greedy(self, sources: list[list[str]], budgets: list[int], config: DecodeConfig,
+                scores: bool) -> list[list[Hypothesis]]:
         """Greedy search in one call up to the largest budget: a greedy output's first n tokens do not
         depend on the limit, so a line that ran past its own budget is cut there, and its score (the
-        log-probabilities of the tokens kept) is asked of CTranslate2 again."""
-        results = self._translate(sources, max(budgets), config)
-        out = [Hypothesis(self._ids(r.hypotheses[0]), float(r.scores[0])) for r in results]
-        # At its budget detr ends a line without </s> (and without its log-probability): rescore those too.
+        log-probabilities of the tokens kept) is asked of CTranslate2 again when `scores`."""
+        results = self._translate(sources, max(budgets), config, scores)
+        cut = [[token for token in r.hypotheses[0] if token != "</s>"][:budget] for r, budget in zip(results, budgets)]
+        out = [Hypothesis(self._ids(tokens), float(r.scores[0]) if scores else math.nan)
+               for tokens, r in zip(cut, results)]
+        # At its budget detr ends a line without </s> (and without its log-probability): rescore those.
         over = [j for j, (h, budget) in enumerate(zip(out, budgets)) if len(h.tokens) >= budget]
-        if over:
-            cut = [[token for token in results[j].hypotheses[0] if token != "</s>"][:budgets[j]] for j in over]
-            scored = self.translator.score_batch([sources[j] for j in over], cut, max_batch_size=config.max_tokens,
-                                                 batch_type="tokens")
-            for j, tokens, score in zip(over, cut, scored):
-                out[j] = Hypothesis(self._ids(tokens), float(sum(score.log_probs[:-1])))  # the last is </s>'s
+        if over and scores:
+            scored = self.translator.score_batch([sources[j] for j in over], [cut[j] for j in over],
+                                                 max_batch_size=config.max_tokens, batch_type="tokens")
+            for j, score in zip(over, scored):
+                out[j] = Hypothesis(out[j].tokens, float(sum(score.log_probs[:-1])))  # the last is </s>'s
         return [[h] for h in out]
 
     def _beam(self, sources: list[list[str]], budgets: list[int], config: DecodeConfig) -> list[list[Hypothesis]]:

@@ -269,7 +269,7 @@ class OnnxSearch:
         if config.mbr:
             raise ConfigError("decode.mbr: not with --engine onnxruntime; use the torch engine")
 
-    def __call__(self, src: Tensor, config: DecodeConfig) -> list[list[Hypothesis]]:
+    def __call__(self, src: Tensor, config: DecodeConfig, scores: bool = True) -> list[list[Hypothesis]]:
         if config.beam_size == 1:
             return [[h] for h in greedy([self.model], src, config)]
         return beam_search([self.model], src, config)
