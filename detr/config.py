@@ -292,6 +292,11 @@ class DecodeConfig:
     beam_size: int = option(5, "beam size; 1 is greedy search")
     nbest: int = option(1, "outputs per input, best first (at most beam-size)")
     length_penalty: float = option(1.0, "GNMT length penalty alpha for beam search; 0 ranks by log-probability")
+    beam_groups: int = option(1, "diverse beam search (Vijayakumar et al., 2016): the beam as this many groups of "
+                                 "beam-size / groups rows, each penalised for the tokens the groups before it "
+                                 "chose (diversity-penalty); 1: plain beam search")
+    diversity_penalty: float = option(0.0, "diverse beam search: subtracted from a token's log-probability once per "
+                                           "row of an earlier group that chose it at the same step")
     max_len_a: float = option(1.5, "maximum output length = a x source length + b")
     max_len_b: int = option(10, "see max-len-a")
     min_len: int = option(0, "no end of sentence before this many output tokens")
@@ -324,16 +329,21 @@ class DecodeConfig:
 
     def validate(self) -> None:
         _check_types(self, "decode")
-        _check_positive(self, "decode", "beam_size", "nbest", "max_tokens", "batch_size", "num_samples", "temperature",
-                        "repetition_penalty")
+        _check_positive(self, "decode", "beam_size", "beam_groups", "nbest", "max_tokens", "batch_size", "num_samples",
+                        "temperature", "repetition_penalty")
         if self.nbest > self.beam_size:
             raise ConfigError(f"decode.nbest={self.nbest} cannot exceed decode.beam_size={self.beam_size}")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"decode.top_p must be in (0, 1], got {self.top_p}")
         _check_not_negative(self, "decode", "min_len", "no_repeat_ngram", "top_k", "max_len_a", "max_len_b", "seed",
-                            "anti_lm", "anti_lm_steps", "mbr", "backward_weight")
-        if not math.isfinite(self.backward_weight):
-            raise ConfigError(f"decode.backward_weight must be a finite number, got {self.backward_weight}")
+                            "anti_lm", "anti_lm_steps", "mbr", "backward_weight", "diversity_penalty")
+        for key in ("backward_weight", "diversity_penalty"):
+            if not math.isfinite(getattr(self, key)):
+                raise ConfigError(f"decode.{key} must be a finite number, got {getattr(self, key)}")
+        if self.beam_size % self.beam_groups:
+            raise ConfigError(f"decode.beam_groups={self.beam_groups} must divide decode.beam_size={self.beam_size}")
+        if self.diversity_penalty and self.beam_groups == 1:
+            raise ConfigError("decode.diversity_penalty keeps beam groups apart: it needs decode.beam_groups > 1")
         if self.backward_weight and self.beam_size == 1:
             raise ConfigError("decode.backward_weight reranks the beam's outputs: it needs decode.beam_size > 1")
         if self.backward_weight and self.mbr:

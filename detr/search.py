@@ -446,12 +446,28 @@ class BeamSearch(RunningBatch):
     A sentence stops once `beam_size` outputs have finished (or its length budget is spent);
     its rows then leave the batch, and new sentences may join between steps (`admit`), as in
     `OnePerSentence`.
+
+    Diverse beam search (Vijayakumar et al., 2016, "Diverse Beam Search"): with `decode.beam_groups`
+    G > 1 the beam is G groups of beam_size / G rows, each a beam search of its own, run one after
+    the other at every step; a group ranks its candidates by log-probability minus
+    `decode.diversity_penalty` × how many rows of the groups before it chose the same token at this
+    step (Hamming diversity). A group stops once beam_size / G of its outputs have finished, the
+    sentence once every group has; its n-best are the best of all groups' finished outputs. The first
+    group is a beam search of beam_size / G, untouched by the others; the scores returned are the
+    model's, without the penalty, so that outputs of different groups compare.
     """
 
     def __init__(self, model: Models, decode: DecodeConfig) -> None:
         super().__init__(model, decode)
-        self.finished: dict[int, list[Hypothesis]] = {}
-        self.scores = torch.empty((0, decode.beam_size))  # (b, K) running log-probabilities
+        self.groups = decode.beam_groups
+        self.finished: dict[int, list[list[Hypothesis]]] = {}  # per sentence, per group
+        self.scores = torch.empty((0, decode.beam_size))  # (b, K) running log-probabilities, as ranked
+        # (b, K) the same without the diversity penalty; None when it is the same tensor
+        self.logprob: Tensor | None = torch.empty((0, decode.beam_size)) if self.penalised else None
+
+    @property
+    def penalised(self) -> bool:
+        return self.groups > 1 and self.decode.diversity_penalty > 0
 
     @torch.no_grad()
     def admit(self, src: Tensor, guides: Guides = None) -> list[int]:
@@ -459,9 +475,11 @@ class BeamSearch(RunningBatch):
         K, n = self.decode.beam_size, src.size(0)
         ids = self._add(src, guides, K)
         scores = torch.full((n, K), -torch.inf, device=src.device)
-        scores[:, 0] = 0.0  # one live beam at the start: the others would duplicate it
+        scores[:, ::K // self.groups] = 0.0  # one live beam per group at the start: the others would duplicate it
         self.scores = torch.cat([self.scores.to(src.device), scores])
-        self.finished.update((i, []) for i in ids)
+        if self.logprob is not None:
+            self.logprob = torch.cat([self.logprob.to(src.device), scores])
+        self.finished.update((i, [[] for _ in range(self.groups)]) for i in ids)
         return ids
 
     def _output(self, row: int, made: int, score: float) -> Hypothesis:
@@ -469,48 +487,89 @@ class BeamSearch(RunningBatch):
         tokens = self.history[row, self.history.size(1) - made:].tolist()
         return Hypothesis(tokens, score / length_penalty(len(tokens) + 1, self.decode.length_penalty))
 
+    @staticmethod
+    def _candidates(logp: Tensor, scores: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The 2k best continuations of each of u beams of k rows: their scores, beams (0..k-1), tokens
+        (each (u, 2k), best first), and which k of them go on (u, k: the best that do not end in </s>).
+        `logp` (u·k, V): the rows' next-token log-probabilities; `scores` (u, k): the rows' so far."""
+        u, k = scores.shape
+        # The 2k best continuations of each hypothesis hold the 2k best of the beam: rank those only.
+        row_scores, row_tokens = row_topk(logp, min(2 * k, logp.size(1)))  # (u·k, 2k)
+        row_scores += scores.reshape(-1, 1)
+        W = row_scores.size(1)
+        top_scores, top_index = row_scores.view(u, k * W).topk(2 * k, dim=1)  # (u, 2k): at most k end in </s>
+        top_token = row_tokens.view(u, k * W).gather(1, top_index)
+        go_on = torch.sort((top_token == EOS).to(torch.int8), dim=1, stable=True).indices[:, :k]  # (u, k)
+        return top_scores, top_index // W, top_token, go_on
+
+    def _diverse_candidates(self, logp: Tensor, closed: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """`_candidates` for every group (units of k rows, group after group; rows in unit order),
+        each group's log-probabilities lowered by the diversity penalty for the tokens the groups before
+        it chose at this step. `closed` (b, G): groups that have finished (they choose nothing)."""
+        b, G, V = len(self.ids), self.groups, logp.size(1)
+        k = self.decode.beam_size // G
+        chosen = logp.new_zeros((b, V))  # how many rows of the groups so far go on with each token
+        parts = []
+        for g, rows in enumerate(logp.view(b, G, k, V).unbind(1)):  # each (b, k, V)
+            penalised = rows - self.decode.diversity_penalty * chosen.unsqueeze(1) if g else rows
+            part = self._candidates(penalised.reshape(b * k, V), self.scores.view(b, G, k)[:, g])
+            live = (~closed[:, g]).to(chosen.dtype).unsqueeze(1).expand(b, k)
+            chosen.scatter_add_(1, part[2].gather(1, part[3]), live)
+            parts.append(part)
+        return tuple(torch.stack(p, dim=1).view(b * G, -1) for p in zip(*parts))
+
     @torch.no_grad()
     def step(self) -> list[tuple[int, list[Hypothesis]]]:
         """Extend every running sentence's beam by one token; the sentences that ended, with their
         `nbest` outputs."""
-        K, b, device = self.decode.beam_size, len(self.ids), self.history.device
+        K, G, b, device = self.decode.beam_size, self.groups, len(self.ids), self.history.device
+        k, units = K // G, b * G  # a unit: one group of one sentence, rows unit·k .. unit·k + k - 1
         logp = self.state.next_logp(self.last)  # (b·K, V)
         at_limit = self.budget <= self.steps  # (b,)
         made = self.steps.tolist()
         constrain(self.decode, logp, self.history, at_limit.repeat_interleave(K), self.guides,
                   self.steps.repeat_interleave(K) if self.joined else None)
-        # The 2K best continuations of each hypothesis hold the 2K best of the sentence: rank those only.
-        row_scores, row_tokens = row_topk(logp, min(2 * K, logp.size(1)))  # (b·K, 2K)
-        row_scores += self.scores.view(-1, 1)
-        W = row_scores.size(1)
-        top_scores, top_index = row_scores.view(b, K * W).topk(2 * K, dim=1)  # (b, 2K): at most K end in </s>
-        top_beam = top_index // W
-        top_token = row_tokens.view(b, K * W).gather(1, top_index)
-        is_eos = top_token == EOS
-        # Outputs ending here, if ranked among the K best candidates.
-        for i, r in (is_eos[:, :K] & top_scores[:, :K].isfinite()).nonzero().tolist():
-            row = i * K + int(top_beam[i, r])
-            self.finished[self.ids[i]].append(self._output(row, made[i], float(top_scores[i, r])))
-        # The K best candidates that go on.
-        go_on = torch.sort(is_eos.to(torch.int8), dim=1, stable=True).indices[:, :K]  # (b, K)
+        if G == 1:  # (a sentence whose beam has finished has left)
+            top_scores, top_beam, top_token, go_on = self._candidates(logp, self.scores)
+        else:
+            closed = self._closed()  # (b, G)
+            top_scores, top_beam, top_token, go_on = self._diverse_candidates(logp, closed)
+        parent = torch.arange(units, device=device).unsqueeze(1) * k + top_beam  # (units, 2k) rows
+        if self.logprob is None:
+            model_scores = top_scores
+        else:  # the candidates' scores without the penalty
+            model_scores = self.logprob.view(-1)[parent] + logp[parent, top_token]
+            self.logprob = model_scores.gather(1, go_on).view(b, K)
+        # Outputs ending here, if ranked among their group's k best candidates (none from a closed group).
+        ending = top_token[:, :k].eq(EOS) & top_scores[:, :k].isfinite()
+        if G > 1:
+            ending &= ~closed.view(units, 1)
+        for u, r in ending.nonzero().tolist():
+            i, g = divmod(u, G)
+            self.finished[self.ids[i]][g].append(self._output(int(parent[u, r]), made[i], float(model_scores[u, r])))
+        # The k best candidates of each group that go on; a group that has finished keeps none alive.
         self.scores = top_scores.gather(1, go_on)
-        parent = (torch.arange(b, device=device).unsqueeze(1) * K + top_beam.gather(1, go_on)).view(-1)
+        if G > 1:
+            self.scores.masked_fill_(self._closed().view(units, 1), -torch.inf)
+        self.scores = self.scores.view(b, K)
+        parent = parent.gather(1, go_on).view(-1)  # (b·K,)
         token = top_token.gather(1, go_on).view(-1)  # (b·K,)
         self.history = torch.cat([self.history.index_select(0, parent), token.unsqueeze(1)], dim=1)
         self.steps = self.steps + 1
         # A spent budget ends the sentence now: the next step could only force </s> (probability 1).
         spent = self.budget <= self.steps  # (b,)
+        final = self.scores if self.logprob is None else self.logprob
         for i in spent.nonzero().squeeze(1).tolist():
-            for k in range(K):
-                if math.isfinite(score := float(self.scores[i, k])):
-                    self.finished[self.ids[i]].append(self._output(i * K + k, made[i] + 1, score))
-        done = torch.tensor([len(self.finished[i]) >= K for i in self.ids], device=device) | at_limit | spent
-        nbest = self.decode.nbest
-        out = [(i, sorted(self.finished.pop(i), key=lambda h: -h.score)[:nbest])
-               for i, d in zip(self.ids, done.tolist()) if d]
+            for r in range(K):
+                if math.isfinite(float(self.scores[i, r])):
+                    self.finished[self.ids[i]][r // k].append(self._output(i * K + r, made[i] + 1, float(final[i, r])))
+        done = torch.tensor([all(len(f) >= k for f in self.finished[i]) for i in self.ids], device=device) \
+            | at_limit | spent
+        out = [(i, self._nbest(self.finished.pop(i))) for i, d in zip(self.ids, done.tolist()) if d]
         if len(out) == b:
             self._empty()
             self.scores = self.scores[:0]
+            self.logprob = None if self.logprob is None else self.logprob[:0]
             return out
         keep_sentences = (~done).nonzero().squeeze(1)  # (b',)
         keep_rows = (keep_sentences.unsqueeze(1) * K + torch.arange(K, device=device)).view(-1)
@@ -519,10 +578,23 @@ class BeamSearch(RunningBatch):
         self.guides = guides_for(self.guides, keep_rows)
         self.budget, self.steps, self.scores = self.budget[keep_sentences], self.steps[keep_sentences], \
             self.scores[keep_sentences]
+        if self.logprob is not None:
+            self.logprob = self.logprob[keep_sentences]
         self.history = self.history.index_select(0, keep_rows)
         self.history = self.history[:, self.history.size(1) - int(self.steps.max()):]
         self.last = token.index_select(0, keep_rows).unsqueeze(1)
         return out
+
+    def _closed(self) -> Tensor:
+        """(b, G): which groups of the running sentences have finished beam_size / G outputs."""
+        k = self.decode.beam_size // self.groups
+        return torch.tensor([[len(f) >= k for f in self.finished[i]] for i in self.ids], device=self.history.device)
+
+    def _nbest(self, groups: list[list[Hypothesis]]) -> list[Hypothesis]:
+        """A sentence's `nbest` outputs, best first: of each group's beam_size / G best finished ones."""
+        k = self.decode.beam_size // self.groups
+        best = [h for found in groups for h in sorted(found, key=lambda h: -h.score)[:k]]
+        return sorted(best, key=lambda h: -h.score)[:self.decode.nbest]
 
 
 @torch.no_grad()

@@ -295,6 +295,9 @@ class Translator:
                     raise ConfigError("constraints and prefixes need the torch engine (drop --engine)")
                 return self.engine(src, config, scores)
             if guides is not None and any(g is not None and g.include for g in guides):
+                if config.beam_groups > 1:
+                    raise ConfigError("phrases to include need one beam (constrained beam search): drop "
+                                      "decode.beam_groups")
                 return constrained_beam_search(self.models, src, config, guides)
             if config.beam_size == 1:
                 return [[h] for h in greedy(self.models, src, config, guides)]

@@ -67,6 +67,13 @@ def test_with_no_phrases_constrained_search_makes_exactly_beam_searchs_choices(t
                [[(h.tokens, h.score) for h in nbest] for nbest in constrained]
 
 
+def test_phrases_to_include_are_refused_with_beam_groups(toy):
+    translator, sources, references = toy
+    with pytest.raises(ConfigError, match="phrases to include need one beam"):
+        translator.translate(sources[:3], translator.options(beam_size=4, beam_groups=2),
+                             random_constraints(references[:3]))
+
+
 def test_constrained_outputs_do_not_depend_on_the_batch(toy):
     translator, sources, references = toy
     wishes = random_constraints(references[:24], seed=2)

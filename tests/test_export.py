@@ -155,6 +155,13 @@ def test_options_ctranslate2_would_carry_out_otherwise_are_refused_in_one_line(t
     assert anti_lm.returncode == 2 and "decode.anti_lm: not with --engine ctranslate2" in anti_lm.stderr
 
 
+def test_diverse_beam_search_is_refused_by_the_ctranslate2_engine(toy_run, exported):
+    translator = load(toy_run / "run")
+    translator.engine = export.CTranslate2Search(exported, translator.tokenizer)
+    with pytest.raises(ConfigError, match="decode.beam_groups: not with --engine ctranslate2"):
+        translator.options(beam_size=4, beam_groups=2, length_penalty=0.0)
+
+
 def test_what_ctranslate2_cannot_hold_is_named_and_nothing_is_written(toy_run, tmp_path):
     translator = load(toy_run / "run")
     config = ModelConfig.preset("tiny", src_vocab_size=50, tgt_vocab_size=50)

