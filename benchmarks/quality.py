@@ -95,8 +95,11 @@ NO_ANTI_LM = {"anti_lm": 0.0}
 LENGTH_GRID = [{"length_penalty": a} for a in (0.6, 1.0, 1.5, 2.0)]
 # What the beam stages start from, whatever the recipe file's decode section says (it holds the last choice).
 BEAM_START = {**NO_ANTI_LM, "length_penalty": 1.0}
-# MMI-bidi (`decode.backward_weight`): the beam's outputs at this beam size reranked with these weights.
-BACKWARD_BEAM = 8
+# MMI-bidi (`decode.backward_weight`): the outputs of each of these beams reranked with these weights. Diverse
+# beam search (`decode.beam_groups`) gives the reranker candidates that differ (a plain beam's 8 are variations
+# of one reply); 1.0 is the penalty Vijayakumar et al. and Hugging Face's examples start from.
+RERANK_BEAMS = [{"beam_size": 8}, {"beam_size": 8, "beam_groups": 8, "diversity_penalty": 1.0},
+                {"beam_size": 16, "beam_groups": 16, "diversity_penalty": 1.0}]
 BACKWARD_GRID = [0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]  # valid's BLEU still rose at 8, the first grid's end
 SAMPLING_GRID = [{"top_p": p, "temperature": t} for p in (0.8, 0.9, 1.0) for t in (0.7, 1.0)]
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
@@ -270,21 +273,24 @@ class Remembered:
 
 
 def choose_backward_weight(translator, sources: list[str], refs: list[list[str]], decode: dict) -> dict:
-    """MMI-bidi's weight (`BACKWARD_GRID`) for the beam's `BACKWARD_BEAM` outputs under `decode` (the
-    choices made before it), chosen as `choose_decoding` chooses for dialogue: the best BLEU among the
-    weights whose Distinct-2 is at least half the references' (all weights when none is). The outputs
-    are decoded once and reranked per weight (`detr.rerank`)."""
+    """MMI-bidi's beam (`RERANK_BEAMS`) and weight (`BACKWARD_GRID`) under `decode` (the choices made
+    before it): the best BLEU among the settings whose Distinct-2 is at least half the references', and
+    when none is, the one closest to it (the highest Distinct-2: the rule `choose_decoding` uses for
+    dialogue falls back on BLEU, which on one-reference dialogue turns is under 1 and rewards generic
+    replies). Each beam's outputs are decoded once and reranked per weight (`detr.rerank`)."""
     floor = distinct(refs[0], 2).score / 2
-    nbest = translator.translate_nbest(sources, translator.options(
-        **{**decode, "beam_size": BACKWARD_BEAM, "nbest": BACKWARD_BEAM}))
     scorer, results = Remembered(translator.backward), []
-    for weight in BACKWARD_GRID:
-        outputs = [found[0][0] for found in rerank(scorer, sources, nbest, weight)]
-        results.append((weight, {s.name: s.score for s in score(["bleu", "distinct"], outputs, refs)}))
-    varied = [r for r in results if r[1]["Distinct-2"] >= floor] or results
-    return {"backward_weight": max(varied, key=lambda r: r[1]["BLEU"])[0], "beam_size": BACKWARD_BEAM,
-            "examples": len(sources), "references_distinct2": round(2 * floor, 2),
-            "tried": [{"backward_weight": w, **{k: round(v, 2) for k, v in r.items()}} for w, r in results]}
+    for beam in RERANK_BEAMS:
+        options = translator.options(**{**decode, **beam, "nbest": beam["beam_size"]})
+        nbest = translator.translate_nbest(sources, options)
+        for weight in BACKWARD_GRID:
+            outputs = [found[0][0] for found in rerank(scorer, sources, nbest, weight)]
+            results.append(({**beam, "backward_weight": weight},
+                            {s.name: s.score for s in score(["bleu", "distinct"], outputs, refs)}))
+    varied = [r for r in results if r[1]["Distinct-2"] >= floor]
+    best = max(varied, key=lambda r: r[1]["BLEU"]) if varied else max(results, key=lambda r: r[1]["Distinct-2"])
+    return {**best[0], "examples": len(sources), "references_distinct2": round(2 * floor, 2),
+            "tried": [{**setting, **{k: round(v, 2) for k, v in r.items()}} for setting, r in results]}
 
 
 def evaluate_recipe(translator, config: Config, spec: Spec, args: argparse.Namespace, out: Path) -> dict:
@@ -324,11 +330,12 @@ def evaluate_recipe(translator, config: Config, spec: Spec, args: argparse.Names
             lines = args.lines or None
             details["backward_on_valid"] = chosen = choose_backward_weight(
                 translator, valid[0][:lines], [r[:lines] for r in valid[1]], decode)
-            mmi = {**decode, "beam_size": chosen["beam_size"], "backward_weight": chosen["backward_weight"]}
+            setting = {k: chosen[k] for k in ("beam_size", "beam_groups", "diversity_penalty", "backward_weight")
+                       if k in chosen}
             reranked = score_texts(translator, sources, references, ["bleu", "distinct"], out / "test_mmi.hyp",
-                                   translator.options(**mmi))
-            rows.append(score_row(f"detr, beam {mmi['beam_size']} reranked by the backward run, "
-                                  f"backward_weight={mmi['backward_weight']}", reranked.scores))
+                                   translator.options(**{**decode, **setting}))
+            rows.append(score_row(f"detr, beam {setting.pop('beam_size')} reranked by the backward run, "
+                                  + ", ".join(f"{k}={v}" for k, v in setting.items()), reranked.scores))
             mmi_outputs = reranked.hypotheses
         sampling = {"top_p": config.decode.top_p, "seed": 1}
         if "chosen_on_valid" in details:
