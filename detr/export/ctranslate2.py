@@ -237,9 +237,9 @@ class CTranslate2Search:
         if config.repetition_penalty != 1.0:
             raise ConfigError("decode.repetition_penalty: CTranslate2 applies it to logits, detr to log-probabilities; "
                               "use the torch engine")
-        if config.mbr or config.anti_lm or config.beam_groups > 1:
-            name = "mbr" if config.mbr else "anti_lm" if config.anti_lm else "beam_groups"
-            raise ConfigError(f"decode.{name}: not with --engine ctranslate2; use the torch engine")
+        for name, used in (("mbr", config.mbr), ("anti_lm", config.anti_lm), ("beam_groups", config.beam_groups > 1)):
+            if used:
+                raise ConfigError(f"decode.{name}: not with --engine ctranslate2; use the torch engine")
 
     def __call__(self, src: Tensor, config: DecodeConfig, scores: bool = True) -> list[list[Hypothesis]]:
         """Hypotheses for each row of the padded source ids `src` (B, S), best first; greedy's scores
