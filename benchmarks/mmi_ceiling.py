@@ -16,7 +16,7 @@ import torch
 import detr
 from detr.evaluate import read_test_data
 from detr.metrics import score
-from detr.rerank import rerank
+from detr.rerank import backward_term, rerank
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality  # noqa: E402
@@ -36,6 +36,6 @@ if __name__ == "__main__":
     print("decoded", round(time.perf_counter() - start, 1), flush=True)
     scorer = quality.Remembered(translator.backward)
     for weight in WEIGHTS:
-        outputs = [found[0][0] for found in rerank(scorer, sources, nbest, weight)]
+        outputs = [found[0][0] for found in rerank(sources, nbest, [backward_term(scorer.score, weight)])]
         scores = {s.name: round(s.score, 2) for s in score(["bleu", "distinct"], outputs, refs)}
         print(beam, weight, scores, len(set(outputs)), flush=True)

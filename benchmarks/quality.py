@@ -44,7 +44,7 @@ from detr.config import Config, load_config
 from detr.evaluate import read_test_data, score_texts
 from detr.metrics import Score, bleu, distinct, rouge, score
 from detr.readers import read_examples, split_files
-from detr.rerank import rerank
+from detr.rerank import anti_lm_term, backward_term, rerank
 
 ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger("quality")
@@ -95,12 +95,15 @@ NO_ANTI_LM = {"anti_lm": 0.0}
 LENGTH_GRID = [{"length_penalty": a} for a in (0.6, 1.0, 1.5, 2.0)]
 # What the beam stages start from, whatever the recipe file's decode section says (it holds the last choice).
 BEAM_START = {**NO_ANTI_LM, "length_penalty": 1.0}
-# MMI-bidi (`decode.backward_weight`): the outputs of each of these beams reranked with these weights. Diverse
-# beam search (`decode.beam_groups`) gives the reranker candidates that differ (a plain beam's 8 are variations
-# of one reply); 1.0 is the penalty Vijayakumar et al. and Hugging Face's examples start from.
-RERANK_BEAMS = [{"beam_size": 8}, {"beam_size": 8, "beam_groups": 8, "diversity_penalty": 1.0},
-                {"beam_size": 16, "beam_groups": 16, "diversity_penalty": 1.0}]
-BACKWARD_GRID = [0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]  # valid's BLEU still rose at 8, the first grid's end
+# MMI reranking (`detr.rerank`): the outputs of each of these beams reranked with every pair of weights of the
+# backward run (MMI-bidi, `decode.backward_weight`) and of the model as a language model over the whole reply
+# (MMI-antiLM, `decode.rerank_anti_lm`). Diverse beam search (`decode.beam_groups`) gives the reranker candidates
+# that differ (a plain beam's 8 are variations of one reply); 1.0 is the penalty Vijayakumar et al. and Hugging
+# Face's examples start from. Only 16 groups of one: it beat a plain beam of 8 and 8 groups at every backward
+# weight on all 4,190 valid pairs (benchmarks/RESULTS.md, "a diverse beam for the MMI-bidi reranker").
+RERANK_BEAMS = [{"beam_size": 16, "beam_groups": 16, "diversity_penalty": 1.0}]
+BACKWARD_GRID = [0.0, 8.0, 16.0, 32.0, 64.0]  # valid's Distinct-2 peaked at 32-64 without the anti-LM
+RERANK_ANTI_LM_GRID = [0.0, 1.0, 2.0, 4.0, 8.0, 16.0]
 SAMPLING_GRID = [{"top_p": p, "temperature": t} for p in (0.8, 0.9, 1.0) for t in (0.7, 1.0)]
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 
@@ -258,35 +261,37 @@ def choose_decoding(translator, config: Config, kind: str, beam: int, examples: 
 
 
 class Remembered:
-    """A backward model's scores kept per (output, source) pair: each weight of the grid reranks the same
-    outputs, so each pair is scored once."""
+    """A scorer's scores kept per (source, output) pair: each weight of the grid reranks the same outputs, so
+    each pair is scored once."""
 
-    def __init__(self, backward) -> None:
-        self.backward, self.seen = backward, {}
+    def __init__(self, scorer) -> None:
+        self.scorer, self.seen = scorer, {}
 
     def score(self, sources: list[str], targets: list[str]) -> list:
         pairs = list(zip(sources, targets))
         new = [p for p in dict.fromkeys(pairs) if p not in self.seen]
         if new:
-            self.seen.update(zip(new, self.backward.score([s for s, _ in new], [t for _, t in new])))
+            self.seen.update(zip(new, self.scorer.score([s for s, _ in new], [t for _, t in new])))
         return [self.seen[p] for p in pairs]
 
 
-def choose_backward_weight(translator, sources: list[str], refs: list[list[str]], decode: dict) -> dict:
-    """MMI-bidi's beam (`RERANK_BEAMS`) and weight (`BACKWARD_GRID`) under `decode` (the choices made
-    before it): the best BLEU among the settings whose Distinct-2 is at least half the references', and
-    when none is, the one closest to it (the highest Distinct-2: the rule `choose_decoding` uses for
-    dialogue falls back on BLEU, which on one-reference dialogue turns is under 1 and rewards generic
-    replies). Each beam's outputs are decoded once and reranked per weight (`detr.rerank`)."""
+def choose_reranking(translator, sources: list[str], refs: list[list[str]], decode: dict) -> dict:
+    """MMI reranking's beam (`RERANK_BEAMS`) and weights (`BACKWARD_GRID` x `RERANK_ANTI_LM_GRID`) under
+    `decode` (the choices made before it): the best BLEU among the settings whose Distinct-2 is at least half
+    the references', and when none is, the one closest to it (the highest Distinct-2: the rule
+    `choose_decoding` uses for dialogue falls back on BLEU, which on one-reference dialogue turns is under 1
+    and rewards generic replies). Each beam's outputs are decoded once and reranked per pair of weights."""
     floor = distinct(refs[0], 2).score / 2
-    scorer, results = Remembered(translator.backward), []
+    backward, language_model, results = Remembered(translator.backward), Remembered(translator), []
     for beam in RERANK_BEAMS:
         options = translator.options(**{**decode, **beam, "nbest": beam["beam_size"]})
         nbest = translator.translate_nbest(sources, options)
         for weight in BACKWARD_GRID:
-            outputs = [found[0][0] for found in rerank(scorer, sources, nbest, weight)]
-            results.append(({**beam, "backward_weight": weight},
-                            {s.name: s.score for s in score(["bleu", "distinct"], outputs, refs)}))
+            for anti_lm in RERANK_ANTI_LM_GRID:
+                terms = [backward_term(backward.score, weight), anti_lm_term(language_model.score, anti_lm)]
+                outputs = [found[0][0] for found in rerank(sources, nbest, terms)]
+                results.append(({**beam, "backward_weight": weight, "rerank_anti_lm": anti_lm},
+                                {s.name: s.score for s in score(["bleu", "distinct"], outputs, refs)}))
     varied = [r for r in results if r[1]["Distinct-2"] >= floor]
     best = max(varied, key=lambda r: r[1]["BLEU"]) if varied else max(results, key=lambda r: r[1]["Distinct-2"])
     return {**best[0], "examples": len(sources), "references_distinct2": round(2 * floor, 2),
@@ -328,13 +333,13 @@ def evaluate_recipe(translator, config: Config, spec: Spec, args: argparse.Names
         if translator.backward is not None:
             valid = read_test_data(Path(args.shared) / spec.backward_valid, config.data.src_field, spec.refs)
             lines = args.lines or None
-            details["backward_on_valid"] = chosen = choose_backward_weight(
+            details["backward_on_valid"] = chosen = choose_reranking(
                 translator, valid[0][:lines], [r[:lines] for r in valid[1]], decode)
-            setting = {k: chosen[k] for k in ("beam_size", "beam_groups", "diversity_penalty", "backward_weight")
-                       if k in chosen}
+            setting = {k: chosen[k] for k in ("beam_size", "beam_groups", "diversity_penalty", "backward_weight",
+                                              "rerank_anti_lm") if k in chosen}
             reranked = score_texts(translator, sources, references, ["bleu", "distinct"], out / "test_mmi.hyp",
                                    translator.options(**{**decode, **setting}))
-            rows.append(score_row(f"detr, beam {setting.pop('beam_size')} reranked by the backward run, "
+            rows.append(score_row(f"detr, beam {setting.pop('beam_size')} reranked (MMI), "
                                   + ", ".join(f"{k}={v}" for k, v in setting.items()), reranked.scores))
             mmi_outputs = reranked.hypotheses
         sampling = {"top_p": config.decode.top_p, "seed": 1}

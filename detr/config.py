@@ -324,8 +324,17 @@ class DecodeConfig:
         0.0, "MMI-bidi reranking (Li et al., 2016): of the beam's beam-size outputs, keep those with the best "
              "score + this x the per-token log-probability of the source given the output under a backward run "
              "(--backward RUN: one trained with source and target swapped; see detr.rerank); 0: off")
+    rerank_anti_lm: float = option(
+        0.0, "MMI-antiLM reranking (Li et al., 2016): of the beam's beam-size outputs, keep those with the best "
+             "score - this x the per-token log-probability of the output given a blank source (the model as a "
+             "language model, as anti-lm); with backward-weight, both terms count; 0: off")
     max_tokens: int = option(4096, "source tokens per prediction batch (rows x longest row)")
     batch_size: int = option(64, "inputs per prediction batch")
+
+    @property
+    def reranks(self) -> bool:
+        """Whether the beam's outputs are reranked (MMI, `detr.rerank`)."""
+        return bool(self.backward_weight or self.rerank_anti_lm)
 
     def validate(self) -> None:
         _check_types(self, "decode")
@@ -336,18 +345,20 @@ class DecodeConfig:
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"decode.top_p must be in (0, 1], got {self.top_p}")
         _check_not_negative(self, "decode", "min_len", "no_repeat_ngram", "top_k", "max_len_a", "max_len_b", "seed",
-                            "anti_lm", "anti_lm_steps", "mbr", "backward_weight", "diversity_penalty")
-        for key in ("backward_weight", "diversity_penalty"):
+                            "anti_lm", "anti_lm_steps", "mbr", "backward_weight", "rerank_anti_lm",
+                            "diversity_penalty")
+        for key in ("backward_weight", "rerank_anti_lm", "diversity_penalty"):
             if not math.isfinite(getattr(self, key)):
                 raise ConfigError(f"decode.{key} must be a finite number, got {getattr(self, key)}")
         if self.beam_size % self.beam_groups:
             raise ConfigError(f"decode.beam_groups={self.beam_groups} must divide decode.beam_size={self.beam_size}")
         if self.diversity_penalty and self.beam_groups == 1:
             raise ConfigError("decode.diversity_penalty keeps beam groups apart: it needs decode.beam_groups > 1")
-        if self.backward_weight and self.beam_size == 1:
-            raise ConfigError("decode.backward_weight reranks the beam's outputs: it needs decode.beam_size > 1")
-        if self.backward_weight and self.mbr:
-            raise ConfigError("decode.backward_weight and decode.mbr both choose among candidates: use one")
+        reranker = "decode.backward_weight" if self.backward_weight else "decode.rerank_anti_lm"
+        if self.reranks and self.beam_size == 1:
+            raise ConfigError(f"{reranker} reranks the beam's outputs: it needs decode.beam_size > 1")
+        if self.reranks and self.mbr:
+            raise ConfigError(f"{reranker} and decode.mbr both choose among candidates: use one")
         if self.mbr and self.nbest > self.mbr:
             raise ConfigError(f"decode.nbest={self.nbest} cannot exceed decode.mbr={self.mbr} candidates")
         if self.mbr and self.mbr_candidates == "beam" and self.beam_size < self.mbr:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import itertools
 import logging
 import math
@@ -35,7 +36,7 @@ from detr.mbr import mbr_rank
 from detr.model import Seq2Seq, padding_mask
 from detr.quantize import quantize
 from detr.readers import Example
-from detr.rerank import rerank
+from detr.rerank import anti_lm_term, backward_term, rerank
 from detr.search import (
     BeamSearch,
     Guide,
@@ -285,7 +286,7 @@ class Translator:
         if config.mbr:
             yield from self._iter_mbr(lines, config, constraints)
             return
-        if config.backward_weight:
+        if config.reranks:
             yield from self._iter_reranked(lines, config, constraints)
             return
 
@@ -310,9 +311,9 @@ class Translator:
         """Lazily sample `num_samples` outputs per line; the same seed draws the same outputs.
         Constraints may force a prefix and exclude phrases (including phrases needs beam search)."""
         config = self.checked(options or self.decode)
-        if config.backward_weight:
-            raise ConfigError("decode.backward_weight reranks beam search's outputs; sampling does not use it "
-                              "(set it to 0)")
+        if config.reranks:
+            raise ConfigError("decode.backward_weight and decode.rerank_anti_lm rerank beam search's outputs; "
+                              "sampling does not use them (set them to 0)")
         n = config.num_samples
         generator = torch.Generator(device=self.device).manual_seed(config.seed)
 
@@ -337,9 +338,10 @@ class Translator:
 
     def _iter_reranked(self, lines: Iterable[str], config: DecodeConfig, constraints: Iterable[Constraints] | None
                        ) -> Iterator[list[tuple[str, float]]]:
-        """`nbest` outputs per line: the beam's `beam_size` reranked with the backward run (`detr.rerank`),
-        a chunk of lines at a time (their pairs scored together)."""
-        assert self.backward is not None  # checked
+        """`nbest` outputs per line: the beam's `beam_size` reranked (`detr.rerank`: the backward run,
+        the model as a language model), a chunk of lines at a time (their pairs scored together)."""
+        terms = [backward_term(self.backward.score, config.backward_weight)] if self.backward is not None else []
+        terms.append(anti_lm_term(functools.partial(self.score, options=config), config.rerank_anti_lm))
         sources: collections.deque[str] = collections.deque()  # lines read, not yet answered
 
         def remembered(lines: Iterable[str]) -> Iterator[str]:
@@ -348,7 +350,7 @@ class Translator:
                 yield line
 
         candidates = self.iter_nbest(remembered(lines), dataclasses.replace(
-            config, backward_weight=0.0, nbest=config.beam_size), constraints)
+            config, backward_weight=0.0, rerank_anti_lm=0.0, nbest=config.beam_size), constraints)
         failure: DetrError | None = None
         while not failure:
             chunk: list[list[tuple[str, float]]] = []
@@ -359,7 +361,7 @@ class Translator:
             if not chunk:
                 break
             texts = [sources.popleft() for _ in chunk]
-            for found in rerank(self.backward, texts, chunk, config.backward_weight):
+            for found in rerank(texts, chunk, terms):
                 yield found[:config.nbest]
         if failure:
             raise failure
@@ -385,8 +387,8 @@ class Translator:
             ConfigError: options only whole batches carry out (MBR), or another engine than torch.
         """
         config = self.checked(options or self.decode)
-        if config.mbr or config.backward_weight or self.engine is not None:
-            raise ConfigError("continuous batching needs the torch engine, no MBR and no backward reranking")
+        if config.mbr or config.reranks or self.engine is not None:
+            raise ConfigError("continuous batching needs the torch engine, no MBR and no reranking")
         return TranslationStream(self, config)
 
     def batches(self, ids: list[list[int]], config: DecodeConfig, rows_per_sentence: int) -> list[list[int]]:

@@ -80,7 +80,8 @@ def test_each_beam_stage_starts_from_the_same_settings_whatever_the_recipe_file_
 @pytest.mark.parametrize("recipe", sorted(quality.SPECS))
 def test_each_quality_recipe_trains_decodes_and_scores(recipe, tmp_path, monkeypatch):
     shared = shared_data("")
-    for grid in ("BEAM_GRID", "ANTI_LM_GRID", "LENGTH_GRID", "SAMPLING_GRID", "BACKWARD_GRID"):  # two each: faster
+    grids = ("BEAM_GRID", "ANTI_LM_GRID", "LENGTH_GRID", "SAMPLING_GRID", "BACKWARD_GRID", "RERANK_ANTI_LM_GRID")
+    for grid in grids:  # two each: faster
         monkeypatch.setattr(quality, grid, getattr(quality, grid)[:2])
     monkeypatch.setattr(quality, "RERANK_BEAMS", [{"beam_size": 2}, {"beam_size": 2, "beam_groups": 2,
                                                                       "diversity_penalty": 1.0}])
@@ -115,9 +116,10 @@ def test_each_quality_recipe_trains_decodes_and_scores(recipe, tmp_path, monkeyp
     if quality.SPECS[recipe].backward:  # the backward run trained beside it, its weight chosen, its row
         assert report["training"]["backward"]["steps"] == 2
         tried = report["backward_on_valid"]["tried"]
-        assert [t["backward_weight"] for t in tried] == quality.BACKWARD_GRID * 2
-        assert [t.get("beam_groups", 1) for t in tried] == [1, 1, 2, 2]
-        assert names[1].startswith("detr, beam 2 reranked by the backward run")
+        assert [(t["backward_weight"], t["rerank_anti_lm"]) for t in tried] == [
+            (w, a) for w in quality.BACKWARD_GRID for a in quality.RERANK_ANTI_LM_GRID] * 2
+        assert [t.get("beam_groups", 1) for t in tried] == [1] * 4 + [2] * 4
+        assert names[1].startswith("detr, beam 2 reranked (MMI)")
         assert all("beam reranked" in example for example in report["examples"])
     if kind == "translation":
         assert set(report["valid_bleu_by_length_penalty"]) == {0.6, 1.0}

@@ -1,12 +1,14 @@
-"""MMI-bidi reranking (decode.backward_weight): the beam's outputs re-scored by a backward run."""
+"""MMI reranking: the beam's outputs re-scored by a backward run (decode.backward_weight) and by the
+model as a language model (decode.rerank_anti_lm)."""
 
+import math
 from dataclasses import dataclass
 
 import pytest
 
 import detr
 from detr.errors import ConfigError, DataError
-from detr.rerank import rerank
+from detr.rerank import anti_lm_term, backward_term, rerank
 from tests.conftest import detr_cli, train_toy
 
 WEIGHT = 0.7
@@ -18,7 +20,7 @@ class FakeScore:
 
 
 class TableScorer:
-    """A backward model that gives each (output, source) pair a listed per-token log-probability."""
+    """A model that gives each (source, target) pair a listed per-token log-probability."""
 
     def __init__(self, table: dict[tuple[str, str], float]) -> None:
         self.table, self.calls = table, []
@@ -32,12 +34,23 @@ class TableScorer:
 def test_rerank_adds_the_weighted_backward_score_and_leaves_padding_and_blank_sources():
     scorer = TableScorer({("thanks", "x"): -3.0, ("i see the cat", "x"): -1.0, ("yes", "y"): -2.0})
     candidates = [[("thanks", -1.0), ("i see the cat", -1.5), ("", 0.0)], [("yes", -0.5)], [("", 0.0), ("", 0.0)]]
-    out = rerank(scorer, ["x", "y", "  "], candidates, weight=0.5)
+    out = rerank(["x", "y", "  "], candidates, [backward_term(scorer.score, 0.5)])
     assert out[0] == [("i see the cat", -1.5 - 0.5), ("thanks", -1.0 - 1.5), ("", 0.0)]  # padding last, unscored
     assert out[1] == [("yes", -0.5 - 1.0)]
     assert out[2] == candidates[2]  # a blank source: nothing to score
     assert len(scorer.calls) == 1 and len(scorer.calls[0]) == 3  # one batched call, no padding, no blank source
-    assert rerank(scorer, ["x"], candidates[:1], weight=0.0)[0] == candidates[0]  # weight 0: the beam's order
+    assert rerank(["x"], candidates[:1], [backward_term(scorer.score, 0.0)])[0] == candidates[0]  # the beam's order
+    assert len(scorer.calls) == 1  # a weight of 0 scores nothing
+
+
+def test_the_anti_lm_term_subtracts_the_blank_source_score_and_terms_add_up():
+    backward = TableScorer({("thanks", "x"): -3.0, ("i see the cat", "x"): -1.0})
+    language_model = TableScorer({("", "thanks"): -0.5, ("", "i see the cat"): -4.0})
+    candidates = [[("thanks", -1.0), ("i see the cat", -1.5)]]
+    out = rerank(["x"], candidates, [anti_lm_term(language_model.score, 1.0)])
+    assert out[0] == [("i see the cat", -1.5 + 4.0), ("thanks", -1.0 + 0.5)]  # the generic reply loses
+    both = rerank(["x"], candidates, [backward_term(backward.score, 0.5), anti_lm_term(language_model.score, 0.25)])
+    assert both[0] == [("i see the cat", -1.5 - 0.5 + 1.0), ("thanks", -1.0 - 1.5 + 0.125)]
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +81,29 @@ def test_the_output_is_the_beam_output_with_the_best_combined_score(toy):
     assert any(b != r[0][0] for b, r in zip(translator.translate(sources), reranked)), "the weight changed nothing"
 
 
+@pytest.mark.parametrize("backward_weight", [0.0, WEIGHT])
+def test_anti_lm_reranking_is_the_beam_minus_the_blank_source_score(toy, backward_weight):
+    """Without a backward run (or with one), each output's score less W times its per-token
+    log-probability given a blank source, plus the backward term."""
+    translator, sources, toy_root, _ = toy
+    if not backward_weight:
+        translator = detr.load(toy_root / "run")  # no backward run loaded: the anti-LM alone
+    beam = translator.translate_nbest(sources, translator.options(beam_size=4, nbest=4))
+    expected = []
+    for source, found in zip(sources, beam):
+        texts = [text for text, _ in found]
+        lm = translator.score([""] * len(found), texts)
+        back = translator.backward.score(texts, [source] * len(found)) if backward_weight else lm
+        combined = [(text, score + backward_weight * b.per_token - WEIGHT * m.per_token)
+                    for (text, score), b, m in zip(found, back, lm)]
+        expected.append(sorted(combined, key=lambda c: -c[1]))
+    options = translator.options(beam_size=4, nbest=4, rerank_anti_lm=WEIGHT, backward_weight=backward_weight)
+    reranked = translator.translate_nbest(sources, options)
+    for got, want in zip(reranked, expected):
+        assert [text for text, _ in got] == [text for text, _ in want]
+        assert [score for _, score in got] == pytest.approx([score for _, score in want], abs=1e-5)
+
+
 def test_lines_before_a_bad_line_are_answered(toy):
     translator, sources, _, _ = toy
     lines = sources[:3] + ["word " * 500] + sources[3:5]
@@ -93,10 +129,21 @@ def test_backward_reranking_is_refused_where_it_cannot_apply(toy):
         translator.options(beam_size=4, mbr=4, backward_weight=1.0)
     with pytest.raises(ConfigError, match="must not be negative"):
         translator.options(backward_weight=-1.0)
-    with pytest.raises(ConfigError, match="sampling does not use it"):
+    with pytest.raises(ConfigError, match="sampling does not use them"):
         translator.generate(sources[:1], translator.options(backward_weight=1.0))
-    with pytest.raises(ConfigError, match="no backward reranking"):
+    with pytest.raises(ConfigError, match="no reranking"):
         translator.stream(translator.options(backward_weight=1.0))
+    with pytest.raises(ConfigError, match="decode.rerank_anti_lm reranks the beam's outputs"):
+        translator.options(beam_size=1, rerank_anti_lm=1.0)
+    with pytest.raises(ConfigError, match="decode.rerank_anti_lm and decode.mbr"):
+        translator.options(beam_size=4, mbr=4, rerank_anti_lm=1.0)
+    for bad in (-1.0, math.inf, math.nan):
+        with pytest.raises(ConfigError, match="rerank_anti_lm"):
+            translator.options(rerank_anti_lm=bad)
+    with pytest.raises(ConfigError, match="sampling does not use them"):
+        translator.generate(sources[:1], translator.options(rerank_anti_lm=1.0))
+    with pytest.raises(ConfigError, match="no reranking"):
+        translator.stream(translator.options(rerank_anti_lm=1.0))
 
 
 def test_cli_translate_and_evaluate_rerank_with_backward(toy, tmp_path):
@@ -118,3 +165,8 @@ def test_cli_translate_and_evaluate_rerank_with_backward(toy, tmp_path):
     assert len(missing.stderr.strip().splitlines()) == 1 and "nothing" in missing.stderr
     unloaded = detr_cli("translate", str(forward_root / "run"), "--backward-weight", "1", stdin="a dog\n")
     assert unloaded.returncode != 0 and "--backward RUN" in unloaded.stderr
+    anti_lm = detr_cli("translate", str(forward_root / "run"), "-i", str(tmp_path / "in.en"), "--beam-size", "4",
+                       "--rerank-anti-lm", str(WEIGHT))  # needs no backward run
+    assert anti_lm.returncode == 0, anti_lm.stderr
+    plain = detr.load(forward_root / "run")
+    assert anti_lm.stdout.splitlines() == plain.translate(sources, plain.options(beam_size=4, rerank_anti_lm=WEIGHT))

@@ -95,10 +95,11 @@ def test_translate_equals_the_offline_translator(server, runs):
     nbest = server.post("/v1/translate", {"text": SENTENCES[0], "decode": {"beam_size": 3, "nbest": 3}}).json()
     offline = translator.translate_nbest([SENTENCES[0]], translator.options(beam_size=3, nbest=3))[0]
     assert [(h["text"], round(h["score"], 4)) for h in nbest["nbest"][0]] == [(t, round(s, 4)) for t, s in offline]
-    diverse = {"beam_size": 4, "nbest": 4, "beam_groups": 2, "diversity_penalty": 1.0}
-    got = server.post("/v1/translate", {"texts": SENTENCES, "decode": diverse}).json()
-    offline = translator.translate_nbest(SENTENCES, translator.options(**diverse))
-    assert [[h["text"] for h in found] for found in got["nbest"]] == [[t for t, _ in found] for found in offline]
+    for steered in ({"beam_size": 4, "nbest": 4, "beam_groups": 2, "diversity_penalty": 1.0},
+                    {"beam_size": 4, "nbest": 4, "rerank_anti_lm": 0.5}):
+        got = server.post("/v1/translate", {"texts": SENTENCES, "decode": steered}).json()
+        offline = translator.translate_nbest(SENTENCES, translator.options(**steered))
+        assert [[h["text"] for h in found] for found in got["nbest"]] == [[t for t, _ in found] for found in offline]
     aligned = server.post("/v1/translate", {"text": SENTENCES[0], "alignment": True}).json()
     assert aligned["alignments"][0] and "-" in aligned["alignments"][0]
 
@@ -179,6 +180,8 @@ def test_classify_tag_and_inspect(server, runs):
     ("/v1/translate", {"text": "x", "decode": {"beam": 2}}, 422, "decode.beam: not a decoding option"),
     ("/v1/translate", {"text": "x", "decode": {"beam_size": 0}}, 422, "decode.beam_size must be positive"),
     ("/v1/translate", {"text": "x", "decode": {"backward_weight": 1.0}}, 422, "needs a backward run"),
+    ("/v1/translate", {"text": "x", "decode": {"rerank_anti_lm": -1.0}}, 422,
+     "decode.rerank_anti_lm must not be negative"),
     ("/v1/translate", {"text": "x", "decode": {"beam_size": 4, "beam_groups": 3}}, 422,
      "decode.beam_groups=3 must divide decode.beam_size=4"),
     ("/v1/translate", {"text": "x", "texts": ["y"]}, 422, "exactly one of 'text' and 'texts'"),
