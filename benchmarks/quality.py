@@ -101,7 +101,10 @@ BEAM_START = {**NO_ANTI_LM, "length_penalty": 1.0}
 # that differ (a plain beam's 8 are variations of one reply); 1.0 is the penalty Vijayakumar et al. and Hugging
 # Face's examples start from. Only 16 groups of one: it beat a plain beam of 8 and 8 groups at every backward
 # weight on all 4,190 valid pairs (benchmarks/RESULTS.md, "a diverse beam for the MMI-bidi reranker").
-RERANK_BEAMS = [{"beam_size": 16, "beam_groups": 16, "diversity_penalty": 1.0}]
+# With bigram blocking too: the anti-LM term favours replies that repeat themselves (a repeat is improbable
+# under the language model), and the repetition stage above, on the plain beam, leaves blocking off.
+RERANK_BEAMS = [{"beam_size": 16, "beam_groups": 16, "diversity_penalty": 1.0},
+                {"beam_size": 16, "beam_groups": 16, "diversity_penalty": 1.0, "no_repeat_ngram": 2}]
 BACKWARD_GRID = [0.0, 8.0, 16.0, 32.0, 64.0]  # valid's Distinct-2 peaked at 32-64 without the anti-LM
 RERANK_ANTI_LM_GRID = [0.0, 1.0, 2.0, 4.0, 8.0, 16.0]
 SAMPLING_GRID = [{"top_p": p, "temperature": t} for p in (0.8, 0.9, 1.0) for t in (0.7, 1.0)]
@@ -335,8 +338,8 @@ def evaluate_recipe(translator, config: Config, spec: Spec, args: argparse.Names
             lines = args.lines or None
             details["backward_on_valid"] = chosen = choose_reranking(
                 translator, valid[0][:lines], [r[:lines] for r in valid[1]], decode)
-            setting = {k: chosen[k] for k in ("beam_size", "beam_groups", "diversity_penalty", "backward_weight",
-                                              "rerank_anti_lm") if k in chosen}
+            setting = {k: chosen[k] for k in ("beam_size", "beam_groups", "diversity_penalty", "no_repeat_ngram",
+                                              "backward_weight", "rerank_anti_lm") if k in chosen}
             reranked = score_texts(translator, sources, references, ["bleu", "distinct"], out / "test_mmi.hyp",
                                    translator.options(**{**decode, **setting}))
             rows.append(score_row(f"detr, beam {setting.pop('beam_size')} reranked (MMI), "

