@@ -338,8 +338,7 @@ def evaluate_recipe(translator, config: Config, spec: Spec, args: argparse.Names
             lines = args.lines or None
             details["backward_on_valid"] = chosen = choose_reranking(
                 translator, valid[0][:lines], [r[:lines] for r in valid[1]], decode)
-            setting = {k: chosen[k] for k in ("beam_size", "beam_groups", "diversity_penalty", "no_repeat_ngram",
-                                              "backward_weight", "rerank_anti_lm") if k in chosen}
+            setting = {k: v for k, v in chosen.items() if k not in ("examples", "references_distinct2", "tried")}
             reranked = score_texts(translator, sources, references, ["bleu", "distinct"], out / "test_mmi.hyp",
                                    translator.options(**{**decode, **setting}))
             rows.append(score_row(f"detr, beam {setting.pop('beam_size')} reranked (MMI), "

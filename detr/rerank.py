@@ -31,7 +31,7 @@ class Scored(Protocol):
 
 
 # Forced decoding: the log-probability of each target given its source (`Translator.score`).
-Score = Callable[[list[str], list[str]], Sequence[Scored]]
+ScoreFn = Callable[[list[str], list[str]], Sequence[Scored]]
 
 
 @dataclass(frozen=True)
@@ -42,12 +42,12 @@ class Term:
     value: Callable[[list[str], list[str]], list[float]]
 
 
-def backward_term(backward: Score, weight: float) -> Term:
+def backward_term(backward: ScoreFn, weight: float) -> Term:
     """MMI-bidi: `weight` · log p(source | output) / |source| under the backward run's `score`."""
     return Term(weight, lambda sources, outputs: [s.per_token for s in backward(outputs, sources)])
 
 
-def anti_lm_term(forward: Score, weight: float) -> Term:
+def anti_lm_term(forward: ScoreFn, weight: float) -> Term:
     """MMI-antiLM: −`weight` · log p(output | blank source) / |output| under the forward model's `score`."""
     return Term(weight, lambda sources, outputs: [-s.per_token for s in forward([""] * len(outputs), outputs)])
 
