@@ -260,7 +260,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     translator = _translator(args, "score")
     sources = _input_lines(args.src, args.invalid)
     targets = _input_lines(args.tgt, args.invalid)
-    options = translator.checked(decode_options(args, translator.decode))
+    options = translator.checked_for_scoring(decode_options(args, translator.decode))
     with _output(args.output) as out:
         for batch in _chunked(zip_pairs(sources, targets, args.src, args.tgt), CHUNK_PAIRS):
             scores = translator.score([s for s, _ in batch], [t for _, t in batch], options)

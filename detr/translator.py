@@ -148,9 +148,8 @@ class Translator:
         return self.checked(dataclasses.replace(self.decode, **changes))
 
     def checked(self, config: DecodeConfig) -> DecodeConfig:
-        """`config`, validated for this model (ConfigError names the key)."""
-        config.validate()
-        self.language_tag(config.tgt_lang)
+        """`config`, validated for this model's searches (ConfigError names the key)."""
+        self.checked_for_scoring(config)
         if self.engine is not None:
             if len(self.models) > 1:
                 raise ConfigError("an ensemble needs the torch engine (drop --engine)")
@@ -161,6 +160,14 @@ class Translator:
         if 2 * max(config.beam_size, config.mbr) > self.model.config.tgt_vocab_size:
             raise ConfigError(f"decode.beam_size={config.beam_size} is too large for a target vocabulary of "
                               f"{self.model.config.tgt_vocab_size}")
+        return config
+
+    def checked_for_scoring(self, config: DecodeConfig) -> DecodeConfig:
+        """`config`, validated for forced decoding (`score`), which reads only `max_tokens` and
+        `tgt_lang`: what only a search needs (a backward run for `backward_weight`, a beam the
+        vocabulary can fill, another engine) is not asked for."""
+        config.validate()
+        self.language_tag(config.tgt_lang)
         return config
 
     def translate(self, lines: Iterable[str], options: DecodeConfig | None = None,
@@ -193,7 +200,7 @@ class Translator:
             DataError: sources and targets differ in number, or (with `on_overlong="error"`) an
                 over-long line.
         """
-        config = self.checked(options or self.decode)
+        config = self.checked_for_scoring(options or self.decode)
         pairs = []
         for n, (src, tgt) in enumerate(itertools.zip_longest(sources, targets), start=1):
             if src is None or tgt is None:

@@ -1,6 +1,7 @@
 """MMI reranking: the beam's outputs re-scored by a backward run (decode.backward_weight) and by the
 model as a language model (decode.rerank_anti_lm)."""
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -170,3 +171,22 @@ def test_cli_translate_and_evaluate_rerank_with_backward(toy, tmp_path):
     assert anti_lm.returncode == 0, anti_lm.stderr
     plain = detr.load(forward_root / "run")
     assert anti_lm.stdout.splitlines() == plain.translate(sources, plain.options(beam_size=4, rerank_anti_lm=WEIGHT))
+
+
+def test_scoring_a_run_that_decodes_with_a_backward_run_needs_none(toy, tmp_path):
+    """A run whose decode section sets backward_weight still scores pairs (forced decoding uses no
+    backward run): the same scores as with the weight off; its searches still ask for the run."""
+    _, sources, forward_root, _ = toy
+    references = (forward_root / "data" / "test.de").read_text().splitlines()[:16]
+    plain = detr.load(forward_root / "run")
+    expected = plain.score(sources, references)
+    plain.decode = dataclasses.replace(plain.decode, beam_size=4, backward_weight=WEIGHT)  # as a run's config.yaml
+    assert [s.total for s in plain.score(sources, references)] == [s.total for s in expected]
+    with pytest.raises(ConfigError, match="needs a backward run"):
+        plain.translate(sources[:1])
+    (tmp_path / "src").write_text("\n".join(sources) + "\n")
+    (tmp_path / "tgt").write_text("\n".join(references) + "\n")
+    scored = detr_cli("score", str(forward_root / "run"), "--src", str(tmp_path / "src"),
+                      "--tgt", str(tmp_path / "tgt"), "--beam-size", "4", "--backward-weight", str(WEIGHT))
+    assert scored.returncode == 0, scored.stderr
+    assert [float(x) for x in scored.stdout.split()] == pytest.approx([s.total for s in expected], abs=1e-5)
