@@ -141,6 +141,25 @@ def test_a_bert2bert_run_trains_resumes_exactly_decodes_averages_and_is_inspecte
     assert steps == [2, 4] and detr.load(tmp_path / "whole", weights=path).translate(SENTENCES[:1], greedy)
 
 
+def test_a_bert2bert_run_exports_to_onnx_and_decodes_there_as_in_detr(tmp_path):
+    """The ONNX graphs hold the pretrained embeddings (word + position + segment, LayerNorm) on both
+    sides: detr's beam search over them in ONNX Runtime gives detr's n-best and scores."""
+    pytest.importorskip("onnxruntime", reason="the export extra (onnxruntime) is not installed")
+    pytest.importorskip("onnxscript", reason="the export extra (onnxscript) is not installed")
+    from detr.export import onnx, use_engine
+
+    detr.train(b2b_config(tmp_path, "run", **{"train.max_steps": 2, "train.eval_every": 2}))
+    onnx.export(tmp_path / "run", tmp_path / "graphs")
+    translator = detr.load(tmp_path / "run")
+    lines = SENTENCES + (tmp_path / "data" / "test.en").read_text().splitlines()
+    options = translator.options(beam_size=3, nbest=3)
+    expected = translator.translate_nbest(lines, options)
+    got = use_engine(translator, tmp_path / "run", "onnxruntime", "float32").translate_nbest(lines, options)
+    assert [[text for text, _ in found] for found in got] == [[text for text, _ in found] for found in expected]
+    assert [score for found in got for _, score in found] == \
+        pytest.approx([score for found in expected for _, score in found], abs=1e-4)
+
+
 def test_a_bert2bert_run_with_the_encoder_bottom_frozen_keeps_it_and_resumes_exactly(tmp_path):
     from detr.trainer import Trainer
 

@@ -143,14 +143,15 @@ def export(run_dir: str | Path, out: str | Path, weights: str | Path | None = No
     ONNX Runtime, greedy-decoding a probe batch through them, gives detr's log-probabilities.
 
     Raises:
-        ConfigError: a run that is not a translation run on detr's own encoder, the graphs disagreeing
-            with detr, or an `out` that exists and is not an earlier export.
+        ConfigError: a run that is not a translation run (warm-started ones export: the graphs trace
+            their pretrained embeddings), the graphs disagreeing with detr, or an `out` that exists
+            and is not an earlier export.
     """
     out = Path(out)
     check_destination(out)
     run = load_run(run_dir, weights=weights)
-    if run.config.task != "translate" or run.config.model.pretrained is not None:
-        raise ConfigError(f"{run_dir}: only translation runs on detr's own encoder export to ONNX")
+    if run.config.task != "translate":
+        raise ConfigError(f"{run_dir}: only translation runs export to ONNX")
     model = run.model.eval()
 
     def fill(staging: Path) -> dict:
