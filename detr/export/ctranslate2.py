@@ -11,8 +11,14 @@ embeddings scaled by √d_model plus detr's own position table (sinusoidal or le
 output projection. The vocabularies are the subword strings of the run's tokenizer in id order,
 so ids survive the round trip; `<s>` starts the decoder, `</s>` ends a sentence, as in detr.
 
+A warm-started run maps too: a pretrained BERT-style encoder (and a BERT2BERT decoder) is a
+post-norm Transformer whose embedding is LayerNorm(word + position + segment 0), unscaled, which
+is CTranslate2's `layernorm_embedding` with segment 0's row added to every row of the position
+table (detr's translation runs feed one segment).
+
 What CTranslate2 cannot do as detr does is refused before anything is written or decoded:
-a pretrained (BERT-style) encoder, multilingual tags (not yet mapped), GNMT's length penalty
+multilingual tags (not yet mapped), a pretrained encoder whose LayerNorm epsilon is not the
+decoder's (BERT's 1e-12 beside detr's 1e-5: CTranslate2 has one), GNMT's length penalty
 (CTranslate2 divides by length^α), the repetition penalty (it applies it to logits, detr to
 log-probabilities), sampling, constraints, ensembles and MBR.
 """
@@ -48,8 +54,6 @@ TOLERANCE = 1e-4  # largest log-probability difference between detr and the conv
 def unsupported(config: ModelConfig, tokenizer: Tokenizer) -> list[str]:
     """What in this model CTranslate2's Transformer specification cannot hold (empty: it maps)."""
     problems = []
-    if config.pretrained is not None:
-        problems.append("model.pretrained (a BERT-style encoder: token-type embeddings and an embedding LayerNorm)")
     if tokenizer.src.languages():
         problems.append("a multilingual run's language tags")
     return problems
@@ -69,38 +73,82 @@ def _norm(spec: common_spec.LayerNormSpec, norm: nn.LayerNorm) -> None:
 
 def _inputs(spec: object, embed: nn.Module) -> None:
     """Token embeddings (scaled by √d_model in CTranslate2 as in detr) and detr's position table."""
-    tokens = embed.tokens.weight.detach().float().numpy()
-    if isinstance(spec.embeddings, list):
-        spec.embeddings[0].weight = tokens
-    else:
-        spec.embeddings.weight = tokens
+    _token_table(spec, embed.tokens)
     spec.scale_embeddings = True  # CTranslate2's default, said here because detr depends on it
     spec.position_encodings.encodings = embed.positions.table.detach().float().numpy()
 
 
+def _token_table(spec: object, tokens: nn.Embedding) -> None:
+    """The token embeddings (an encoder's spec holds a list: one table per source feature)."""
+    table = spec.embeddings[0] if isinstance(spec.embeddings, list) else spec.embeddings
+    table.weight = tokens.weight.detach().float().numpy()
+
+
+def _bert_inputs(spec: object, words: nn.Embedding, positions: nn.Embedding, segments: nn.Embedding,
+                 norm: nn.LayerNorm) -> None:
+    """BERT's embedding: unscaled words; segment 0's row added to every position; its LayerNorm."""
+    _token_table(spec, words)
+    spec.scale_embeddings = False
+    spec.position_encodings.encodings = (positions.weight + segments.weight[0]).detach().float().numpy()
+    _norm(spec.layernorm_embedding, norm)
+
+
+def _encoder_layer(spec: object, qkv: tuple[nn.Linear, ...], out: nn.Linear, attn_norm: nn.LayerNorm,
+                   w1: nn.Linear, w2: nn.Linear, ff_norm: nn.LayerNorm) -> None:
+    _linear(spec.self_attention.linear[0], *qkv)
+    _linear(spec.self_attention.linear[1], out)
+    _norm(spec.self_attention.layer_norm, attn_norm)
+    _linear(spec.ffn.linear_0, w1)
+    _linear(spec.ffn.linear_1, w2)
+    _norm(spec.ffn.layer_norm, ff_norm)
+
+
 def model_spec(model: nn.Module, tokenizer: Tokenizer) -> transformer_spec.TransformerSpec:
-    """CTranslate2's description of a detr `Seq2Seq` (weights included)."""
+    """CTranslate2's description of a detr `Seq2Seq` (weights included): detr's own encoder or a
+    pretrained BERT-style one, detr's own decoder or one warm-started from BERT."""
     config: ModelConfig = model.config
+    encoder, decoder = model.encoder, model.decoder
+    bert = getattr(encoder, "hf", None)  # a pretrained encoder (`detr.pretrained.PretrainedEncoder`)
+    bert_decoder = hasattr(decoder.embed, "segments")  # warm-started (`detr.warmstart.PretrainedEmbedding`)
     problems = unsupported(config, tokenizer)
+    if bert is not None and bert.config.hidden_act != "gelu":
+        problems.append(f"a pretrained encoder with hidden_act {bert.config.hidden_act!r} (only gelu)")
+    if bert is not None and bert.config.layer_norm_eps != config.layer_norm_eps:
+        problems.append(f"a pretrained encoder's LayerNorm epsilon {bert.config.layer_norm_eps:g} beside the "
+                        f"decoder's model.layer_norm_eps {config.layer_norm_eps:g} (it has one epsilon)")
     if problems:
         raise ConfigError(f"CTranslate2 cannot hold {'; '.join(problems)}; this run cannot be exported to it")
     activation = {"relu": common_spec.Activation.RELU, "gelu": common_spec.Activation.GELU,
                   "silu": common_spec.Activation.SWISH}[config.activation]
     pre_norm = config.norm == "pre"
-    spec = transformer_spec.TransformerSpec.from_config(
-        (config.n_layers, config.decoder_layers), config.n_heads, pre_norm=pre_norm, activation=activation)
+    layers = bert.encoder.layer if bert is not None else encoder.layers
+    spec = transformer_spec.TransformerSpec(  # a BERT encoder: post-norm, GELU, whatever the decoder is
+        transformer_spec.TransformerEncoderSpec(
+            len(layers), bert.config.num_attention_heads if bert is not None else config.n_heads,
+            pre_norm=pre_norm and bert is None, layernorm_embedding=bert is not None,
+            activation=common_spec.Activation.GELU if bert is not None else activation),
+        transformer_spec.TransformerDecoderSpec(len(decoder.layers), config.n_heads, pre_norm=pre_norm,
+                                                activation=activation, layernorm_embedding=bert_decoder))
     spec.config.layer_norm_epsilon = config.layer_norm_eps
-    encoder, decoder = model.encoder, model.decoder
-    _inputs(spec.encoder, encoder.embed)
-    for layer_spec, layer in zip(spec.encoder.layer, encoder.layers):
-        attn = layer.self_attn
-        _linear(layer_spec.self_attention.linear[0], attn.q_proj, attn.k_proj, attn.v_proj)
-        _linear(layer_spec.self_attention.linear[1], attn.out_proj)
-        _norm(layer_spec.self_attention.layer_norm, layer.attn_block.norm)
-        _linear(layer_spec.ffn.linear_0, layer.ff.w1)
-        _linear(layer_spec.ffn.linear_1, layer.ff.w2)
-        _norm(layer_spec.ffn.layer_norm, layer.ff_block.norm)
-    _inputs(spec.decoder, decoder.embed)
+    if bert is not None:
+        embed = bert.embeddings
+        _bert_inputs(spec.encoder, embed.word_embeddings, embed.position_embeddings, embed.token_type_embeddings,
+                     embed.LayerNorm)
+        for layer_spec, layer in zip(spec.encoder.layer, layers):
+            attn = layer.attention
+            _encoder_layer(layer_spec, (attn.self.query, attn.self.key, attn.self.value), attn.output.dense,
+                           attn.output.LayerNorm, layer.intermediate.dense, layer.output.dense, layer.output.LayerNorm)
+    else:
+        _inputs(spec.encoder, encoder.embed)
+        for layer_spec, layer in zip(spec.encoder.layer, layers):
+            attn = layer.self_attn
+            _encoder_layer(layer_spec, (attn.q_proj, attn.k_proj, attn.v_proj), attn.out_proj, layer.attn_block.norm,
+                           layer.ff.w1, layer.ff.w2, layer.ff_block.norm)
+    if bert_decoder:
+        embed = decoder.embed
+        _bert_inputs(spec.decoder, embed.tokens, embed.positions, embed.segments, embed.norm)
+    else:
+        _inputs(spec.decoder, decoder.embed)
     for layer_spec, layer in zip(spec.decoder.layer, decoder.layers):
         attn, cross = layer.self_attn, layer.cross_attn
         _linear(layer_spec.self_attention.linear[0], attn.q_proj, attn.k_proj, attn.v_proj)
@@ -114,7 +162,8 @@ def model_spec(model: nn.Module, tokenizer: Tokenizer) -> transformer_spec.Trans
         _linear(layer_spec.ffn.linear_1, layer.ff.w2)
         _norm(layer_spec.ffn.layer_norm, layer.ff_block.norm)
     if pre_norm:
-        _norm(spec.encoder.layer_norm, encoder.norm)
+        if bert is None:
+            _norm(spec.encoder.layer_norm, encoder.norm)
         _norm(spec.decoder.layer_norm, decoder.norm)
     spec.decoder.projection.weight = model.output.weight.detach().float().numpy()
     if getattr(model.output, "bias", None) is not None:
