@@ -40,9 +40,11 @@ from detr.config import DecodeConfig, ModelConfig
 from detr.errors import CheckpointError, ConfigError
 from detr.export.folder import check_destination, file_digest, is_current, probe, weights_file, write_folder
 from detr.export.folder import read_marker as folder_marker
+from detr.pretrained import PretrainedEncoder
 from detr.rundir import RunDir
 from detr.search import Hypothesis
 from detr.tokenizer import EOS, PAD, SPECIALS, Tokenizer
+from detr.warmstart import PretrainedEmbedding
 
 QUANTIZATIONS = ("float32", "int8", "int8_float32")
 FORMAT = "detr-ctranslate2/1"
@@ -93,8 +95,9 @@ def _bert_inputs(spec: object, words: nn.Embedding, positions: nn.Embedding, seg
     _norm(spec.layernorm_embedding, norm)
 
 
-def _encoder_layer(spec: object, qkv: tuple[nn.Linear, ...], out: nn.Linear, attn_norm: nn.LayerNorm,
-                   w1: nn.Linear, w2: nn.Linear, ff_norm: nn.LayerNorm) -> None:
+def _self_attention_and_ffn(spec: object, qkv: tuple[nn.Linear, ...], out: nn.Linear, attn_norm: nn.LayerNorm,
+                            w1: nn.Linear, w2: nn.Linear, ff_norm: nn.LayerNorm) -> None:
+    """The parts an encoder and a decoder layer share: self-attention and feed-forward, each with its norm."""
     _linear(spec.self_attention.linear[0], *qkv)
     _linear(spec.self_attention.linear[1], out)
     _norm(spec.self_attention.layer_norm, attn_norm)
@@ -108,8 +111,8 @@ def model_spec(model: nn.Module, tokenizer: Tokenizer) -> transformer_spec.Trans
     pretrained BERT-style one, detr's own decoder or one warm-started from BERT."""
     config: ModelConfig = model.config
     encoder, decoder = model.encoder, model.decoder
-    bert = getattr(encoder, "hf", None)  # a pretrained encoder (`detr.pretrained.PretrainedEncoder`)
-    bert_decoder = hasattr(decoder.embed, "segments")  # warm-started (`detr.warmstart.PretrainedEmbedding`)
+    bert = encoder.hf if isinstance(encoder, PretrainedEncoder) else None
+    bert_decoder = isinstance(decoder.embed, PretrainedEmbedding)  # warm-started from BERT
     problems = unsupported(config, tokenizer)
     if bert is not None and bert.config.hidden_act != "gelu":
         problems.append(f"a pretrained encoder with hidden_act {bert.config.hidden_act!r} (only gelu)")
@@ -136,14 +139,15 @@ def model_spec(model: nn.Module, tokenizer: Tokenizer) -> transformer_spec.Trans
                      embed.LayerNorm)
         for layer_spec, layer in zip(spec.encoder.layer, layers):
             attn = layer.attention
-            _encoder_layer(layer_spec, (attn.self.query, attn.self.key, attn.self.value), attn.output.dense,
-                           attn.output.LayerNorm, layer.intermediate.dense, layer.output.dense, layer.output.LayerNorm)
+            _self_attention_and_ffn(layer_spec, (attn.self.query, attn.self.key, attn.self.value), attn.output.dense,
+                                    attn.output.LayerNorm, layer.intermediate.dense, layer.output.dense,
+                                    layer.output.LayerNorm)
     else:
         _inputs(spec.encoder, encoder.embed)
         for layer_spec, layer in zip(spec.encoder.layer, layers):
             attn = layer.self_attn
-            _encoder_layer(layer_spec, (attn.q_proj, attn.k_proj, attn.v_proj), attn.out_proj, layer.attn_block.norm,
-                           layer.ff.w1, layer.ff.w2, layer.ff_block.norm)
+            _self_attention_and_ffn(layer_spec, (attn.q_proj, attn.k_proj, attn.v_proj), attn.out_proj,
+                                    layer.attn_block.norm, layer.ff.w1, layer.ff.w2, layer.ff_block.norm)
     if bert_decoder:
         embed = decoder.embed
         _bert_inputs(spec.decoder, embed.tokens, embed.positions, embed.segments, embed.norm)
@@ -151,16 +155,12 @@ def model_spec(model: nn.Module, tokenizer: Tokenizer) -> transformer_spec.Trans
         _inputs(spec.decoder, decoder.embed)
     for layer_spec, layer in zip(spec.decoder.layer, decoder.layers):
         attn, cross = layer.self_attn, layer.cross_attn
-        _linear(layer_spec.self_attention.linear[0], attn.q_proj, attn.k_proj, attn.v_proj)
-        _linear(layer_spec.self_attention.linear[1], attn.out_proj)
-        _norm(layer_spec.self_attention.layer_norm, layer.self_block.norm)
+        _self_attention_and_ffn(layer_spec, (attn.q_proj, attn.k_proj, attn.v_proj), attn.out_proj,
+                                layer.self_block.norm, layer.ff.w1, layer.ff.w2, layer.ff_block.norm)
         _linear(layer_spec.attention.linear[0], cross.q_proj)
         _linear(layer_spec.attention.linear[1], cross.k_proj, cross.v_proj)
         _linear(layer_spec.attention.linear[2], cross.out_proj)
         _norm(layer_spec.attention.layer_norm, layer.cross_block.norm)
-        _linear(layer_spec.ffn.linear_0, layer.ff.w1)
-        _linear(layer_spec.ffn.linear_1, layer.ff.w2)
-        _norm(layer_spec.ffn.layer_norm, layer.ff_block.norm)
     if pre_norm:
         if bert is None:
             _norm(spec.encoder.layer_norm, encoder.norm)
