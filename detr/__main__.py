@@ -1,5 +1,3 @@
-import sys
+from detr.cli import run
 
-from detr.cli import main
-
-sys.exit(main())
+run()

@@ -23,7 +23,7 @@ import logging
 import os
 import sys
 from collections.abc import Iterator
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 import numpy as np
 import torch
@@ -677,5 +677,23 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
 
+def run() -> NoReturn:
+    """The `detr` command (and `python -m detr`, as torchrun starts it): `main`, then exit.
+
+    A rank of a torchrun job leaves with `os._exit` once its work is done, saved and the process
+    group left: interpreter finalization then tears down torch's distributed C++ objects (gloo's
+    threads, which DDP's reducer keeps alive past `destroy_process_group`, and the store's client)
+    in an order nobody controls, and one such teardown aborted a finished rank in CI ("terminate
+    called without an active exception", exit -6), which makes torchrun fail the whole job."""
+    code = main()
+    if World.from_environment().active:
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

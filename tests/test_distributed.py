@@ -27,6 +27,8 @@ from tests.test_train import toy_config, write_yaml
 MODEL = RunDir(".").model.name
 TRAINER_STATE = RunDir(".").trainer_state.name
 STEPS = 20
+# One thread per rank; a rank that aborts (SIGABRT, SIGSEGV) prints its Python stacks.
+RANK_ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}
 
 
 def free_port() -> int:
@@ -47,7 +49,7 @@ def torchrun_args(*detr_args: str, nproc: int = 2, nodes: tuple[int, int] | None
 
 
 def run_torchrun(*detr_args: str, timeout: float = 180, cwd: Path = ROOT, **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, **RANK_ENV}
     return subprocess.run(torchrun_args(*detr_args, **kwargs), capture_output=True, text=True, cwd=cwd,
                           timeout=timeout, env=env)
 
@@ -125,7 +127,7 @@ def test_a_killed_two_rank_job_resumes_bitwise_equal_to_the_uninterrupted_one(tw
     run_dir = tmp / "killed"
     args = torchrun_args("train", str(config), "--run_dir", str(run_dir), "--no-progress")
     job = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+                           env={**os.environ, **RANK_ENV})
     deadline = time.time() + 120
     while not (run_dir / TRAINER_STATE).exists() and job.poll() is None and time.time() < deadline:
         time.sleep(0.01)
@@ -144,7 +146,7 @@ def test_two_nodes_on_loopback_train_like_one_node_with_two_ranks(two_ranks):
     tmp, config = two_ranks
     port = free_port()
     args = ["train", str(config), "--run_dir", str(tmp / "nodes"), "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, **RANK_ENV}
     nodes = [subprocess.Popen(torchrun_args(*args, nproc=1, nodes=(rank, 2), port=port), cwd=ROOT, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
     outputs = [node.communicate(timeout=180) for node in nodes]
@@ -171,7 +173,7 @@ def workers(launcher: int) -> dict[int, int]:
 
 def kill_rank_after_first_checkpoint(args: list[str], run_dir: Path) -> tuple[subprocess.Popen, float]:
     job = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+                           env={**os.environ, **RANK_ENV})
     deadline = time.time() + 120
     while not (run_dir / TRAINER_STATE).exists() and job.poll() is None and time.time() < deadline:
         time.sleep(0.01)
@@ -217,7 +219,7 @@ def test_a_killed_rank_ends_the_job_with_a_clear_line_and_max_restarts_finishes_
 def test_nodes_with_different_configs_stop_with_one_line(two_ranks):
     tmp, config = two_ranks
     port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, **RANK_ENV}
     nodes = [subprocess.Popen(torchrun_args("train", str(config), "--run_dir", str(tmp / "mismatch"), "--no-progress",
                                             *extra, nproc=1, nodes=(rank, 2), port=port),
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -233,7 +235,7 @@ def test_a_run_directory_not_shared_between_nodes_is_refused(two_ranks, tmp_path
     tmp, _ = two_ranks
     config = write_yaml(tmp_path, toy_config(tmp, **{"run_dir": "relative-run", "train.max_steps": 4}))
     port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, **RANK_ENV}
     cwds = [tmp_path / "node0", tmp_path / "node1"]  # "relative-run" is a different folder on each "machine"
     for cwd in cwds:
         cwd.mkdir()
@@ -252,7 +254,7 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_and_the_run_resum
     run_dir = tmp / "sigterm"
     job = subprocess.Popen(torchrun_args("train", str(config), "--run_dir", str(run_dir), "--no-progress"), cwd=ROOT,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+                           env={**os.environ, **RANK_ENV})
     deadline = time.time() + 120
     while not (run_dir / TRAINER_STATE).exists() and job.poll() is None and time.time() < deadline:
         time.sleep(0.01)
