@@ -5,11 +5,15 @@ or int8.
     detr.load("runs/tiny").quantize("int8").translate(["a dog runs."])
 
 float32 on the CPU (`PackedLinear`): each Linear layer keeps its weights and also a copy packed
-once for MKL's matrix multiply (`cblas_sgemm_pack`, reached through `torch.ops.mkl`, the kernel
-Inductor's weight prepacking uses), so no call re-packs them: at the paper-base shape a layer
-takes about half the time at 32 rows (greedy decoding at batch 32: 1.24x). Results equal
-`F.linear`'s to float rounding. Used where no gradient is wanted (with gradients on, as for
-saliency, a plain Linear); a PyTorch without MKL keeps plain Linear layers.
+once for the CPU's matrix multiply, so no call re-packs them: the two kernels Inductor's weight
+prepacking uses, reached through `torch.ops`. On Intel's CPUs that is MKL's (`cblas_sgemm_pack`;
+at the paper-base shape a layer takes about half the time at 32 rows, greedy decoding at batch 32
+1.24x); on others oneDNN's, since MKL takes a slow path there (CTranslate2 picks its GEMM by the
+same rule): on an AMD EPYC (Zen 4) one decoding step's Linear layers at the paper-base shape took
+1.3x (1 row), 2.3x (4), 1.9x (32) and 1.5x (128) less time with oneDNN's packing than with MKL's
+(benchmarks/RESULTS.md). Results equal `F.linear`'s to float rounding. Used where no gradient is
+wanted (with gradients on, as for saliency, a plain Linear); a PyTorch without the kernel keeps
+plain Linear layers.
 
 `Int8Linear` keeps a Linear layer's weights as int8 with one scale per output row and quantizes
 its input on the fly with one scale per *row* (per token), then multiplies in int8 with exact
@@ -25,6 +29,10 @@ shares the embedding's weights in training, gets its own int8 copy.
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import platform
+
 import torch
 from torch import Tensor, nn
 
@@ -34,14 +42,34 @@ PRECISIONS = ("float32", "int8")
 PACK_ROWS = 128  # the row count the packing is sized for (measured best of 32 and 128); any count may use it
 
 
+def _intel_cpu() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            return any(line.startswith("vendor_id") and "GenuineIntel" in line for line in f)
+    except OSError:  # not Linux
+        return platform.machine().lower() in ("x86_64", "amd64") and "intel" in platform.processor().lower()
+
+
+def _gemm_libraries() -> tuple[str, ...]:
+    """The libraries this PyTorch build can pack float32 Linear weights with."""
+    available = []
+    with contextlib.suppress(AttributeError, RuntimeError):  # a build without the op
+        if torch.backends.mkl.is_available() and torch.ops.mkl._mkl_linear is not None:
+            available.append("mkl")
+    with contextlib.suppress(AttributeError, RuntimeError):
+        if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._linear_pointwise is not None:
+            available.append("onednn")
+    return tuple(available)
+
+
+GEMM_LIBRARIES = _gemm_libraries()
+# The one packing uses: MKL on Intel's CPUs, oneDNN on others (either, where the build has only one).
+GEMM = next((lib for lib in ("mkl" if _intel_cpu() else "onednn", *GEMM_LIBRARIES) if lib in GEMM_LIBRARIES), None)
+
+
 def _can_pack(linear: nn.Linear) -> bool:
     weight = linear.weight
-    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkl.is_available():
-        return False
-    try:
-        return torch.ops.mkl._mkl_linear is not None
-    except (AttributeError, RuntimeError):  # a build without the op
-        return False
+    return GEMM is not None and weight.device.type == "cpu" and weight.dtype == torch.float32
 
 
 class PackedLinear(nn.Linear):
@@ -50,19 +78,31 @@ class PackedLinear(nn.Linear):
     packed op has none; with gradients on, or traced by an exporter, it is a plain Linear). The copy
     is not updated: for inference only."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, library: str | None = None) -> None:
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
-        self.packed = torch.ops.mkl._mkl_reorder_linear_weight(linear.weight.detach(), PACK_ROWS)
+        self.library = library or GEMM
+        weight = linear.weight.detach()
+        self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, PACK_ROWS) if self.library == "mkl" \
+            else torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS)
 
     def forward(self, x: Tensor) -> Tensor:
         if torch.is_grad_enabled() or torch.compiler.is_compiling():  # the op has no gradient, no export
             return super().forward(x)
+        if self.library == "onednn":
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         rows = x.numel() // self.in_features
         # Given the actual row count as the packing's, the op always takes the packed kernel
         # (for any other count it falls back to F.linear).
         return torch.ops.mkl._mkl_linear(x.contiguous(), self.packed, self.weight, self.bias, rows)
+
+    def __deepcopy__(self, memo: dict) -> PackedLinear:
+        """A copy packed anew (oneDNN's packed weights are opaque: they cannot be copied)."""
+        plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        plain.weight = copy.deepcopy(self.weight, memo)
+        plain.bias = copy.deepcopy(self.bias, memo)
+        return PackedLinear(plain, self.library)
 
 
 def _int8_rows(x: Tensor) -> tuple[Tensor, Tensor]:

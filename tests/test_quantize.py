@@ -2,6 +2,7 @@
 nn.Linear does; int8 Linear layers hold int8 weights, the model
 predicts nearly as in float32, and the command line offers it in one flag."""
 
+import copy
 
 import pytest
 import sacrebleu
@@ -9,19 +10,19 @@ import torch
 
 from detr import ConfigError, load, load_run
 from detr.model import padding_mask
-from detr.quantize import Int8Linear, PackedLinear, _can_pack, is_quantized
+from detr.quantize import GEMM_LIBRARIES, Int8Linear, PackedLinear, _can_pack, is_quantized
 from tests.conftest import detr_cli
 
-needs_mkl = pytest.mark.skipif(not _can_pack(torch.nn.Linear(2, 2)), reason="this PyTorch has no MKL packed GEMM")
+needs_packing = pytest.mark.skipif(not _can_pack(torch.nn.Linear(2, 2)), reason="this PyTorch has no packed GEMM")
 
 
-@needs_mkl
+@pytest.mark.parametrize("library", GEMM_LIBRARIES)
 @pytest.mark.parametrize("shape", [(64, 64), (512, 2048), (2048, 512), (8000, 256)])
-def test_a_packed_linear_computes_what_linear_does(shape):
+def test_a_packed_linear_computes_what_linear_does(shape, library):
     n_in, n_out = shape
     torch.manual_seed(0)
     linear = torch.nn.Linear(n_in, n_out)
-    packed = PackedLinear(linear)
+    packed = PackedLinear(linear, library)
     assert packed.weight is linear.weight and packed.bias is linear.bias  # shared, not copied
     x = torch.randn(200, n_in)
     with torch.no_grad():
@@ -30,12 +31,14 @@ def test_a_packed_linear_computes_what_linear_does(shape):
         for rows in (1, 2, 7, 31, 128, 129):  # other row counts than the packing was sized for
             assert torch.allclose(packed(x[:rows]), full[:rows], atol=1e-5, rtol=1e-5)
         assert torch.equal(packed(x.view(20, 10, n_in)), full.view(20, 10, n_out))  # any leading shape
+        copied = copy.deepcopy(packed)  # packed anew: oneDNN's packed weights cannot be copied
+        assert copied.library == library and torch.equal(copied(x), full)
     y = packed(x[:3])  # gradients wanted: a plain Linear
     y.sum().backward()
     assert linear.weight.grad is not None
 
 
-@needs_mkl
+@needs_packing
 def test_a_loaded_run_predicts_with_packed_layers_and_the_same_outputs(toy_run):
     lines = (toy_run / "data" / "test.en").read_text().splitlines()
     loaded = load(toy_run / "run")
