@@ -11,7 +11,8 @@ at the paper-base shape a layer takes about half the time at 32 rows, greedy dec
 1.24x); on others oneDNN's, since MKL takes a slow path there (CTranslate2 picks its GEMM by the
 same rule): on an AMD EPYC (Zen 4) one decoding step's Linear layers at the paper-base shape took
 1.3x (1 row), 2.3x (4), 1.9x (32) and 1.5x (128) less time with oneDNN's packing than with MKL's
-(benchmarks/RESULTS.md). Results equal `F.linear`'s to float rounding. Used where no gradient is
+(benchmarks/RESULTS.md). Small layers (under 2^16 weights) keep MKL's everywhere: there a call's
+fixed cost decides, and oneDNN's is higher. Results equal `F.linear`'s to float rounding. Used where no gradient is
 wanted (with gradients on, as for saliency, a plain Linear); a PyTorch without the kernel keeps
 plain Linear layers.
 
@@ -63,8 +64,18 @@ def _gemm_libraries() -> tuple[str, ...]:
 
 
 GEMM_LIBRARIES = _gemm_libraries()
-# The one packing uses: MKL on Intel's CPUs, oneDNN on others (either, where the build has only one).
+# The one packing uses for large layers: MKL on Intel's CPUs, oneDNN on others (either, where the
+# build has only one). Small layers take MKL's wherever it exists: a oneDNN call costs some 15 µs more.
 GEMM = next((lib for lib in ("mkl" if _intel_cpu() else "onednn", *GEMM_LIBRARIES) if lib in GEMM_LIBRARIES), None)
+# From this many weights on, a layer is large. Weights streamed from memory, 1 to 64 rows, AMD EPYC
+# (benchmarks/RESULTS.md): MKL's kernel wins at 128 × 128; at 256 × 256 MKL's by 10 % at one row and
+# oneDNN's by 1.6x at 8 rows; oneDNN's from 384 × 384 on.
+LARGE = 1 << 16
+
+
+def _library_for(linear: nn.Linear) -> str | None:
+    small = linear.weight.numel() < LARGE and "mkl" in GEMM_LIBRARIES
+    return "mkl" if small else GEMM
 
 
 def _can_pack(linear: nn.Linear) -> bool:
@@ -82,7 +93,7 @@ class PackedLinear(nn.Linear):
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
-        self.library = library or GEMM
+        self.library = library or _library_for(linear)
         weight = linear.weight.detach()
         self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, PACK_ROWS) if self.library == "mkl" \
             else torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS)

@@ -10,7 +10,7 @@ import torch
 
 from detr import ConfigError, load, load_run
 from detr.model import padding_mask
-from detr.quantize import GEMM_LIBRARIES, Int8Linear, PackedLinear, _can_pack, is_quantized
+from detr.quantize import GEMM, GEMM_LIBRARIES, Int8Linear, PackedLinear, _can_pack, is_quantized
 from tests.conftest import detr_cli
 
 needs_packing = pytest.mark.skipif(not _can_pack(torch.nn.Linear(2, 2)), reason="this PyTorch has no packed GEMM")
@@ -36,6 +36,13 @@ def test_a_packed_linear_computes_what_linear_does(shape, library):
     y = packed(x[:3])  # gradients wanted: a plain Linear
     y.sum().backward()
     assert linear.weight.grad is not None
+
+
+@needs_packing
+def test_large_layers_pack_with_the_cpus_library_and_small_ones_with_mkls_lower_call_cost():
+    large, small = PackedLinear(torch.nn.Linear(512, 512)), PackedLinear(torch.nn.Linear(64, 256))
+    assert large.library == GEMM  # MKL on Intel's CPUs, oneDNN on others
+    assert small.library == ("mkl" if "mkl" in GEMM_LIBRARIES else GEMM)
 
 
 @needs_packing
