@@ -10,11 +10,11 @@ prepacking uses, reached through `torch.ops`. On Intel's CPUs that is MKL's (`cb
 at the paper-base shape a layer takes about half the time at 32 rows, greedy decoding at batch 32
 1.24x); on others oneDNN's, since MKL takes a slow path there (CTranslate2 picks its GEMM by the
 same rule): on an AMD EPYC (Zen 4) one decoding step's Linear layers at the paper-base shape took
-1.3x (1 row), 2.3x (4), 1.9x (32) and 1.5x (128) less time with oneDNN's packing than with MKL's
+1.4x (1 row), 2.3x (4), 1.9x (32) and 1.5x (128) less time with oneDNN's packing than with MKL's
 (benchmarks/RESULTS.md). Small layers (under 2^16 weights) keep MKL's everywhere: there a call's
-fixed cost decides, and oneDNN's is higher. Results equal `F.linear`'s to float rounding. Used where no gradient is
-wanted (with gradients on, as for saliency, a plain Linear); a PyTorch without the kernel keeps
-plain Linear layers.
+fixed cost decides, and oneDNN's is higher. Results equal `F.linear`'s to float rounding. Used
+where no gradient is wanted (with gradients on, as for saliency, a plain Linear); a PyTorch
+without either kernel keeps plain Linear layers.
 
 `Int8Linear` keeps a Linear layer's weights as int8 with one scale per output row and quantizes
 its input on the fly with one scale per *row* (per token), then multiplies in int8 with exact
