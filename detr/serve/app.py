@@ -146,6 +146,13 @@ ERRORS = {status: {"model": ErrorBody, "description": text} for status, text in 
     (429, "the model's queue is full (see Retry-After)"), (503, "shutting down"))}
 
 
+# One server-sent event of a streamed generation, as OpenAPI before 3.2 describes an event stream.
+SSE_EVENT = {"type": "object", "required": ["data"], "properties": {
+    "event": {"type": "string", "enum": ["message", "done", "error"],
+              "description": "message: {sample, delta}; done: {samples}; error: {error: {status, message}}"},
+    "data": {"type": "string", "description": "the event's JSON"}}}
+
+
 class InspectBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str | None = None
@@ -514,7 +521,11 @@ def create_app(runs: dict[str, Run], config: ServeConfig, api_keys: list[str] | 
                                                   "per_token": s.per_token} for s in scores]}
 
     @app.post("/v1/generate", summary="sample outputs (temperature, top-k, top-p); streams with stream: true",
-              dependencies=guarded, response_model=None)
+              dependencies=guarded, response_model=None, responses={200: {
+                  "description": "the samples; with stream: true, server-sent events ({sample, delta} ..., then "
+                                 "event: done)",
+                  "content": {"application/json": {"schema": {"type": "object"}},
+                              "text/event-stream": {"schema": SSE_EVENT}}}})
     async def generate(body: GenerateBody) -> dict[str, Any] | StreamingResponse:
         served = model_for(body.model, Translator, "/v1/generate")
         texts, options = inputs_of(body), decode_of(served.predictor, body.decode)
