@@ -51,6 +51,9 @@ LOADS = {  # name: (beam size, server flags)
     "beam4-by-request": (4, ["--batching", "request"]),
     "beam4-8k": (4, ["--max-batch-tokens", "8192"]),  # room for all 64 one-sentence requests in one beam call
     "greedy-alone": (1, ["--max-batch-tokens", "1"]),
+    # one worker thread of all the cores, as before `--workers` (default: a worker per core, one thread each)
+    "greedy-1-worker": (1, ["--workers", "1"]),
+    "beam4-1-worker": (4, ["--workers", "1"]),
 }
 
 

@@ -15,6 +15,7 @@ source token's embedding, multiplied by that embedding, L2 norm over the embeddi
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -74,9 +75,10 @@ def gradient_x_input(model: nn.Module, embedding: nn.Module, log_probs: Callable
     was_training = model.training
     model.eval()
     captured: list[Tensor] = []
+    caller = threading.get_ident()  # a server's other workers may run the same model meanwhile
 
     def keep_first(module, inputs, output):
-        if not captured:
+        if not captured and threading.get_ident() == caller:
             output.retain_grad()
             captured.append(output)
 

@@ -391,7 +391,10 @@ class ServeConfig:
                       "between decoding steps and leave when done) or request (a batch of requests runs to its end; "
                       "what every other request does)")
     max_queue: int = option(256, "requests waiting per model; beyond it the answer is 429")
-    threads: int = option(0, "CPU threads of each model's worker thread; 0: the cores shared among the models")
+    threads: int = option(0, "CPU threads of each model's worker thread; 0: the cores shared among the models' "
+                             "workers (1 each with the torch engine's default workers)")
+    workers: int = option(0, "worker threads per model, each running batches of its own at once; 0: with the torch "
+                             "engine one per core left to the model (or per --threads of them), with other engines 1")
     max_texts: int = option(64, "texts per request (413 beyond)")
     max_chars: int = option(5000, "characters per text (413 beyond)")
     max_body_bytes: int = option(1_000_000, "bytes per request body (413 beyond)")
@@ -408,7 +411,7 @@ class ServeConfig:
         if not 0 < self.port < 65536:
             raise ConfigError(f"serve.port must be in 1..65535, got {self.port}")
         _check_positive(self, "serve", "max_batch_tokens", "max_queue", "max_texts", "max_chars", "max_body_bytes")
-        _check_not_negative(self, "serve", "max_wait_ms", "grace_seconds", "threads")
+        _check_not_negative(self, "serve", "max_wait_ms", "grace_seconds", "threads", "workers")
         if (self.monitor_db is None) != (self.monitor_sentiment is None) or (
                 self.monitor_topic is not None and self.monitor_db is None):
             raise ConfigError("serve.monitor_db and serve.monitor_sentiment go together (and --monitor-topic "

@@ -166,3 +166,41 @@ def test_on_start_runs_first_in_the_worker_thread():
     assert batcher.submit(Job("k", [1], 1, run)).result(5) == [1]
     batcher.stop()
     assert seen == [("start", "detr-batcher-m"), ("run", "detr-batcher-m")]
+
+
+def test_two_workers_run_batches_at_once_each_taking_its_share():
+    meeting = threading.Barrier(2, timeout=5)  # each call waits for the other: they must run at the same time
+    calls = []
+
+    def run(inputs):
+        calls.append(list(inputs))
+        meeting.wait()
+        return [x * 10 for x in inputs]
+
+    batcher = Batcher("m", max_tokens=100, max_wait=0.2, max_queue=10, workers=2)
+    futures = [batcher.submit(Job("k", [i], 1, run)) for i in range(4)]
+    assert [f.result(10) for f in futures] == [[0], [10], [20], [30]]
+    assert sorted(calls) == [[0, 1], [2, 3]]  # half each, not all four on one worker beside an idle one
+    batcher.stop()
+
+
+def test_two_workers_stream_side_by_side_and_share_the_joiners():
+    streams: list[Countdown] = []
+
+    class Slow(Countdown):  # a step takes a while, as a model's does (the other worker gets to run)
+        def step(self):
+            time.sleep(0.005)
+            return super().step()
+
+    def new_stream():
+        streams.append(Slow())
+        return streams[-1]
+
+    batcher = Batcher("m", max_tokens=100, max_wait=0.2, max_queue=100, workers=2)
+    futures = [batcher.submit(Job("k", [3 + i % 4], 1, Recorder(), stream=new_stream)) for i in range(40)]
+    assert [f.result(10) for f in futures] == [[(3 + i % 4) * 10] for i in range(40)]
+    assert len(streams) >= 2
+    served = sorted(len(set().union(*s.steps)) for s in streams)
+    assert served[-1] <= 30, served  # neither worker took (nearly) everything
+    batcher.stop()
+    assert not any(t.is_alive() for t in batcher._threads)

@@ -73,7 +73,9 @@ def runs(toy_run, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(runs):
-    srv = Server(*(f"{name}={path}" for name, path in runs.items()), "--max-wait-ms", "50")
+    # two workers per model: every route below runs on a model that two threads compute with at once
+    srv = Server(*(f"{name}={path}" for name, path in runs.items()), "--max-wait-ms", "50", "--workers", "2",
+                 "--threads", "1")
     yield srv
     srv.stop()
 
@@ -302,17 +304,21 @@ def test_the_page_translates_and_draws_the_heatmap_in_chromium(server, runs):
 
 
 def test_each_model_thread_gets_its_share_of_the_cores():
-    """The main thread serves HTTP on one intra-op thread; each model's worker thread sets its own count
-    (`--threads`, or the cores shared among the workers) without touching the main thread's. In a fresh
+    """The main thread serves HTTP on one intra-op thread; each model's worker threads set their own count
+    (by default, with the torch engine, a worker of one thread per core the model has; `--workers`,
+    `--threads` or another engine otherwise) without touching the main thread's. In a fresh
     interpreter: the test process has set its threads already."""
     from detr.config import ServeConfig
-    from detr.serve import worker_threads
+    from detr.serve import worker_plan
 
     cores = torch.get_num_threads()
-    assert worker_threads(ServeConfig(threads=3), 2) == 3
-    assert worker_threads(ServeConfig(), 1) == cores
-    assert worker_threads(ServeConfig(), 2 * cores) == 1
-    assert worker_threads(ServeConfig(assistant="folder"), 1) == max(1, cores // 2)
+    assert worker_plan(ServeConfig(), 1) == (cores, 1)
+    assert worker_plan(ServeConfig(), 2 * cores) == (1, 1)
+    assert worker_plan(ServeConfig(threads=3), 2) == (max(1, cores // 2 // 3), 3)
+    assert worker_plan(ServeConfig(workers=1), 1) == (1, cores)
+    assert worker_plan(ServeConfig(workers=2, threads=5), 1) == (2, 5)
+    assert worker_plan(ServeConfig(engine="ctranslate2"), 1) == (1, cores)
+    assert worker_plan(ServeConfig(assistant="folder"), 1) == (max(1, cores // 2), 1)
     script = ("import torch\n"
               "from detr.serve.app import intra_op\n"
               "from detr.serve.batcher import Batcher, Job\n"

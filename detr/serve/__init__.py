@@ -66,11 +66,19 @@ def check_binding(config: ServeConfig) -> list[str] | None:
     return keys
 
 
-def worker_threads(config: ServeConfig, models: int) -> int:
-    """Intra-op threads of each model's worker thread: `--threads`, or the cores shared among the
-    workers (one per model, one for an assistant), at least one each (see `detr.serve.app.intra_op`)."""
-    workers = models + (1 if config.assistant else 0)
-    return config.threads or max(1, torch.get_num_threads() // workers)
+def worker_plan(config: ServeConfig, models: int) -> tuple[int, int]:
+    """How each model computes: (worker threads, intra-op threads of each). The cores are shared among
+    the models (and an assistant, which has one worker). With the torch engine and neither
+    `--workers` nor `--threads` given, each core gets a worker of one thread: a worker of several
+    threads stalls whenever anything else on the machine takes a core from one of them, which on a
+    small server the event loop and the clients always do (benchmarks/RESULTS.md, "two workers").
+    Another engine runs on threads of its own: one worker with the model's cores."""
+    cores = max(1, torch.get_num_threads() // (models + (1 if config.assistant else 0)))
+    if config.engine != "torch" or config.workers:
+        workers = config.workers or 1
+        return workers, config.threads or max(1, cores // workers)
+    threads = config.threads or 1
+    return max(1, cores // threads), threads
 
 
 def serve(specs: dict[str, str | Path], config: ServeConfig, device: str = "cpu",
@@ -78,7 +86,7 @@ def serve(specs: dict[str, str | Path], config: ServeConfig, device: str = "cpu"
     """Load the runs and serve them until SIGTERM or SIGINT (in-flight requests finish first).
     `monitoring`: the windows and alert rules of /v1/monitor (when `config.monitor_db` is set).
     The calling thread is left at one intra-op thread: the models compute on their worker threads
-    (`worker_threads`; why: `detr.serve.app.intra_op`).
+    (`worker_plan`; why: `detr.serve.app.intra_op`).
 
     Raises:
         ConfigError: an unsafe address, a bad key file, or a port already in use.
@@ -88,7 +96,8 @@ def serve(specs: dict[str, str | Path], config: ServeConfig, device: str = "cpu"
 
     config.validate()
     keys = check_binding(config)
-    config = dataclasses.replace(config, threads=worker_threads(config, len(specs)))
+    workers, threads = worker_plan(config, len(specs))
+    config = dataclasses.replace(config, workers=workers, threads=threads)
     torch.set_num_threads(1)  # the main thread loads and then only serves HTTP: it starts no OpenMP team
     runs: dict[str, Run] = {name: load_run(path, device) for name, path in specs.items()}
     with socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET) as probe:
@@ -116,4 +125,4 @@ def serve(specs: dict[str, str | Path], config: ServeConfig, device: str = "cpu"
     log.info("detr serve: stopped")
 
 
-__all__ = ["ServeConfig", "check_binding", "create_app", "is_loopback", "model_names", "serve", "worker_threads"]
+__all__ = ["ServeConfig", "check_binding", "create_app", "is_loopback", "model_names", "serve", "worker_plan"]

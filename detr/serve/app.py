@@ -24,6 +24,7 @@ import dataclasses
 import hmac
 import json
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -301,13 +302,14 @@ def create_app(runs: dict[str, Run], config: ServeConfig, api_keys: list[str] | 
     # Arguments run left to right: the parameters are counted before `_predictor` may quantize the model.
     models = {name: Served(name, run, sum(p.numel() for p in run.model.parameters()), _predictor(name, run, config),
                            Batcher(name, config.max_batch_tokens, config.max_wait_ms / 1000, config.max_queue,
-                                   metrics.on_batch(name), intra_op(config.threads)))
+                                   metrics.on_batch(name), intra_op(config.threads), workers=config.workers or 1))
               for name, run in runs.items()}
     monitor = open_monitor(models, config, monitoring or MonitorConfig())
     monitor_batcher = models[config.monitor_sentiment or config.monitor_topic].batcher if monitor else None
     # The assistant's models get a worker thread of their own, as a served model does (see `intra_op`).
     assistant_batcher = (Batcher("assistant", 1, 0.0, config.max_queue, on_start=intra_op(config.threads))
                          if assistant is not None else None)
+    ingesting = threading.Lock()
     state = {"ready": True}
     keys = [k.encode() for k in api_keys or []]
 
@@ -648,10 +650,14 @@ def create_app(runs: dict[str, Run], config: ServeConfig, api_keys: list[str] | 
                 raise ApiError(413, f"items[{i}].text: {len(item['text'])} characters, more than the "
                                     f"{config.max_chars} allowed (--max-chars)")
         alerts: list[Any] = []
-        # On the model's worker thread, one job at a time: ingestions never overlap, so each window's
-        # alert is decided once.
-        report = await alone(monitor_batcher, lambda: running.ingest(
-            [(f"items[{i}]", item) for i, item in enumerate(body.items)], alerts.append))
+
+        def ingest() -> Any:
+            # On a worker thread of the model, one ingestion at a time (a model may have several workers):
+            # ingestions never overlap, so each window's alert is decided once.
+            with ingesting:
+                return running.ingest([(f"items[{i}]", item) for i, item in enumerate(body.items)], alerts.append)
+
+        report = await alone(monitor_batcher, ingest)
         return {"stored": report.stored, "duplicates": report.duplicates,
                 "bad": [{"item": where, "reason": reason} for where, reason in report.bad],
                 "alerts": [a.to_dict() for a in alerts]}

@@ -1,10 +1,17 @@
 """Dynamic batching: requests that arrive close together share the model's work.
 
-Each served model has one `Batcher`: a bounded queue and one worker thread that owns the
-model (the event loop never runs it). The worker takes the oldest request, waits up to
+Each served model has one `Batcher`: a bounded queue and one or more worker threads that
+run the model (the event loop never does). A worker takes the oldest request, waits up to
 `max_wait` for more requests that can share its batch (the same `key`: the same task and
 decoding options), up to `max_tokens` source tokens, then runs them as one call and hands
 each caller its own results, in order. A request larger than the budget runs alone.
+
+With several workers each runs batches of its own at once, and each takes no more than its
+share of the work (the tokens running and waiting, split evenly among the workers), so that
+64 waiting requests become two batches of 32 on two workers rather than one batch of 64
+beside an idle worker. On a small machine two workers of one thread each keep both cores
+busy where one worker of two threads stalls whenever anything else (the event loop, the
+clients) takes a core from one of its threads (benchmarks/RESULTS.md, "two workers").
 
 Requests that can be decoded a step at a time (a job with a `stream`: translation) batch
 continuously instead: they join the running batch between two decoding steps, as long as
@@ -74,19 +81,25 @@ class BatchRecord:
 
 
 class Batcher:
-    """The queue and worker thread of one model."""
+    """The queue and worker threads of one model."""
 
     def __init__(self, name: str, max_tokens: int, max_wait: float, max_queue: int,
                  on_batch: Callable[[BatchRecord], None] | None = None,
-                 on_start: Callable[[], None] | None = None) -> None:
-        """`on_start` runs first in the worker thread (the server sets the thread's intra-op threads there)."""
+                 on_start: Callable[[], None] | None = None, workers: int = 1) -> None:
+        """`on_start` runs first in each worker thread (the server sets the thread's intra-op threads there);
+        `workers`: how many threads run batches of this model at once."""
         self.name, self.max_tokens, self.max_wait, self.max_queue = name, max_tokens, max_wait, max_queue
         self.on_batch, self.on_start = on_batch, on_start
         self._queue: collections.deque[Job] = collections.deque()
         self._cv = threading.Condition()
+        self._forming = threading.Lock()  # one worker at a time gathers a new batch
+        self._loads = [0] * workers  # source tokens each worker is running
         self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name=f"detr-batcher-{name}", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._loop, args=(w,), daemon=True,
+                                          name=f"detr-batcher-{name}" + (f"-{w}" if workers > 1 else ""))
+                         for w in range(workers)]
+        for thread in self._threads:
+            thread.start()
 
     @property
     def depth(self) -> int:
@@ -110,44 +123,62 @@ class Batcher:
         return job.future
 
     def stop(self, timeout: float | None = None) -> None:
-        """Finish the queued requests, then end the worker thread."""
+        """Finish the queued requests, then end the worker threads (waiting up to `timeout` in all)."""
         with self._cv:
             self._stopping = True
             self._cv.notify_all()
-        self._thread.join(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
-    def _take_batch(self) -> list[Job] | None:
+    def _share(self, key: Hashable) -> float:
+        """A worker's share of the work of `key`: the tokens running and waiting, split among the workers
+        (the caller holds the lock)."""
+        return (sum(self._loads) + sum(job.tokens for job in self._queue if job.key == key)) / len(self._loads)
+
+    def _fits(self, worker: int, tokens: int, job: Job, share: float) -> bool:
+        """Whether `job` may join the `tokens` that `worker` runs or gathers: within the budget and within
+        the worker's share (a worker that has nothing takes at least one job)."""
+        total = self._loads[worker] + tokens + job.tokens
+        return total <= self.max_tokens and total <= max(share, job.tokens)
+
+    def _take_batch(self, worker: int) -> list[Job] | None:
         """Wait for work and take one batch out of the queue (None: stopped and drained)."""
-        with self._cv:
-            while not self._queue:
-                if self._stopping:
-                    return None
-                self._cv.wait()
-            first = self._queue[0]
-            deadline = first.enqueued + self.max_wait
+        with self._forming, self._cv:
             while True:
+                while not self._queue:
+                    if self._stopping:
+                        return None
+                    self._cv.wait()
+                first = self._queue[0]  # (other workers' running batches may take jobs while this one waits)
+                share = self._share(first.key)
                 batch, tokens = [], 0
                 for job in self._queue:
-                    if job.key == first.key and (not batch or tokens + job.tokens <= self.max_tokens):
+                    if job.key == first.key and (not batch or self._fits(worker, tokens, job, share)):
                         batch.append(job)
                         tokens += job.tokens
-                wait = deadline - time.monotonic()
+                wait = first.enqueued + self.max_wait - time.monotonic()
                 if tokens >= self.max_tokens or wait <= 0 or self._stopping:
                     break
                 self._cv.wait(wait)
             for job in batch:
                 self._queue.remove(job)
+            self._loads[worker] = tokens
             return batch
 
-    def _loop(self) -> None:
+    def _loop(self, worker: int) -> None:
         if self.on_start is not None:
             self.on_start()
-        while (batch := self._take_batch()) is not None:
-            self._work(batch)
+        while (batch := self._take_batch(worker)) is not None:
+            try:
+                self._work(batch, worker)
+            finally:
+                with self._cv:
+                    self._loads[worker] = 0
 
-    def _work(self, batch: list[Job]) -> None:
+    def _work(self, batch: list[Job], worker: int) -> None:
         if batch[0].stream is not None:
-            self._stream(batch)
+            self._stream(batch, worker)
             return
         inputs = [x for job in batch for x in job.inputs]
         start = time.perf_counter()
@@ -163,7 +194,7 @@ class Batcher:
             at += len(job.inputs)
         self._record(batch, seconds)
 
-    def _stream(self, batch: list[Job]) -> None:
+    def _stream(self, batch: list[Job], worker: int) -> None:
         """Decode `batch` a step at a time, letting jobs of its key join between steps, until it is empty."""
         try:
             stream = batch[0].stream()
@@ -194,27 +225,29 @@ class Batcher:
             self._record(list(running.values()), time.perf_counter() - start, tokens)
             for tag, outputs in ended:
                 _deliver(running.pop(tag), outputs)
-            joiners = self._take_joiners(batch[0].key, sum(job.tokens for job in running.values()))
+            joiners = self._take_joiners(batch[0].key, worker, sum(job.tokens for job in running.values()))
 
-    def _take_joiners(self, key: Hashable, tokens: int) -> list[Job]:
-        """Queued jobs of `key` that fit beside `tokens` running ones, oldest first up to the first that
-        does not fit; none once a request of another key has waited `max_wait` (the batch then drains
-        for it)."""
+    def _take_joiners(self, key: Hashable, worker: int, running: int) -> list[Job]:
+        """Queued jobs of `key` that fit beside the `running` tokens of `worker`'s stream (budget and
+        share), oldest first up to the first that does not fit; none once a request of another key has
+        waited `max_wait` (the batch then drains for it)."""
         with self._cv:
+            self._loads[worker] = running
             now = time.monotonic()
             if any(job.key != key and now - job.enqueued >= self.max_wait for job in self._queue):
                 return []
-            taken, gone = [], []
+            share, taken, gone, tokens = self._share(key), [], [], 0
             for job in self._queue:
                 if job.future.cancelled():  # its caller went away while it waited
                     gone.append(job)
                 elif job.key == key:
-                    if tokens + job.tokens > self.max_tokens:
+                    if not self._fits(worker, tokens, job, share):
                         break  # first come, first joined: a large request is not overtaken for ever
                     taken.append(job)
                     tokens += job.tokens
             for job in taken + gone:
                 self._queue.remove(job)
+            self._loads[worker] = running + tokens
             return taken
 
     def _record(self, batch: list[Job], seconds: float, tokens: int | None = None) -> None:
