@@ -7,8 +7,9 @@ For a trained translation run and its test sentences:
    (the default), the same batching by request (`--batching request`), and greedy with batching
    off (`--max-batch-tokens 1`: every request alone); sentences/s, p50/p95/p99 latency, failures,
    and the mean requests per model call (per decoding step with continuous batching; /metrics);
-3. overload: `--overload-clients` clients against `--max-queue 32`: only 200 and 429 answers,
-   the server's peak RSS (VmHWM) and its RSS before and after;
+3. overload: `--overload-clients` clients against `--max-queue 32` for `--overload-windows` windows
+   of `--overload-seconds` in a row on one server: only 200 and 429 answers, the server's RSS before
+   and after each window and its peak (VmHWM): flat memory is an RSS that stops rising;
 4. fuzz (`--fuzz N`): schemathesis against /openapi.json, N examples per operation: no 5xx, and
    every status, content type, header and body as the schema declares.
 
@@ -29,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import aiohttp
@@ -178,6 +180,14 @@ def offline(run: str, sentences: list[str], beam: int, threads: int) -> float:
     return len(sentences) / (time.perf_counter() - start)
 
 
+def _summed(counts: Iterable[dict]) -> dict:
+    total: dict = {}
+    for c in counts:
+        for k, v in c.items():
+            total[k] = total.get(k, 0) + v
+    return total
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", required=True)
@@ -188,7 +198,8 @@ def main() -> None:
     parser.add_argument("--server-threads", type=int, default=1,
                         help="the server's model threads (on 2 cores, 1 leaves a core to the event loop and clients)")
     parser.add_argument("--overload-clients", type=int, default=256)
-    parser.add_argument("--overload-seconds", type=float, default=30)
+    parser.add_argument("--overload-seconds", type=float, default=30, help="each overload window's length")
+    parser.add_argument("--overload-windows", type=int, default=4, help="overload windows in a row on one server")
     parser.add_argument("--fuzz", type=int, default=0, help="schemathesis examples per operation (0: no fuzzing)")
     parser.add_argument("--skip", default="", help="comma-separated: offline, load, overload")
     parser.add_argument("--loads", default=",".join(LOADS), help="comma-separated load rows to run (default: all)")
@@ -216,10 +227,15 @@ def main() -> None:
     if "overload" not in skip:
         server = Server(args.run, args.server_threads, "--max-queue", "32")
         try:
-            before = rss_mb(server.proc.pid, "VmRSS")
-            result = asyncio.run(load(server.url, sentences, args.overload_clients, args.overload_seconds,
-                                      {"beam_size": 1}, args.client))
-            result.update(rss_before_mb=before, rss_after_mb=rss_mb(server.proc.pid, "VmRSS"),
+            result = {"rss_before_mb": rss_mb(server.proc.pid, "VmRSS"), "windows": []}
+            for _ in range(args.overload_windows):
+                window = asyncio.run(load(server.url, sentences, args.overload_clients, args.overload_seconds,
+                                          {"beam_size": 1}, args.client))
+                window["rss_after_mb"] = rss_mb(server.proc.pid, "VmRSS")
+                result["windows"].append(window)
+            result.update(statuses=_summed(w["statuses"] for w in result["windows"]),
+                          failed=sum(w["failed"] for w in result["windows"]),
+                          rss_after_mb=[w["rss_after_mb"] for w in result["windows"]],
                           peak_rss_mb=rss_mb(server.proc.pid, "VmHWM"))
         finally:
             server.stop()

@@ -12,9 +12,10 @@ at the paper-base shape a layer takes about half the time at 32 rows, greedy dec
 same rule): on an AMD EPYC (Zen 4) one decoding step's Linear layers at the paper-base shape took
 1.4x (1 row), 2.3x (4), 1.9x (32) and 1.5x (128) less time with oneDNN's packing than with MKL's
 (benchmarks/RESULTS.md). Small layers (under 2^16 weights) keep MKL's everywhere: there a call's
-fixed cost decides, and oneDNN's is higher. Results equal `F.linear`'s to float rounding. Used
-where no gradient is wanted (with gradients on, as for saliency, a plain Linear); a PyTorch
-without either kernel keeps plain Linear layers.
+fixed cost decides, and oneDNN's is higher. oneDNN keeps a kernel per row count, so past 64 rows
+its calls are padded to a few counts (`padded_rows`): a server's memory stays flat. Results equal
+`F.linear`'s to float rounding. Used where no gradient is wanted (with gradients on, as for
+saliency, a plain Linear); a PyTorch without either kernel keeps plain Linear layers.
 
 `Int8Linear` keeps a Linear layer's weights as int8 with one scale per output row and quantizes
 its input on the fly with one scale per *row* (per token), then multiplies in int8 with exact
@@ -71,6 +72,20 @@ GEMM = next((lib for lib in ("mkl" if _intel_cpu() else "onednn", *GEMM_LIBRARIE
 # (benchmarks/RESULTS.md): MKL's kernel wins at 128 × 128; at 256 × 256 MKL's by 10 % at one row and
 # oneDNN's by 1.6x at 8 rows; oneDNN's from 384 × 384 on.
 LARGE = 1 << 16
+# oneDNN generates and keeps a kernel for every row count it multiplies (about 1.7 MB for three
+# layers of 256-1024 features; no cache setting bounds it): a server, whose batches have every row
+# count, grew without end (benchmarks/RESULTS.md). Up to EXACT_ROWS rows (decoding steps) a call keeps
+# its count; past that it is padded to one of 8 counts per doubling (at most 1/8 more rows, measured
+# free), so a model keeps some hundred kernels however its batches come.
+EXACT_ROWS = 64
+
+
+def padded_rows(rows: int) -> int:
+    """The row count oneDNN's product is called with for `rows` rows."""
+    if rows <= EXACT_ROWS:
+        return rows
+    step = 1 << (rows.bit_length() - 4)  # 8 steps from one power of two to the next
+    return -(-rows // step) * step
 
 
 def _library_for(linear: nn.Linear) -> str | None:
@@ -102,11 +117,22 @@ class PackedLinear(nn.Linear):
         if torch.is_grad_enabled() or torch.compiler.is_compiling():  # the op has no gradient, no export
             return super().forward(x)
         if self.library == "onednn":
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+            return self._onednn(x)
         rows = x.numel() // self.in_features
         # Given the actual row count as the packing's, the op always takes the packed kernel
         # (for any other count it falls back to F.linear).
         return torch.ops.mkl._mkl_linear(x.contiguous(), self.packed, self.weight, self.bias, rows)
+
+    def _onednn(self, x: Tensor) -> Tensor:
+        """oneDNN's product, with the rows padded up to `padded_rows` (zeros; their outputs dropped):
+        a row's result does not depend on how many rows are multiplied with it."""
+        rows = x.numel() // self.in_features
+        padded = padded_rows(rows)
+        if padded == rows:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        flat = torch.cat([x.reshape(rows, self.in_features), x.new_zeros(padded - rows, self.in_features)])
+        out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")[:rows]
+        return out.view(*x.shape[:-1], self.out_features)
 
     def __deepcopy__(self, memo: dict) -> PackedLinear:
         """A copy packed anew (oneDNN's packed weights are opaque: they cannot be copied)."""

@@ -10,7 +10,16 @@ import torch
 
 from detr import ConfigError, load, load_run
 from detr.model import padding_mask
-from detr.quantize import GEMM, GEMM_LIBRARIES, Int8Linear, PackedLinear, _can_pack, is_quantized
+from detr.quantize import (
+    EXACT_ROWS,
+    GEMM,
+    GEMM_LIBRARIES,
+    Int8Linear,
+    PackedLinear,
+    _can_pack,
+    is_quantized,
+    padded_rows,
+)
 from tests.conftest import detr_cli
 
 needs_packing = pytest.mark.skipif(not _can_pack(torch.nn.Linear(2, 2)), reason="this PyTorch has no packed GEMM")
@@ -36,6 +45,25 @@ def test_a_packed_linear_computes_what_linear_does(shape, library):
     y = packed(x[:3])  # gradients wanted: a plain Linear
     y.sum().backward()
     assert linear.weight.grad is not None
+
+
+def test_onednn_sees_a_bounded_set_of_row_counts_each_at_most_an_eighth_above_the_rows():
+    assert [padded_rows(r) for r in range(1, EXACT_ROWS + 1)] == list(range(1, EXACT_ROWS + 1))  # decoding steps
+    for rows in range(EXACT_ROWS + 1, 20_000):
+        assert rows <= padded_rows(rows) < rows * 9 / 8
+    assert len({padded_rows(r) for r in range(1, 4097)}) == EXACT_ROWS + 8 * 6  # 8 per doubling, 64 to 4096
+
+
+@pytest.mark.skipif("onednn" not in GEMM_LIBRARIES, reason="this PyTorch has no oneDNN packing")
+def test_padding_the_rows_leaves_each_row_as_onednn_computes_it_unpadded():
+    torch.manual_seed(0)
+    packed = PackedLinear(torch.nn.Linear(256, 512), "onednn")
+    x = torch.randn(300, 256)
+    with torch.no_grad():
+        for rows in (EXACT_ROWS + 1, 100, 129, 300):
+            assert padded_rows(rows) != rows
+            unpadded = torch.ops.mkldnn._linear_pointwise(x[:rows], packed.packed, packed.bias, "none", [], "")
+            assert torch.equal(packed(x[:rows]), unpadded)
 
 
 @needs_packing
