@@ -2,11 +2,13 @@
 
 For a trained translation run and its test sentences:
 1. offline: `Translator.translate` of all sentences in one call (greedy, beam 4), sentences/s;
-2. load: `detr serve` on loopback, `--clients` concurrent clients (an aiohttp/asyncio script; `--client httpx`) for
-   `--seconds` each sending one sentence per request: greedy and beam 4 with continuous batching
-   (the default), the same batching by request (`--batching request`), and greedy with batching
-   off (`--max-batch-tokens 1`: every request alone); sentences/s, p50/p95/p99 latency, failures,
-   and the mean requests per model call (per decoding step with continuous batching; /metrics);
+2. load: `detr serve` on loopback, `--clients` concurrent clients (an aiohttp/asyncio script;
+   `--client httpx`) for `--seconds` each sending one sentence per request: greedy and beam 4 with
+   continuous batching (the default), the same batching by request (`--batching request`), and
+   greedy with batching off (`--max-batch-tokens 1`: every request alone); sentences/s,
+   p50/p95/p99 latency, failures, and the mean requests per model call (per decoding step with
+   continuous batching; /metrics). Offline is measured again right before and after each row, and
+   the row's `ratio` taken against their mean: this machine's speed drifts within minutes;
 3. overload: `--overload-clients` clients against `--max-queue 32` for `--overload-windows` windows
    of `--overload-seconds` in a row on one server: only 200 and 429 answers, the server's RSS before
    and after each window and its peak (VmHWM): flat memory is an RSS that stops rising;
@@ -215,6 +217,7 @@ def main() -> None:
         for label, (beam, flags) in LOADS.items():
             if label not in args.loads.split(","):
                 continue
+            before = offline(args.run, sentences, beam, args.threads) if "offline" not in skip else None
             server = Server(args.run, args.server_threads, *flags)
             try:
                 result = asyncio.run(load(server.url, sentences, args.clients, args.seconds, {"beam_size": beam},
@@ -222,6 +225,9 @@ def main() -> None:
                 result["requests_per_model_call"] = server.batch_mean()
             finally:
                 server.stop()
+            if before is not None:  # offline right before and after the load, against this machine's drift
+                around = (before, offline(args.run, sentences, beam, args.threads))
+                result.update(offline_around=around, ratio=result["sentences_per_s"] / statistics.mean(around))
             report[label] = result
             print(label, json.dumps(result), flush=True)
     if "overload" not in skip:
