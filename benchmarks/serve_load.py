@@ -32,7 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections import Counter
 from pathlib import Path
 
 import aiohttp
@@ -182,14 +182,6 @@ def offline(run: str, sentences: list[str], beam: int, threads: int) -> float:
     return len(sentences) / (time.perf_counter() - start)
 
 
-def _summed(counts: Iterable[dict]) -> dict:
-    total: dict = {}
-    for c in counts:
-        for k, v in c.items():
-            total[k] = total.get(k, 0) + v
-    return total
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", required=True)
@@ -239,7 +231,7 @@ def main() -> None:
                                           {"beam_size": 1}, args.client))
                 window["rss_after_mb"] = rss_mb(server.proc.pid, "VmRSS")
                 result["windows"].append(window)
-            result.update(statuses=_summed(w["statuses"] for w in result["windows"]),
+            result.update(statuses=dict(sum((Counter(w["statuses"]) for w in result["windows"]), Counter())),
                           failed=sum(w["failed"] for w in result["windows"]),
                           rss_after_mb=[w["rss_after_mb"] for w in result["windows"]],
                           peak_rss_mb=rss_mb(server.proc.pid, "VmHWM"))

@@ -130,7 +130,7 @@ class PackedLinear(nn.Linear):
         padded = padded_rows(rows)
         if padded == rows:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        flat = torch.cat([x.reshape(rows, self.in_features), x.new_zeros(padded - rows, self.in_features)])
+        flat = nn.functional.pad(x.reshape(rows, self.in_features), (0, 0, 0, padded - rows))
         out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")[:rows]
         return out.view(*x.shape[:-1], self.out_features)
 
