@@ -241,13 +241,13 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: Tensor,
-        memory: Tensor,
+        memory: Tensor | None,
         self_mask: Tensor,
         cross_mask: Tensor,
         cache: LayerCache | None = None,
         need_weights: bool = False,
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """x: (B, T, D) new target positions; memory: (B, S, D).
+        """x: (B, T, D) new target positions; memory: (B, S, D), or None once `cache` holds its keys/values.
 
         self_mask: (B|1, 1, T, T_past + T) causal and padding; cross_mask: (B, 1, 1, S).
         With a cache, keys/values of earlier positions come from it and the new ones are

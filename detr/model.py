@@ -120,16 +120,19 @@ class KVCache:
 
         `cross_index` selects the cross-attention keys/values separately: beam search reorders
         hypotheses within a sentence, which share one memory, and only drops whole sentences.
-        By default they follow `index`; an identity selection copies nothing. Columns that no
-        kept row attends to any more (before every kept row's start) are dropped.
+        By default they follow `index`. Only the rows whose place changes are copied, over the
+        rows there (the first B' rows are kept, as views): an identity selection copies nothing,
+        and a row that leaves costs one row's copy when one of the last rows takes its place.
+        Columns that no kept row attends to any more (before every kept row's start) are dropped.
         """
         cross_index = index if cross_index is None else cross_index
+        self_moves = moves(index)
+        cross_moves = self_moves if cross_index is index else moves(cross_index)
         for lc in self.layers:
             if lc.self_k is not None:
-                lc.self_k, lc.self_v = lc.self_k.index_select(0, index), lc.self_v.index_select(0, index)
-            if lc.cross_k is not None and not _is_identity(cross_index, lc.cross_k.size(0)):
-                lc.cross_k = lc.cross_k.index_select(0, cross_index)
-                lc.cross_v = lc.cross_v.index_select(0, cross_index)
+                lc.self_k, lc.self_v = (_keep_rows(x, index, self_moves) for x in (lc.self_k, lc.self_v))
+            if lc.cross_k is not None:
+                lc.cross_k, lc.cross_v = (_keep_rows(x, cross_index, cross_moves) for x in (lc.cross_k, lc.cross_v))
         if self.start is not None:
             self.start = self.start.index_select(0, index)
             first = int(self.start.min()) if index.numel() else 0
@@ -152,8 +155,22 @@ def _pad_source(x: Tensor, S: int) -> Tensor:
     return x if x.size(2) == S else torch.nn.functional.pad(x, (0, 0, 0, S - x.size(2)))
 
 
-def _is_identity(index: Tensor, size: int) -> bool:
-    return index.numel() == size and bool((index == torch.arange(size, device=index.device)).all())
+def moves(index: Tensor) -> tuple[Tensor, Tensor] | None:
+    """What keeping rows `index` (n,) in that order moves: the places (m,) whose row changes and the
+    rows (m,) that go there; None when nothing moves."""
+    places = (index != torch.arange(index.numel(), device=index.device)).nonzero().squeeze(1)
+    return (places, index.index_select(0, places)) if places.numel() else None
+
+
+def _keep_rows(x: Tensor, index: Tensor, moved: tuple[Tensor, Tensor] | None) -> Tensor:
+    """Rows `index` of a cache tensor `x` (B, ...) whose `moves` are `moved`: the rows that change place
+    are copied in place and the first `len(index)` rows kept (a view), so that a row leaving a batch
+    costs one row's copy when the last row fills its place (`detr.search.swap_out`), not a copy of all."""
+    if index.numel() > x.size(0):  # more rows than before: a new tensor
+        return x.index_select(0, index)
+    if moved is not None:
+        x.index_copy_(0, moved[0], x.index_select(0, moved[1]))  # (every row is read before any is written)
+    return x[:index.numel()]
 
 
 class Decoder(nn.Module):
@@ -168,7 +185,7 @@ class Decoder(nn.Module):
     def forward(
         self,
         tgt_in: Tensor,
-        memory: Tensor,
+        memory: Tensor | None,
         src_mask: Tensor,
         cache: KVCache | None = None,
         attention: AttentionRecord | None = None,
@@ -244,7 +261,7 @@ class Seq2Seq(nn.Module):
     def decode(
         self,
         tgt_in: Tensor,
-        memory: Tensor,
+        memory: Tensor | None,
         src_mask: Tensor,
         cache: KVCache | None = None,
         attention: AttentionRecord | None = None,

@@ -125,7 +125,8 @@ class Decoding:
     def __init__(self, model: Models, src: Tensor, decode: DecodeConfig | None = None) -> None:
         self.models: list[Seq2Seq] = [model] if isinstance(model, Seq2Seq) else list(model)
         self.src_mask = padding_mask(src)  # (B, 1, 1, S)
-        self.memories = [m.encode(src, self.src_mask) for m in self.models]  # each (B, S, D)
+        # Each model's encoder output (B, S, D), until the first step projects it into the caches.
+        self.memories: list[Tensor] | None = [m.encode(src, self.src_mask) for m in self.models]
         self.caches: list[KVCache] = [m.new_cache() for m in self.models]
         self.anti_lm = (decode.anti_lm, decode.anti_lm_steps) if decode is not None and decode.anti_lm else None
         self.lm: Decoding | None = self._language_model(src.size(0)) if self.anti_lm else None
@@ -152,9 +153,11 @@ class Decoding:
         S = max(mask.size(-1), self.src_mask.size(-1))
         self.src_mask = torch.cat([_pad(self.src_mask, S, -1), _pad(mask, S, -1)])
         for i, (model, cache) in enumerate(zip(self.models, self.caches)):
-            memory = _pad(model.encode(src, padding_mask(src)).repeat_interleave(k, dim=0), S, 1)
-            model.extend_cache(cache, memory)
-            self.memories[i] = torch.cat([_pad(self.memories[i], S, 1), memory])
+            memory = model.encode(src, padding_mask(src)).repeat_interleave(k, dim=0)
+            if self.memories is None:  # steps taken: the new rows go straight into the cache
+                model.extend_cache(cache, memory)
+            else:
+                self.memories[i] = torch.cat([_pad(self.memories[i], S, 1), _pad(memory, S, 1)])
         if self.lm is not None:
             self.lm.admit(torch.full((src.size(0), 1), EOS, device=src.device), k)
         elif self.anti_lm:  # the anti-LM had been dropped (every row was past it): anew, for every row
@@ -165,8 +168,10 @@ class Decoding:
         the rows still within `anti_lm_steps`)."""
         # Output tokens each row has made (int, or (N,)), read before the step extends the cache.
         made = self.caches[0].positions() if self.lm is not None else None
+        memories = self.memories or [None] * len(self.models)
         logp = ensemble_logp(model.decode(last, memory, self.src_mask, cache)[:, -1]
-                             for model, memory, cache in zip(self.models, self.memories, self.caches))
+                             for model, memory, cache in zip(self.models, memories, self.caches))
+        self.memories = None  # the caches hold what the next steps need of it
         if self.lm is not None:
             weight, steps = self.anti_lm
             made = torch.as_tensor(made, device=logp.device).view(-1, 1)  # (N|1, 1)
@@ -180,24 +185,38 @@ class Decoding:
     def select(self, index: Tensor, cross_index: Tensor | None = None, trim: bool = False) -> None:
         """Keep running outputs `index` (N',) in that order. `cross_index` selects the rows of the
         encoder memory separately (beam search reorders outputs within a sentence, which share
-        one memory, and only drops whole sentences); by default it follows `index`. Memory rows
-        only ever leave, in order, so a selection of all of them is the identity and copies nothing.
-        `trim`: also drop source positions that only departed sentences needed (a batch that new
-        sentences keep joining would otherwise keep the longest source it ever held)."""
+        one memory, and only drops whole sentences); by default it follows `index`. The caches copy
+        only the rows whose place changes (`KVCache.select`): a row that leaves is best filled by one
+        of the last (`swap_out`). `trim`: also drop source positions that only departed sentences
+        needed (a batch that new sentences keep joining would otherwise keep the longest source it
+        ever held)."""
         cross_index = index if cross_index is None else cross_index
         for cache in self.caches:
             cache.select(index, cross_index)
         if self.lm is not None:
             self.lm.select(index, cross_index)
-        if cross_index.numel() != self.src_mask.size(0):
+        if not _is_identity(cross_index, self.src_mask.size(0)):
             self.src_mask = self.src_mask.index_select(0, cross_index)
-            self.memories = [memory.index_select(0, cross_index) for memory in self.memories]
             S = int(self.src_mask.sum(-1).max()) if trim and cross_index.numel() else self.src_mask.size(-1)
             if S < self.src_mask.size(-1):
                 self.src_mask = self.src_mask[..., :S]
-                self.memories = [memory[:, :S] for memory in self.memories]
                 for cache in self.caches:
                     cache.keep_source(S)
+
+
+def _is_identity(index: Tensor, size: int) -> bool:
+    return index.numel() == size and bool((index == torch.arange(size, device=index.device)).all())
+
+
+def swap_out(leaving: Tensor) -> Tensor:
+    """The rows to keep (n',) when rows `leaving` (n,) bool leave a batch: the same rows in their
+    places, each place left empty below n' filled by one of the last rows that stay, so that only
+    those rows move (an order-keeping selection would move every row after the first to leave)."""
+    stay = ~leaving
+    n = int(stay.sum())
+    keep = torch.arange(n, device=leaving.device)
+    keep[leaving[:n]] = stay[n:].nonzero().squeeze(1) + n
+    return keep
 
 
 def _pad(x: Tensor, S: int, dim: int) -> Tensor:
@@ -382,7 +401,7 @@ class OnePerSentence(RunningBatch):
             self._empty()
             return done
         if done:
-            keep = (~finished).nonzero().squeeze(1)  # (b',)
+            keep = swap_out(finished)  # (b',)
             self.ids = [self.ids[k] for k in keep.tolist()]
             self.guides = guides_for(self.guides, keep)
             self.budget, self.steps, token = self.budget[keep], self.steps[keep], token[keep]
@@ -571,7 +590,7 @@ class BeamSearch(RunningBatch):
             self.scores = self.scores[:0]
             self.logprob = None if self.logprob is None else self.logprob[:0]
             return out
-        keep_sentences = (~done).nonzero().squeeze(1)  # (b',)
+        keep_sentences = swap_out(done)  # (b',)
         keep_rows = (keep_sentences.unsqueeze(1) * K + torch.arange(K, device=device)).view(-1)
         self.state.select(parent.index_select(0, keep_rows), cross_index=keep_rows, trim=self.joined)
         self.ids = [self.ids[i] for i in keep_sentences.tolist()]

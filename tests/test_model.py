@@ -176,3 +176,39 @@ def test_freezing_more_layers_than_the_encoder_has_names_the_key(tiny_config):
     with pytest.raises(ConfigError, match=rf"train.freeze_encoder_layers: 9, but the encoder has "
                                           rf"{len(model.encoder.layers)} layers"):
         freeze_encoder(model, 9)
+
+
+def test_a_cache_selection_in_place_equals_index_select(tiny_config):
+    """Reordering, shrinking and rows leaving (their places filled by the last rows) at random."""
+    from detr.search import swap_out
+
+    torch.manual_seed(0)
+    model = build_model(tiny_config).eval()
+    src = torch.randint(4, 20, (9, 6))
+    src_mask = padding_mask(src)
+    cache = model.new_cache()
+    with torch.no_grad():
+        model.decode(torch.randint(4, 20, (9, 3)), model.encode(src, src_mask), src_mask, cache)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(12):
+        rows = cache.layers[0].self_k.size(0)
+        index = torch.randperm(rows, generator=gen)[:max(1, rows - 1)] if rows > 3 else torch.arange(rows)
+        if _ % 3 == 0:
+            index = swap_out(torch.rand(rows, generator=gen) < 0.3)
+        expected = [[x.index_select(0, index) for x in (lc.self_k, lc.self_v, lc.cross_k, lc.cross_v)]
+                    for lc in cache.layers]
+        cache.select(index)
+        for lc, want in zip(cache.layers, expected):
+            for got, x in zip((lc.self_k, lc.self_v, lc.cross_k, lc.cross_v), want):
+                assert torch.equal(got, x)
+
+
+def test_swap_out_moves_only_the_last_rows_into_the_places_left():
+    from detr.search import swap_out
+
+    leaving = torch.tensor([False, True, False, True, False, False, True, False])
+    keep = swap_out(leaving)
+    assert keep.tolist() == [0, 5, 2, 7, 4]
+    assert sorted(keep.tolist()) == (~leaving).nonzero().squeeze(1).tolist()
+    assert swap_out(torch.tensor([True, True])).tolist() == []
+    assert swap_out(torch.tensor([False, False])).tolist() == [0, 1]
