@@ -166,8 +166,8 @@ def _keep_rows(x: Tensor, index: Tensor, moved: tuple[Tensor, Tensor] | None) ->
     """Rows `index` of a cache tensor `x` (B, ...) whose `moves` are `moved`: the rows that change place
     are copied in place and the first `len(index)` rows kept (a view), so that a row leaving a batch
     costs one row's copy when the last row fills its place (`detr.search.swap_out`), not a copy of all."""
-    if index.numel() > x.size(0):  # more rows than before: a new tensor
-        return x.index_select(0, index)
+    if index.numel() > x.size(0) or (moved is not None and 2 * moved[0].numel() > index.numel()):
+        return x.index_select(0, index)  # more rows than before, or most of them move (beam search): one copy
     if moved is not None:
         x.index_copy_(0, moved[0], x.index_select(0, moved[1]))  # (every row is read before any is written)
     return x[:index.numel()]
