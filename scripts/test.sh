@@ -7,7 +7,7 @@ bash scripts/setup.sh
 set +e
 # Two worker processes, one test file each at a time (a file's fixtures stay in one worker): the
 # suite's tests are single-threaded, so on 2 cores this takes about 60% of a serial run.
-.venv/bin/python -m pytest -n "${DETR_TEST_WORKERS:-2}" --dist loadfile "$@"
+.venv/bin/python -m pytest -n "${DETR_TEST_WORKERS:-2}" --dist loadfile --durations=15 "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then

@@ -259,7 +259,7 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_and_the_run_resum
     while not (run_dir / TRAINER_STATE).exists() and job.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     os.kill(workers(job.pid)[1], signal.SIGTERM)  # a preemption notice reaching one machine only
-    out, _ = job.communicate(timeout=120)
+    out = finish(job, 120)  # (a job that hangs is killed, launcher and ranks, and its output shown)
     step = load_trainer_state(run_dir / TRAINER_STATE)["step"]
     assert step < STEPS, "the run finished before the signal: make it longer"
     # Rank 0 saved at the step rank 1 stopped at (a rank that went on would have lost its peer instead).
