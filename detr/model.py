@@ -126,8 +126,8 @@ class KVCache:
         Columns that no kept row attends to any more (before every kept row's start) are dropped.
         """
         cross_index = index if cross_index is None else cross_index
-        self_moves = moves(index)
-        cross_moves = self_moves if cross_index is index else moves(cross_index)
+        self_moves = _moves(index)
+        cross_moves = self_moves if cross_index is index else _moves(cross_index)
         for lc in self.layers:
             if lc.self_k is not None:
                 lc.self_k, lc.self_v = (_keep_rows(x, index, self_moves) for x in (lc.self_k, lc.self_v))
@@ -155,7 +155,7 @@ def _pad_source(x: Tensor, S: int) -> Tensor:
     return x if x.size(2) == S else torch.nn.functional.pad(x, (0, 0, 0, S - x.size(2)))
 
 
-def moves(index: Tensor) -> tuple[Tensor, Tensor] | None:
+def _moves(index: Tensor) -> tuple[Tensor, Tensor] | None:
     """What keeping rows `index` (n,) in that order moves: the places (m,) whose row changes and the
     rows (m,) that go there; None when nothing moves."""
     places = (index != torch.arange(index.numel(), device=index.device)).nonzero().squeeze(1)
@@ -163,7 +163,7 @@ def moves(index: Tensor) -> tuple[Tensor, Tensor] | None:
 
 
 def _keep_rows(x: Tensor, index: Tensor, moved: tuple[Tensor, Tensor] | None) -> Tensor:
-    """Rows `index` of a cache tensor `x` (B, ...) whose `moves` are `moved`: the rows that change place
+    """Rows `index` of a cache tensor `x` (B, ...) whose `_moves` are `moved`: the rows that change place
     are copied in place and the first `len(index)` rows kept (a view), so that a row leaving a batch
     costs one row's copy when the last row fills its place (`detr.search.swap_out`), not a copy of all."""
     if index.numel() > x.size(0) or (moved is not None and 2 * moved[0].numel() > index.numel()):

@@ -190,10 +190,10 @@ def test_a_cache_selection_in_place_equals_index_select(tiny_config):
     with torch.no_grad():
         model.decode(torch.randint(4, 20, (9, 3)), model.encode(src, src_mask), src_mask, cache)
     gen = torch.Generator().manual_seed(1)
-    for _ in range(12):
+    for i in range(12):
         rows = cache.layers[0].self_k.size(0)
         index = torch.randperm(rows, generator=gen)[:max(1, rows - 1)] if rows > 3 else torch.arange(rows)
-        if _ % 3 == 0:
+        if i % 3 == 0:
             index = swap_out(torch.rand(rows, generator=gen) < 0.3)
         expected = [[x.index_select(0, index) for x in (lc.self_k, lc.self_v, lc.cross_k, lc.cross_v)]
                     for lc in cache.layers]
