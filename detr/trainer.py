@@ -208,7 +208,10 @@ class Trainer:
             self.stopped: str | None = None
             self.horizon = self.tc.max_steps  # the last step, where the cosine ends; fit_schedule_to_clock sets it
             self.saved_step = self.evaluated_step = -1
+            # The signal this process caught (its handler sets it at any moment), and the one every rank
+            # agreed on after a step (`_agree`): only the agreed one stops the loop, so ranks stop together.
             self.signal_received: int | None = None
+            self.stop_signal: int | None = None
             self._batches = None  # the running epoch's iterator
             self._grad_stats: dict[str, float] | None = None
             if state is not None:
@@ -579,12 +582,15 @@ class Trainer:
 
     def _agree(self) -> None:
         """Under torchrun: every rank takes rank 0's clock (train.max_minutes) and stops after a step
-        at which any rank got SIGINT/SIGTERM, so that all stop at the same step."""
+        at which any rank got SIGINT/SIGTERM, so that all stop at the same step. A signal that comes
+        later in a step (during validation or a save) counts at the next step's agreement: acting on it
+        at once would send one rank to save while the others train on and wait for it."""
         if not self.world.active:
+            self.stop_signal = self.signal_received
             return
         said = self.world.gather((self.seconds, self.signal_received))
         self.seconds = said[0][0]
-        self.signal_received = next((signum for _, signum in said if signum is not None), None)
+        self.stop_signal = next((signum for _, signum in said if signum is not None), None)
 
     # ------------------------------------------------------------------ the loop
 
@@ -683,9 +689,9 @@ class Trainer:
                 self._validate_and_record(record)
             if self.step % self.tc.save_every == 0:
                 self.save()
-            if self.signal_received is not None:
+            if self.stop_signal is not None:
                 self.save()
-                raise Interrupted(self.signal_received, self.step, self.run_dir)
+                raise Interrupted(self.stop_signal, self.step, self.run_dir)
         if self.valid and self.evaluated_step != self.step and self.stopped is None:
             self._validate_and_record(record)  # the final weights get their say in choosing the best
         if self.saved_step != self.step or self.stopped:

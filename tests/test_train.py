@@ -280,6 +280,27 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
     assert "resume with: detr train" in err and "--resume" in err and "Traceback" not in err
 
 
+def test_a_signal_caught_after_a_steps_agreement_stops_the_run_at_the_next_one(tmp_path):
+    """Under torchrun the ranks agree after each step on whether a signal came; one that comes later
+    in the step (here during the step-4 save; on one rank, during validation or a save) must wait
+    for the next agreement. Acting on it at once sent that rank alone to save while the others
+    trained on and waited for it (the job hung)."""
+    from detr.trainer import Interrupted
+
+    trainer = Trainer(toy_config(tmp_path))
+    save = trainer.save
+
+    def save_and_catch_a_signal():
+        save()
+        if trainer.step == 4 and trainer.signal_received is None:
+            trainer._on_signal(signal.SIGTERM, None)
+
+    trainer.save = save_and_catch_a_signal
+    with pytest.raises(Interrupted) as stopped:
+        trainer.run()
+    assert stopped.value.step == 5 and load_trainer_state(tmp_path / "run" / TRAINER_STATE)["step"] == 5
+
+
 # ----------------------------------------------------------------------------- it learns
 
 
