@@ -162,18 +162,22 @@ class PositionalEncoding(nn.Module):
 
 
 def position_rows(table: Tensor, offset: int | Tensor, T: int) -> Tensor:
-    """Rows offset .. offset+T-1 of a position table (P, D): (T, D) for one int `offset`, or (B, T, D)
-    for one offset per row (B,): rows that joined a running batch later are at earlier positions.
+    """Rows offset .. offset+T-1 of a position table (P, D): (T, D) for one int `offset`; (B, T, D)
+    for one offset per row (B,): rows that joined a running batch later are at earlier positions;
+    or for one offset per token (B, T): sentences packed into one row restart at position 0.
 
     Raises:
         ValueError: a position beyond the table.
     """
-    last = offset + T if isinstance(offset, int) else int(offset.max()) + T
+    if isinstance(offset, int):
+        positions = None
+        last = offset + T
+    else:
+        positions = (offset if offset.dim() == 2 else offset.unsqueeze(1)) + torch.arange(T, device=table.device)
+        last = int(positions.max()) + 1
     if last > table.size(0):
         raise ValueError(f"sequence of {last} positions exceeds max_positions={table.size(0)}")
-    if isinstance(offset, int):
-        return table[offset : offset + T]
-    return table[offset.unsqueeze(1) + torch.arange(T, device=table.device)]
+    return table[offset : offset + T] if positions is None else table[positions]
 
 
 class Sublayer(nn.Module):

@@ -20,6 +20,10 @@ from detr.layers import AttentionRecord, DecoderLayer, Dropout, EncoderLayer, La
 from detr.tokenizer import PAD
 from detr.warmstart import warm_start_decoder
 
+# Sentences encoded packed together hold at most this many tokens (`Seq2Seq.encode_packed`): attention
+# over a pack costs its tokens squared, the products only its tokens.
+PACK_TOKENS = 256
+
 
 def padding_mask(ids: Tensor) -> Tensor:
     """(B, S) token ids → (B, 1, 1, S) mask, True where a key may be attended (not padding)."""
@@ -83,6 +87,33 @@ class Encoder(nn.Module):
             if attention is not None:
                 attention.encoder.append(weights)
         return self.norm(x)
+
+    def packed(self, src: Tensor) -> Tensor:
+        """Memory (B, S, D) of the sentences `src` (B, S) run as one row of their tokens, without the
+        padding: each token attends to its own sentence only (a block-diagonal mask) and positions
+        restart at 0 with each sentence. Equal to `forward` to float rounding; zeros at the padding."""
+        keep = src != PAD
+        lengths = keep.sum(1)
+        sentence = torch.repeat_interleave(torch.arange(src.size(0), device=src.device), lengths)  # (N,)
+        starts = lengths.cumsum(0) - lengths
+        x = self.embed(src[keep][None], -starts[sentence][None])  # (1, N, D)
+        mask = (sentence[:, None] == sentence[None, :])[None, None]  # (1, 1, N, N)
+        for layer in self.layers:
+            x, _ = layer(x, mask)
+        memory = x.new_zeros(*src.shape, x.size(-1))
+        memory[keep] = self.norm(x)[0]
+        return memory
+
+
+def _packs(lengths: list[int], budget: int) -> list[slice]:
+    """Runs of consecutive sentences of at most `budget` tokens together (a longer sentence alone)."""
+    packs, start, tokens = [], 0, 0
+    for i, n in enumerate(lengths):
+        if i > start and tokens + n > budget:
+            packs.append(slice(start, i))
+            start, tokens = i, 0
+        tokens += n
+    return packs + [slice(start, len(lengths))] if lengths else packs
 
 
 @dataclass
@@ -257,6 +288,16 @@ class Seq2Seq(nn.Module):
         if src_mask is None:
             src_mask = padding_mask(src)
         return self.encoder(src, src_mask, attention)
+
+    def encode_packed(self, src: Tensor) -> Tensor:
+        """Memory (B, S, D) of sentences of mixed lengths (as a running batch's joiners are), encoded
+        without their padding (`Encoder.packed`), in packs of at most PACK_TOKENS tokens: the layers'
+        products then cost what the sentences' tokens cost, and attention within a pack stays small.
+        Equal to `encode` to float rounding. A pretrained encoder encodes padded."""
+        if not isinstance(self.encoder, Encoder):
+            return self.encode(src)
+        lengths = (src != PAD).sum(1).tolist()
+        return torch.cat([self.encoder.packed(src[rows]) for rows in _packs(lengths, PACK_TOKENS)])
 
     def decode(
         self,

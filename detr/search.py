@@ -153,7 +153,7 @@ class Decoding:
         S = max(mask.size(-1), self.src_mask.size(-1))
         self.src_mask = torch.cat([_pad(self.src_mask, S, -1), _pad(mask, S, -1)])
         for i, (model, cache) in enumerate(zip(self.models, self.caches)):
-            memory = model.encode(src, padding_mask(src)).repeat_interleave(k, dim=0)
+            memory = model.encode_packed(src).repeat_interleave(k, dim=0)  # joiners: mixed lengths
             if self.memories is None:  # steps taken: the new rows go straight into the cache
                 model.extend_cache(cache, memory)
             else:

@@ -35,6 +35,26 @@ def test_cached_step_by_step_decoding_equals_parallel_forward(tiny_config, norm,
     assert cache.length == 6
 
 
+@pytest.mark.parametrize("norm,positional", [("pre", "sinusoidal"), ("post", "learned")])
+def test_packed_encoding_equals_padded_encoding(tiny_config, monkeypatch, norm, positional):
+    """Joiners of a running batch are encoded without their padding, several sentences in one row
+    under a block-diagonal mask, in packs of at most PACK_TOKENS tokens: the memory is `encode`'s."""
+    import detr.model
+
+    torch.manual_seed(0)
+    model = build_model(dataclasses.replace(tiny_config, norm=norm, positional=positional)).eval()
+    lengths = [9, 2, 5, 1, 7, 3, 12, 4]
+    src = ids(*[torch.randint(4, 50, (n,)).tolist() for n in lengths])
+    real = (src != PAD)[..., None]
+    for budget in (8, 12, 256):  # packs of one sentence, of a few, of all
+        monkeypatch.setattr(detr.model, "PACK_TOKENS", budget)
+        packed = model.encode_packed(src)
+        assert packed.shape == (len(lengths), max(lengths), tiny_config.d_model)
+        torch.testing.assert_close(packed * real, model.encode(src) * real, atol=1e-5, rtol=1e-5)
+        assert not packed[~real.squeeze(-1)].any()
+    assert [(s.start, s.stop) for s in detr.model._packs(lengths, 12)] == [(0, 2), (2, 4), (4, 6), (6, 7), (7, 8)]
+
+
 def test_cache_select_reorders_and_shrinks_the_batch(tiny_config):
     torch.manual_seed(0)
     model = build_model(tiny_config).eval()
