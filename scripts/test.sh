@@ -5,9 +5,11 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check --quiet detr tests benchmarks examples
 set +e
-# Two worker processes, one test file each at a time (a file's fixtures stay in one worker): the
-# suite's tests are single-threaded, so on 2 cores this takes about 60% of a serial run.
-.venv/bin/python -m pytest -n "${DETR_TEST_WORKERS:-2}" --dist loadfile --durations=15 "$@"
+# Three worker processes, one test file each at a time (a file's fixtures stay in one worker). The
+# tests are single-threaded but many wait on subprocesses (CLI, servers, torchrun ranks, Chromium), so
+# on 2 cores a third worker fills those waits: the cores were 99 % busy, and one run took 820 s against
+# 924 s with two workers (2026-12-03, each alone on the machine).
+.venv/bin/python -m pytest -n "${DETR_TEST_WORKERS:-3}" --dist loadfile --durations=15 "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then

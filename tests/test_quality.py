@@ -92,8 +92,8 @@ def test_each_quality_recipe_trains_decodes_and_scores(recipe, tmp_path, monkeyp
         made = ("train", "valid", "test") if recipe == "chatterbot" else ("train", "valid")
         extra = [f"data.{s}={tmp_path / recipe / s}.tsv" for s in made]
     args = quality.parse_args([
-        recipe, "--out", str(tmp_path / "out"), "--shared", str(shared), "--threads", "1", "--lines", "40",
-        "--choose-examples", "6",
+        recipe, "--out", str(tmp_path / "out"), "--shared", str(shared), "--threads", "1", "--lines", "12",
+        "--choose-examples", "4",
         "--average", "2", "--lp", "0.6,1.0", *[f"--set={o}" for o in [
             "train.max_steps=2", "train.save_every=1", "train.eval_every=2", "train.max_tokens=1024",
             "train.eval_max_sentences=4", "decode.max_len_b=6", "decode.beam_size=2", *extra]]])
