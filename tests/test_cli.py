@@ -7,7 +7,9 @@ from tests.conftest import detr_cli
 
 
 def test_help_and_version():
-    assert detr_cli("--version").stdout.strip() == f"detr {detr.__version__}"
+    """Also in a new interpreter, as a user starts it (the other tests' commands run in a fork of one
+    that has imported detr: tests/zygote.py)."""
+    assert detr_cli("--version", fresh=True).stdout.strip() == f"detr {detr.__version__}"
     out = detr_cli("--help")
     assert out.returncode == 0 and "model" in out.stdout and "data" in out.stdout
 
