@@ -126,9 +126,10 @@ def test_a_second_trainer_on_the_same_run_gets_one_line_naming_the_holder(tmp_pa
                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 120
-        while not (tmp_path / "run" / "trainer_state.pt").exists() and time.time() < deadline:
+        saved = [tmp_path / "run" / name for name in ("trainer_state.pt", "model.safetensors")]  # (the second
+        while not all(p.exists() for p in saved) and time.time() < deadline:  # at the first validation)
             time.sleep(0.2)
-        assert (tmp_path / "run" / "trainer_state.pt").exists(), "the first trainer never saved"
+        assert all(p.exists() for p in saved), "the first trainer never saved"
         for extra in ([], ["--resume"]):
             second = cli("train", str(tmp_path / "c.yaml"), "--no-progress", *extra)
             assert second.returncode == 2 and b"Traceback" not in second.stderr
