@@ -7,8 +7,8 @@ bash scripts/setup.sh
 set +e
 # Three worker processes, one test file each at a time (a file's fixtures stay in one worker). The
 # tests are single-threaded but many wait on subprocesses (CLI, servers, torchrun ranks, Chromium), so
-# on 2 cores a third worker fills those waits: the cores were 99 % busy, and one run took 820 s against
-# 924 s with two workers (2026-12-03, each alone on the machine).
+# on 2 cores a third worker fills those waits: the cores were 97-99 % busy (2026-12-03, alone on the
+# machine; two runs took 820 and 927 s against 924 s with two workers, on a machine that drifts that much).
 .venv/bin/python -m pytest -n "${DETR_TEST_WORKERS:-3}" --dist loadfile --durations=15 "$@"
 rc=$?
 set -e

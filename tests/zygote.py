@@ -2,8 +2,9 @@
 forked copy of itself: a command then starts in milliseconds instead of the seconds importing
 torch takes (the suite runs a hundred such commands). Started by `tests/conftest.py`'s `detr_cli`.
 
-Each request (pickled over the socket whose fd is its argument: args, env, cwd, and the paths of the files for
-stdin, stdout and stderr) is run in a child that takes that environment, folder and those files,
+Each request (pickled over the socket whose fd is its argument: args, env, cwd, and the paths of
+the files for stdin, stdout and stderr) is run in a child that takes that environment, folder and
+those files,
 runs `detr` as `python -m detr` would (its `__main__`, `SystemExit` for the exit status, an
 uncaught exception printed as Python prints it, status 1) and ends with `os._exit`. The zygote
 answers with the child's pid, then with its exit status (negative: killed by that signal).
