@@ -6,9 +6,10 @@ For a trained translation run and its test sentences:
    `--client httpx`) for `--seconds` each sending one sentence per request: greedy and beam 4 with
    continuous batching (the default), the same batching by request (`--batching request`), and
    greedy with batching off (`--max-batch-tokens 1`: every request alone); sentences/s,
-   p50/p95/p99 latency, failures, and the mean requests per model call (per decoding step with
-   continuous batching; /metrics). Offline is measured again right before and after each row, and
-   the row's `ratio` taken against their mean: this machine's speed drifts within minutes;
+   p50/p95/p99 latency, failures, the mean requests per model call (per decoding step with
+   continuous batching; /metrics), and the CPU-seconds the clients and the server (all its
+   processes, `--server-processes`) spent. Offline is measured again right before and after each
+   row, and the row's `ratio` taken against their mean: this machine's speed drifts within minutes;
 3. overload: `--overload-clients` clients against `--max-queue 32` for `--overload-windows` windows
    of `--overload-seconds` in a row on one server: only 200 and 429 answers, the server's RSS before
    and after each window and its peak (VmHWM): flat memory is an RSS that stops rising;
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import socket
 import statistics
@@ -65,6 +67,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time so far of a process and its live child processes (a server's `--processes`),
+    all their threads (/proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") + sum(cpu_seconds(int(c)) for c in children)
 
 
 def rss_mb(pid: int, field: str) -> float:
@@ -144,8 +154,9 @@ CLIENTS = {"aiohttp": AiohttpClient, "httpx": HttpxClient}
 
 
 async def load(url: str, sentences: list[str], clients: int, seconds: float, decode: dict,
-               library: str = "aiohttp") -> dict:
-    """`clients` loops, each posting one sentence at a time until `seconds` pass."""
+               library: str = "aiohttp", server: int | None = None) -> dict:
+    """`clients` loops, each posting one sentence at a time until `seconds` pass; with the server's
+    process id, the CPU-seconds the clients (this process) and the server spent meanwhile."""
     latencies, statuses = [], {}
     stop_at = time.perf_counter() + seconds
     client = CLIENTS[library](url, clients)
@@ -160,16 +171,18 @@ async def load(url: str, sentences: list[str], clients: int, seconds: float, dec
                     latencies.append(time.perf_counter() - start)
                 i += clients
 
-        began = time.perf_counter()
+        began, cpu = time.perf_counter(), (time.process_time(), cpu_seconds(server) if server else 0.0)
         await asyncio.gather(*(worker(k) for k in range(clients)))
         elapsed = time.perf_counter() - began
+        cpu = (time.process_time() - cpu[0], cpu_seconds(server) - cpu[1] if server else float("nan"))
     finally:
         await client.close()
     ok = statuses.get(200, 0)
     q = statistics.quantiles(latencies, n=100) if len(latencies) >= 2 else [float("nan")] * 99
     return {"ok": ok, "failed": sum(v for k, v in statuses.items() if k not in (200, 429)),
             "statuses": statuses, "seconds": elapsed, "sentences_per_s": ok / elapsed,
-            "p50": q[49], "p95": q[94], "p99": q[98]}
+            "p50": q[49], "p95": q[94], "p99": q[98],
+            "cpu_seconds": {"clients": round(cpu[0], 1), "server": round(cpu[1], 1)}}
 
 
 def offline(run: str, sentences: list[str], beam: int, threads: int) -> float:
@@ -191,6 +204,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="offline translation's threads")
     parser.add_argument("--server-threads", type=int, default=1,
                         help="the server's model threads (on 2 cores, 1 leaves a core to the event loop and clients)")
+    parser.add_argument("--server-processes", type=int, default=1,
+                        help="the server's processes (--processes), the cores shared among them")
     parser.add_argument("--overload-clients", type=int, default=256)
     parser.add_argument("--overload-seconds", type=float, default=30, help="each overload window's length")
     parser.add_argument("--overload-windows", type=int, default=4, help="overload windows in a row on one server")
@@ -210,10 +225,10 @@ def main() -> None:
             if label not in args.loads.split(","):
                 continue
             before = offline(args.run, sentences, beam, args.threads) if "offline" not in skip else None
-            server = Server(args.run, args.server_threads, *flags)
+            server = Server(args.run, args.server_threads, "--processes", str(args.server_processes), *flags)
             try:
                 result = asyncio.run(load(server.url, sentences, args.clients, args.seconds, {"beam_size": beam},
-                                          args.client))
+                                          args.client, server.proc.pid))
                 result["requests_per_model_call"] = server.batch_mean()
             finally:
                 server.stop()
@@ -223,7 +238,7 @@ def main() -> None:
             report[label] = result
             print(label, json.dumps(result), flush=True)
     if "overload" not in skip:
-        server = Server(args.run, args.server_threads, "--max-queue", "32")
+        server = Server(args.run, args.server_threads, "--processes", str(args.server_processes), "--max-queue", "32")
         try:
             result = {"rss_before_mb": rss_mb(server.proc.pid, "VmRSS"), "windows": []}
             for _ in range(args.overload_windows):
@@ -240,7 +255,7 @@ def main() -> None:
         report["overload"] = result
         print("overload", json.dumps(result), flush=True)
     if args.fuzz:
-        server = Server(args.run, args.server_threads)
+        server = Server(args.run, args.server_threads, "--processes", str(args.server_processes))
         try:
             out = subprocess.run([str(Path(sys.executable).parent / "schemathesis"), "run",
                                   server.url + "/openapi.json", "--checks", FUZZ_CHECKS, "--max-examples",

@@ -395,6 +395,10 @@ class ServeConfig:
                              "workers (1 each with the torch engine's default workers)")
     workers: int = option(0, "worker threads per model, each running batches of its own at once; 0: with the torch "
                              "engine one per core left to the model (or per --threads of them), with other engines 1")
+    processes: int = option(1, "server processes sharing the port, each with the models' workers and its own queue "
+                               "(of --max-queue), the cores shared among them: on CPU, one per core serves the most "
+                               "(Python runs one thread at a time per process); the torch engine on CPU only, "
+                               "without --monitor-db")
     max_texts: int = option(64, "texts per request (413 beyond)")
     max_chars: int = option(5000, "characters per text (413 beyond)")
     max_body_bytes: int = option(1_000_000, "bytes per request body (413 beyond)")
@@ -410,12 +414,19 @@ class ServeConfig:
         _check_types(self, "serve")
         if not 0 < self.port < 65536:
             raise ConfigError(f"serve.port must be in 1..65535, got {self.port}")
-        _check_positive(self, "serve", "max_batch_tokens", "max_queue", "max_texts", "max_chars", "max_body_bytes")
+        _check_positive(self, "serve", "max_batch_tokens", "max_queue", "processes", "max_texts", "max_chars",
+                        "max_body_bytes")
         _check_not_negative(self, "serve", "max_wait_ms", "grace_seconds", "threads", "workers")
         if (self.monitor_db is None) != (self.monitor_sentiment is None) or (
                 self.monitor_topic is not None and self.monitor_db is None):
             raise ConfigError("serve.monitor_db and serve.monitor_sentiment go together (and --monitor-topic "
                               "needs both): give the database and the sentiment model's name")
+        if self.processes > 1 and self.engine != "torch":
+            raise ConfigError(f"serve.processes={self.processes} is for the torch engine: --engine {self.engine} "
+                              f"computes on threads of its own (give --workers instead)")
+        if self.processes > 1 and self.monitor_db is not None:
+            raise ConfigError(f"serve.processes={self.processes} cannot serve /v1/monitor: its windows and alerts "
+                              f"live in one process (serve the monitor with --processes 1)")
 
 
 DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")

@@ -255,6 +255,76 @@ def test_api_keys_a_full_queue_and_sigterm(runs, tmp_path):
         srv.stop()
 
 
+def child_processes(pid: int) -> list[int]:
+    return [int(child) for child in open(f"/proc/{pid}/task/{pid}/children").read().split()]
+
+
+def alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting for its parent)."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_several_processes_share_the_port_and_the_metrics_and_stop_gracefully(runs):
+    srv = Server(f"de={runs['de']}", "--processes", "2", "--max-wait-ms", "50")
+    try:
+        assert len(child_processes(srv.proc.pid)) == 2
+        translator = detr.load(runs["de"])
+        expected = {s: translator.translate([s])[0] for s in SENTENCES}
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:  # a new connection each: the kernel spreads them
+            answers = list(pool.map(lambda i: srv.post("/v1/translate", {"text": SENTENCES[i % 6]}).json(),
+                                    range(24)))
+        assert [a["translations"][0] for a in answers] == [expected[SENTENCES[i % 6]] for i in range(24)]
+        # whichever process answers /metrics counts every process's requests (24 connections reached both
+        # processes but with a chance of 2 ** -23)
+        assert [request_count(srv, "/v1/translate", "200") for _ in range(6)] == [24.0] * 6
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            in_flight = [pool.submit(srv.post, "/v1/translate", {"texts": SENTENCES * 4, "decode": {"beam_size": 4}})
+                         for _ in range(4)]
+            time.sleep(0.3)
+            srv.proc.send_signal(signal.SIGTERM)  # to the parent: each process finishes what it has in flight
+            assert [f.result().status_code for f in in_flight] == [200] * 4
+        assert srv.proc.wait(30) == 0
+        assert "2 processes" in srv.proc.stderr.read().decode()
+    finally:
+        srv.stop()
+
+
+def test_the_processes_of_a_server_whose_parent_is_killed_stop(runs):
+    srv = Server(str(runs["de"]), "--processes", "2")
+    children = child_processes(srv.proc.pid)
+    srv.proc.kill()
+    srv.proc.wait(10)
+    deadline = time.time() + 30
+    while any(map(alive, children)) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not any(map(alive, children))
+    with socket.socket() as s:  # the port is free again
+        s.bind(("127.0.0.1", srv.port))
+
+
+def test_several_processes_where_they_cannot_serve_get_one_line(runs, tmp_path):
+    srv = Server(str(runs["de"]), "--processes", "2")
+    try:  # the port is held by a server that shares it among its processes: a second one is refused
+        out = detr_cli("serve", str(runs["de"]), "--processes", "2", "--port", str(srv.port), timeout=120)
+        assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].startswith(
+            f"detr: error: serve: cannot listen on 127.0.0.1:{srv.port}: Address already in use")
+    finally:
+        srv.stop()
+    out = detr_cli("serve", str(runs["de"]), "--processes", "2", "--engine", "ctranslate2", timeout=60)
+    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1] == (
+        "detr: error: serve.processes=2 is for the torch engine: --engine ctranslate2 computes on threads of its "
+        "own (give --workers instead)")
+    # a process that cannot build its app: its error, once, and no process left behind
+    out = detr_cli("serve", str(runs["de"]), "--processes", "2", "--port", str(free_port()),
+                   "--assistant", str(tmp_path / "nowhere"), timeout=120)
+    assert out.returncode == 2 and out.stderr.count("detr: error:") == 1
+    assert out.stderr.strip().splitlines()[-1].startswith(
+        f"detr: error: {tmp_path / 'nowhere'}")
+
+
 def test_a_public_address_needs_a_key(runs):
     out = detr_cli("serve", str(runs["de"]), "--host", "0.0.0.0", timeout=60)
     assert out.returncode == 2 and out.stderr.strip().splitlines()[-1] == (
@@ -319,6 +389,8 @@ def test_each_model_thread_gets_its_share_of_the_cores():
     assert worker_plan(ServeConfig(workers=2, threads=5), 1) == (2, 5)
     assert worker_plan(ServeConfig(engine="ctranslate2"), 1) == (1, cores)
     assert worker_plan(ServeConfig(assistant="folder"), 1) == (max(1, cores // 2), 1)
+    assert worker_plan(ServeConfig(processes=cores), 1) == (1, 1)
+    assert worker_plan(ServeConfig(processes=2 * cores, workers=1), 1) == (1, 1)
     script = ("import torch\n"
               "from detr.serve.app import intra_op\n"
               "from detr.serve.batcher import Batcher, Job\n"

@@ -24,6 +24,7 @@ import dataclasses
 import hmac
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -35,6 +36,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -166,15 +168,18 @@ class InspectBody(BaseModel):
 
 
 class Metrics:
-    """Prometheus metrics of one app (its own registry, so several apps never collide)."""
+    """Prometheus metrics of one app (its own registry, so several apps never collide); those of every
+    process of the server when prometheus_client's multiprocess folder is set (`detr serve --processes`)."""
 
     def __init__(self) -> None:
+        self.shared = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
         self.registry = CollectorRegistry()
         self.requests = Counter("detr_requests", "HTTP requests by endpoint and status", ["endpoint", "status"],
                                 registry=self.registry)
         self.latency = Histogram("detr_request_seconds", "request latency", ["endpoint"], registry=self.registry,
                                  buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
-        self.queue = Gauge("detr_queue_depth", "requests waiting for a batch", ["model"], registry=self.registry)
+        self.queue = Gauge("detr_queue_depth", "requests waiting for a batch", ["model"], registry=self.registry,
+                           multiprocess_mode="livesum")
         self.batch_requests = Histogram("detr_batch_requests", "requests sharing one model call (with continuous "
                                         "batching: one decoding step)", ["model"],
                                         registry=self.registry, buckets=(1, 2, 4, 8, 16, 32, 64, 128))
@@ -183,12 +188,21 @@ class Metrics:
         self.tokens = Counter("detr_source_tokens", "source tokens served", ["model"], registry=self.registry)
         self.busy = Counter("detr_model_seconds", "seconds the model computed", ["model"], registry=self.registry)
 
+    def exposition(self) -> bytes:
+        """The text format of every metric (summed over the server's processes when there are several)."""
+        if self.shared is None:
+            return generate_latest(self.registry)
+        every = CollectorRegistry()
+        MultiProcessCollector(every, path=self.shared)
+        return generate_latest(every)
+
     def on_batch(self, model: str) -> Callable[[BatchRecord], None]:
         def record(batch: BatchRecord) -> None:
             self.batch_requests.labels(model).observe(batch.requests)
             self.batch_inputs.labels(model).observe(batch.inputs)
             self.tokens.labels(model).inc(batch.tokens)
             self.busy.labels(model).inc(batch.seconds)
+            self.queue.labels(model).set(batch.waiting)  # (with several processes: this one's, until its next)
 
         return record
 
@@ -464,7 +478,7 @@ def create_app(runs: dict[str, Run], config: ServeConfig, api_keys: list[str] | 
     async def prometheus() -> Response:
         for name, served in models.items():
             metrics.queue.labels(name).set(served.batcher.depth)
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models", summary="the served models", dependencies=guarded)
     async def list_models() -> dict[str, Any]:

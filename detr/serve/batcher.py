@@ -78,6 +78,7 @@ class BatchRecord:
     inputs: int
     tokens: int  # of the requests it started (a stream's step: those that joined at it)
     seconds: float
+    waiting: int = 0  # requests left in the queue after it
 
 
 class Batcher:
@@ -253,7 +254,8 @@ class Batcher:
     def _record(self, batch: list[Job], seconds: float, tokens: int | None = None) -> None:
         if self.on_batch is not None:
             tokens = sum(job.tokens for job in batch) if tokens is None else tokens
-            self.on_batch(BatchRecord(len(batch), sum(len(job.inputs) for job in batch), tokens, seconds))
+            self.on_batch(BatchRecord(len(batch), sum(len(job.inputs) for job in batch), tokens, seconds,
+                                      len(self._queue)))
 
 
 def _deliver(job: Job, outputs: list[Any]) -> None:
