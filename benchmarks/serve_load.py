@@ -8,8 +8,9 @@ For a trained translation run and its test sentences:
    greedy with batching off (`--max-batch-tokens 1`: every request alone); sentences/s,
    p50/p95/p99 latency, failures, the mean requests per model call (per decoding step with
    continuous batching; /metrics), and the CPU-seconds the clients and the server (all its
-   processes, `--server-processes`) spent. Offline is measured again right before and after each
-   row, and the row's `ratio` taken against their mean: this machine's speed drifts within minutes;
+   processes, `--server-processes`) spent and the hypervisor stole from this machine meanwhile.
+   Offline is measured again right before and after each row, and the row's `ratio` taken against
+   their mean: this machine's speed drifts within minutes;
 3. overload: `--overload-clients` clients against `--max-queue 32` for `--overload-windows` windows
    of `--overload-seconds` in a row on one server: only 200 and 429 answers, the server's RSS before
    and after each window and its peak (VmHWM): flat memory is an RSS that stops rising;
@@ -77,11 +78,20 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") + sum(cpu_seconds(int(c)) for c in children)
 
 
+def stolen_seconds() -> float:
+    """CPU time the hypervisor gave other guests so far, all cores (/proc/stat's steal): a row during
+    which it rose was measured on less machine than the rows without."""
+    return int(Path("/proc/stat").read_text().split("\n", 1)[0].split()[8]) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mb(pid: int, field: str) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    """A /proc/PID/status memory field (VmRSS, VmHWM) in MB, summed over the process and its live child
+    processes (a server's `--processes`: their shared pages count once per process, so this is an upper
+    bound, and VmHWM's sum bounds the peak of the sum)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    own = next((int(line.split()[1]) / 1024 for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                if line.startswith(field + ":")), float("nan"))
+    return own + sum(rss_mb(int(child), field) for child in children)
 
 
 class Server:
@@ -171,10 +181,12 @@ async def load(url: str, sentences: list[str], clients: int, seconds: float, dec
                     latencies.append(time.perf_counter() - start)
                 i += clients
 
-        began, cpu = time.perf_counter(), (time.process_time(), cpu_seconds(server) if server else 0.0)
+        began = time.perf_counter()
+        cpu = (time.process_time(), cpu_seconds(server) if server else 0.0, stolen_seconds())
         await asyncio.gather(*(worker(k) for k in range(clients)))
         elapsed = time.perf_counter() - began
-        cpu = (time.process_time() - cpu[0], cpu_seconds(server) - cpu[1] if server else float("nan"))
+        cpu = (time.process_time() - cpu[0], cpu_seconds(server) - cpu[1] if server else float("nan"),
+               stolen_seconds() - cpu[2])
     finally:
         await client.close()
     ok = statuses.get(200, 0)
@@ -182,7 +194,7 @@ async def load(url: str, sentences: list[str], clients: int, seconds: float, dec
     return {"ok": ok, "failed": sum(v for k, v in statuses.items() if k not in (200, 429)),
             "statuses": statuses, "seconds": elapsed, "sentences_per_s": ok / elapsed,
             "p50": q[49], "p95": q[94], "p99": q[98],
-            "cpu_seconds": {"clients": round(cpu[0], 1), "server": round(cpu[1], 1)}}
+            "cpu_seconds": {"clients": round(cpu[0], 1), "server": round(cpu[1], 1), "stolen": round(cpu[2], 1)}}
 
 
 def offline(run: str, sentences: list[str], beam: int, threads: int) -> float:
@@ -243,7 +255,7 @@ def main() -> None:
             result = {"rss_before_mb": rss_mb(server.proc.pid, "VmRSS"), "windows": []}
             for _ in range(args.overload_windows):
                 window = asyncio.run(load(server.url, sentences, args.overload_clients, args.overload_seconds,
-                                          {"beam_size": 1}, args.client))
+                                          {"beam_size": 1}, args.client, server.proc.pid))
                 window["rss_after_mb"] = rss_mb(server.proc.pid, "VmRSS")
                 result["windows"].append(window)
             result.update(statuses=dict(sum((Counter(w["statuses"]) for w in result["windows"]), Counter())),
