@@ -317,7 +317,11 @@ def test_several_processes_where_they_cannot_serve_get_one_line(runs, tmp_path):
     assert out.returncode == 2 and out.stderr.strip().splitlines()[-1] == (
         "detr: error: serve.processes=2 is for the torch engine: --engine ctranslate2 computes on threads of its "
         "own (give --workers instead)")
-    # a process that cannot build its app: its error, once, and no process left behind
+    out = detr_cli("serve", str(runs["de"]), "--processes", "2", "--device", "cuda", timeout=60)
+    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1] == (
+        "detr: error: serve.processes=2 runs on the CPU only (a forked process cannot use the CUDA its parent "
+        "started): serve --device cuda with --processes 1")
+    # processes that cannot build their app: the error once, exit 2
     out = detr_cli("serve", str(runs["de"]), "--processes", "2", "--port", str(free_port()),
                    "--assistant", str(tmp_path / "nowhere"), timeout=120)
     assert out.returncode == 2 and out.stderr.count("detr: error:") == 1
