@@ -3,6 +3,7 @@
 #   docker run -p 8000:8000 -v $PWD/runs/tiny:/runs/tiny -v $PWD/keys:/keys detr \
 #       /runs/tiny --host 0.0.0.0 --api-key-file /keys
 # The container listens on all its interfaces, so it asks for API keys (or --insecure-public).
+# On a CPU host, add --processes N (one per core the container gets) for the most throughput.
 FROM python:3.11-slim
 WORKDIR /opt/detr
 COPY pyproject.toml README.md ./
