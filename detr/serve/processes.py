@@ -81,7 +81,7 @@ def serve_processes(sockets: list[socket.socket], build: Callable[[socket.socket
                     on_ready: Callable[[], None]) -> None:
     """Fork a process per socket; each calls `build(its socket)` (its app), then the function that returns
     (its server, until a signal). `on_ready` runs in the parent once every process has built its app.
-    Blocks until all end; the sockets are closed then.
+    Blocks until all end. The parent closes the sockets once the processes have them.
 
     Raises:
         DetrError: a process could not build its app (its error), or a process ended on its own.
