@@ -387,9 +387,9 @@ class ServeConfig:
     max_batch_tokens: int = option(4096, "source tokens of the requests one model step serves together")
     max_wait_ms: float = option(10.0, "how long a request waits for others to share its batch")
     batching: Literal["continuous", "request"] = option(
-        "continuous", "greedy translation on the torch engine: continuous (requests join the running batch "
-                      "between decoding steps and leave when done) or request (a batch of requests runs to its end; "
-                      "what every other request does)")
+        "continuous", "translation on the torch engine: continuous (requests join the running batch between "
+                      "decoding steps, a beam search's only in its first steps, and leave when done) or request (a "
+                      "batch of requests runs to its end; what every other request does)")
     max_queue: int = option(256, "requests waiting per model; beyond it the answer is 429")
     threads: int = option(0, "CPU threads of each model's worker thread; 0: the cores shared among the models' "
                              "workers (1 each with the torch engine's default workers)")

@@ -57,6 +57,12 @@ log = logging.getLogger(__name__)
 CHUNK_BATCHES = 8  # lines read ahead = this × decode.batch_size: enough to sort by length, little to lose
 JOIN_STEPS = 4  # a stream's new lines wait at most this many steps to join together (see `TranslationStream`)
 JOIN_SHARE = 4  # ... or less, once they are at least 1/JOIN_SHARE of the lines running
+# New lines join a stream's beam search only within this many steps of its batch's start. Late joiners
+# make every step of the rest dearer (each admission copies the reordered keys and values of all the
+# beams, whose self-attention then spans the oldest row): in two server processes (benchmarks/RESULTS.md,
+# "beam search as a stream") 4 served as much as joining at any step, with a p99 latency of 1.9 s
+# instead of 3.0 s, and 1.1-1.2x what batching by request served.
+BEAM_JOIN_STEPS = 4
 ENGINE_READ_AHEAD = 4096  # lines read ahead for an engine that batches by itself (it sorts them by length)
 
 Search = Callable[[torch.Tensor, Guides], list[list[Hypothesis]]]
@@ -388,7 +394,8 @@ class Translator:
 
     def stream(self, options: DecodeConfig | None = None) -> TranslationStream:
         """A running batch that requests join and leave between decoding steps (continuous batching,
-        as `detr serve` does): greedy or beam search with `options` (default: the run's).
+        as `detr serve` does): greedy or beam search with `options` (default: the run's); beam search
+        is `joinable` only in its batch's first steps (see `TranslationStream`).
 
         Raises:
             ConfigError: options only whole batches carry out (MBR), or another engine than torch.
@@ -454,6 +461,9 @@ class TranslationStream:
     """Requests translated in one running batch: a request joins it between two steps and leaves
     with its results as soon as its last line ends (made by `Translator.stream`). A line gets the
     output it gets alone (detr's search decides per row), so it does not matter who shares its steps.
+    Greedy search takes new lines at any step; beam search only in the first BEAM_JOIN_STEPS steps
+    of a batch (`joinable`; lines added later still join, and a caller such as the server's batcher
+    holds new requests back for the next batch instead).
 
         stream = translator.stream(translator.options(beam_size=4))
         stream.add("a", ["one cat", ("two dogs", Constraints(prefix="Zwei"))])
@@ -471,11 +481,18 @@ class TranslationStream:
         self.wishes: dict[Hashable, list[Constraints]] = {}  # per request with steering, each line's
         self.joining: list[tuple[Hashable, int, list[int], Guide | None]] = []  # (request, line, ids, guide) to start
         self.waited = 0  # steps the oldest of `joining` has waited
+        self.age = 0  # steps since the running batch started (from empty)
 
     @property
     def running(self) -> int:
         """Lines still being decoded (or about to start)."""
         return self.search.running + len(self.joining)
+
+    @property
+    def joinable(self) -> bool:
+        """Whether new lines may join now: always for greedy search; for beam search only within
+        BEAM_JOIN_STEPS steps of its batch's start."""
+        return self.config.beam_size == 1 or self.age < BEAM_JOIN_STEPS
 
     def add(self, tag: Hashable, lines: list[str] | list[tuple[str, Constraints]]
             ) -> list[tuple[Hashable, list[list[tuple[str, float]]]]]:
@@ -508,11 +525,13 @@ class TranslationStream:
         """Start the lines added since the last admission, all in one: an admission copies the running
         batch's keys and values, so lines wait until they are 1/`JOIN_SHARE` of the running ones or have
         waited `JOIN_STEPS` steps (measured: admitting at every step made a step of 64 sentences 1.4x
-        dearer; every 4th step about as cheap as a batch that runs to its end)."""
+        dearer; every 4th step about as cheap as a batch that runs to its end). Once the stream takes
+        no more joiners (beam search past its first steps) they start at once: none will join them."""
         if not self.joining:
             return
         self.waited += 1
-        if self.search.running and JOIN_SHARE * len(self.joining) < self.search.running and self.waited < JOIN_STEPS:
+        if self.search.running and JOIN_SHARE * len(self.joining) < self.search.running and self.waited < JOIN_STEPS \
+                and self.joinable:
             return
         self.waited = 0
         guides = [guide for _, _, _, guide in self.joining]
@@ -526,6 +545,7 @@ class TranslationStream:
         `nbest` (text, score) results per line in their order."""
         self._admit()
         done = []
+        self.age += 1
         for sid, found in self.search.step():
             hyps = found if isinstance(found, list) else [found]
             tag, line = self.owner.pop(sid)
@@ -539,6 +559,8 @@ class TranslationStream:
                 del self.waiting[tag]
                 self.wishes.pop(tag, None)
                 done.append((tag, self.results.pop(tag)))
+        if not self.search.running:
+            self.age = 0
         return done
 
 

@@ -97,10 +97,15 @@ def test_stop_finishes_what_was_queued_then_refuses():
 class Countdown:
     """A stream whose input n takes n steps and gives n * 10; it records who ran at every step."""
 
-    def __init__(self, gate: threading.Event | None = None) -> None:
+    def __init__(self, gate: threading.Event | None = None, joinable_steps: int | None = None) -> None:
         self.left: dict = {}  # tag → [steps left per input]
         self.steps: list[set] = []
         self.gate = gate
+        self.joinable_steps = joinable_steps  # new jobs may join only in this many first steps (None: always)
+
+    @property
+    def joinable(self) -> bool:
+        return self.joinable_steps is None or len(self.steps) < self.joinable_steps
 
     @property
     def running(self) -> int:
@@ -144,6 +149,20 @@ def test_streamed_jobs_join_the_running_batch_between_steps_and_leave_when_done(
     tags = [len(ran) for ran in stream.steps]
     assert tags[:3] == [1, 2, 2]  # the short job joined at the second step and left after its last
     assert max(r.requests for r in records) == 2  # steps are recorded as batches: two requests shared them
+    batcher.stop()
+
+
+def test_a_stream_that_takes_no_joiners_now_leaves_them_for_its_next_batch():
+    gate = threading.Event()
+    stream = Countdown(gate, joinable_steps=1)  # as beam search: joiners only at its first step
+    batcher = Batcher("m", max_tokens=10, max_wait=0.05, max_queue=10)
+    job = lambda xs: Job("k", xs, 1, Recorder(), stream=lambda: stream)  # noqa: E731
+    long = batcher.submit(job([3]))
+    time.sleep(0.3)  # the worker holds it at its first step
+    late = batcher.submit(job([1]))
+    gate.set()
+    assert long.result(5) == [30] and late.result(5) == [10]
+    assert [len(ran) for ran in stream.steps] == [1, 1, 1, 1]  # the late job ran after the long one, alone
     batcher.stop()
 
 

@@ -189,6 +189,23 @@ def test_a_translation_stream_gives_each_request_what_translate_gives(toy):
         translator.stream(translator.options(mbr=4))
 
 
+def test_a_beam_stream_takes_new_lines_only_in_its_first_steps(toy):
+    from detr.translator import BEAM_JOIN_STEPS
+
+    translator, sources = toy
+    greedy_stream = translator.stream(translator.options(beam_size=1, max_len_a=0, max_len_b=20, min_len=10))
+    beam_stream = translator.stream(translator.options(beam_size=2, max_len_a=0, max_len_b=20, min_len=10))
+    for stream in (greedy_stream, beam_stream):
+        stream.add("a", sources[:2])
+        for _ in range(BEAM_JOIN_STEPS):
+            assert stream.joinable
+            stream.step()
+    assert greedy_stream.joinable and beam_stream.running and not beam_stream.joinable
+    while beam_stream.running:
+        beam_stream.step()
+    assert beam_stream.joinable  # a new batch: open again
+
+
 def test_a_stream_warns_of_an_unkept_phrase_as_translate_does(toy, caplog, monkeypatch):
     """A phrase kept out token by token can still appear made of other subwords: `translate` warns,
     naming the line, and so does a stream (the check itself is forced to fire here)."""

@@ -503,10 +503,10 @@ def create_app(runs: dict[str, Run], config: ServeConfig, api_keys: list[str] | 
             return [(nbest, None) for nbest in results]
 
         key = ("translate", dataclasses.astuple(options), align)
-        # Beam search batches by request: its running batch, reordered every step, measured slower when
-        # requests keep joining it (benchmarks/RESULTS.md, "continuous batching").
-        continuous = (config.batching == "continuous" and options.beam_size == 1 and translator.engine is None
-                      and not options.mbr and not align and not any(wish.include for wish in wishes))
+        # Greedy and beam search run as a stream (requests leave it as their lines end; beam search takes
+        # joiners only in its first steps, see `Translator.stream`); what needs whole batches does not.
+        continuous = (config.batching == "continuous" and translator.engine is None and not options.mbr
+                      and not options.reranks and not align and not any(wish.include for wish in wishes))
         job = Job(key + (continuous,), list(zip(texts, wishes)), cost(served, texts, options.beam_size), run,
                   stream=(lambda: translator.stream(options)) if continuous else None)
         results = await submit(served.batcher, job)

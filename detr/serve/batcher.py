@@ -15,10 +15,10 @@ clients) takes a core from one of its threads (benchmarks/RESULTS.md, "two worke
 
 Requests that can be decoded a step at a time (a job with a `stream`: translation) batch
 continuously instead: they join the running batch between two decoding steps, as long as
-its requests' tokens stay within `max_tokens`, and each leaves as soon as its last line
-ends, so the batch stays full while requests come and go (iteration-level scheduling, as
-in Orca and vLLM). A queued request of another key that has waited `max_wait` stops new
-joiners; the running batch then drains and that key goes next.
+its requests' tokens stay within `max_tokens` and the stream is `joinable`, and each leaves
+as soon as its last line ends, so the batch stays full while requests come and go
+(iteration-level scheduling, as in Orca and vLLM). A queued request of another key that has
+waited `max_wait` stops new joiners; the running batch then drains and that key goes next.
 
 Because detr's decoding is batch-invariant, a request's output does not depend on what it
 was batched with.
@@ -48,6 +48,10 @@ class Stream(Protocol):
     @property
     def running(self) -> int:
         """Inputs still being decoded."""
+
+    @property
+    def joinable(self) -> bool:
+        """Whether new requests may join it now (beam search takes them only while its batch is young)."""
 
     def add(self, tag: Hashable, inputs: list[Any]) -> list[tuple[Hashable, list[Any]]]:
         """Start request `tag`; the requests done at once (nothing to decode), with their outputs."""
@@ -226,16 +230,17 @@ class Batcher:
             self._record(list(running.values()), time.perf_counter() - start, tokens)
             for tag, outputs in ended:
                 _deliver(running.pop(tag), outputs)
-            joiners = self._take_joiners(batch[0].key, worker, sum(job.tokens for job in running.values()))
+            joiners = self._take_joiners(batch[0].key, worker, sum(job.tokens for job in running.values()),
+                                         stream.joinable)
 
-    def _take_joiners(self, key: Hashable, worker: int, running: int) -> list[Job]:
+    def _take_joiners(self, key: Hashable, worker: int, running: int, joinable: bool) -> list[Job]:
         """Queued jobs of `key` that fit beside the `running` tokens of `worker`'s stream (budget and
         share), oldest first up to the first that does not fit; none once a request of another key has
-        waited `max_wait` (the batch then drains for it)."""
+        waited `max_wait` (the batch then drains for it), nor while the stream is not `joinable`."""
         with self._cv:
             self._loads[worker] = running
             now = time.monotonic()
-            if any(job.key != key and now - job.enqueued >= self.max_wait for job in self._queue):
+            if not joinable or any(job.key != key and now - job.enqueued >= self.max_wait for job in self._queue):
                 return []
             share, taken, gone, tokens = self._share(key), [], [], 0
             for job in self._queue:
