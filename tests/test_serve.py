@@ -136,6 +136,23 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server, ru
     assert requests / calls > 1.5  # requests shared the model's decoding steps
 
 
+def test_the_serve_extra_gives_uvicorn_its_c_http_parser_and_event_loop():
+    import uvicorn
+
+    config = uvicorn.Config(lambda scope, receive, send: None)
+    config.load()
+    assert config.http_protocol_class.__name__ == "HttpToolsProtocol"
+    assert config.get_loop_factory().__module__.startswith("uvloop")
+
+
+def test_decoding_options_validated_once_are_not_confused_with_equal_values_of_other_types(server):
+    for beam in (1, 1, 2):  # validated once per setting and kept
+        assert server.post("/v1/translate", {"text": SENTENCES[0], "decode": {"beam_size": beam}}).status_code == 200
+    for wrong in (True, 1.0, 2.0):  # equal to a kept setting in Python, yet not an int
+        bad = server.post("/v1/translate", {"text": SENTENCES[0], "decode": {"beam_size": wrong}})
+        assert bad.status_code == 422 and "decode.beam_size: expected int" in bad.json()["error"]["message"]
+
+
 def test_requests_are_counted_by_route_and_status(server):
     ok = request_count(server, "/v1/translate", "200")
     assert server.post("/v1/translate", {"text": SENTENCES[0]}).status_code == 200
