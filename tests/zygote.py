@@ -4,8 +4,7 @@ torch takes (the suite runs a hundred such commands). Started by `tests/conftest
 
 Each request (pickled over the socket whose fd is its argument: args, env, cwd, and the paths of
 the files for stdin, stdout and stderr) is run in a child that takes that environment, folder and
-those files,
-runs `detr` as `python -m detr` would (its `__main__`, `SystemExit` for the exit status, an
+those files, runs `detr` as `python -m detr` would (its `__main__`, `SystemExit` for the exit status, an
 uncaught exception printed as Python prints it, status 1) and ends with `os._exit`. The zygote
 answers with the child's pid, then with its exit status (negative: killed by that signal).
 No thread runs here before a fork: importing torch starts none.

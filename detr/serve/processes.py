@@ -11,10 +11,9 @@ until written. Each process builds its own app (batchers, metrics, connections t
 databases) and accepts on a listening socket of its own, all on one port (SO_REUSEPORT): the
 kernel spreads new connections evenly among them. (On one shared socket the first process to wake
 took all 64 clients' connections.) Each process has its own queue and batches only its own
-requests. The
-metrics are shared through prometheus_client's multiprocess mode (a file per process in a
-temporary folder), so /metrics answers for the whole server from whichever process the scraper
-reaches.
+requests. The metrics are shared through prometheus_client's multiprocess mode (a file per
+process in a temporary folder), so /metrics answers for the whole server from whichever process
+the scraper reaches.
 
 The parent forwards SIGTERM and SIGINT to the processes (each finishes its requests in flight),
 waits for all of them, and succeeds only if each did. A process that ends on its own stops the
